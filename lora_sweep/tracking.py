@@ -1,0 +1,100 @@
+"""Experiment tracking behind one small interface. Only this module imports mlflow.
+
+The training loop calls :class:`Tracker` methods; ``tracking=none`` gives the no-op base class, and
+``tracking=mlflow`` records to any MLflow tracking URI (default: MLflow's own, ``sqlite:///mlflow.db``
+in the working directory, so a plain ``mlflow ui`` there shows the run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lora_sweep.config import TrackingConfig
+from lora_sweep.errors import ConfigError
+
+MLFLOW_PARAM_LIMIT = 6000  # characters per param value in MLflow 3
+
+
+class Tracker:
+    """Does nothing: what ``tracking=none`` uses, and the interface every tracker implements."""
+
+    run_id: str | None = None
+    location: str | None = None
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str, skip: tuple[str, ...] = ()) -> None: ...
+
+    def log_dict(self, data: dict, filename: str) -> None:
+        """Store ``data`` as a JSON or YAML artifact (chosen by the file name)."""
+
+    def end(self, status: str) -> None:
+        """status: completed, failed, pruned or killed."""
+
+
+class MLflowTracker(Tracker):
+    _STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+    def __init__(self, cfg: TrackingConfig):
+        import mlflow
+
+        self.cfg = cfg
+        self._mlflow = mlflow
+        if cfg.tracking_uri:
+            mlflow.set_tracking_uri(cfg.tracking_uri)
+        self.location = mlflow.get_tracking_uri()
+        self._run = None
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        mlflow = self._mlflow
+        try:
+            experiment = mlflow.set_experiment(self.cfg.experiment)
+        except Exception as err:  # unwritable folder, bad URI scheme, unreachable server
+            raise ConfigError("tracking.tracking_uri", self.location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
+        if "mlflow.experimentKind" not in experiment.tags:
+            # MLflow 3's UI opens untyped experiments in its GenAI view; ours is model training
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        if self.cfg.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(5)
+        self._run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.cfg.system_metrics)
+        self.run_id = self._run.info.run_id
+        mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if finite:
+            self._mlflow.log_metrics(finite, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str, skip: tuple[str, ...] = ()) -> None:
+        for file in sorted(Path(local_dir).rglob("*")):
+            if file.is_file() and file.name not in skip:
+                relative = file.parent.relative_to(local_dir).as_posix()
+                self._mlflow.log_artifact(str(file), artifact_path if relative == "." else f"{artifact_path}/{relative}")
+
+    def log_dict(self, data: dict, filename: str) -> None:
+        self._mlflow.log_dict(json.loads(json.dumps(data, default=str)), filename)  # .json or .yaml by name
+
+    def end(self, status: str) -> None:
+        if self._run is not None:
+            self._mlflow.set_tag("lora_sweep.status", status)
+            self._mlflow.end_run(status=self._STATUS.get(status, "FINISHED"))
+            self._run = None
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= MLFLOW_PARAM_LIMIT else text[: MLFLOW_PARAM_LIMIT - 3] + "..."
+
+
+def make_tracker(cfg: TrackingConfig) -> Tracker:
+    return MLflowTracker(cfg) if cfg.backend == "mlflow" else Tracker()

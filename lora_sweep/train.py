@@ -1,0 +1,177 @@
+"""The training loop: one plain PyTorch loop for LoRA and full fine-tuning alike.
+
+It knows nothing of MLflow (it talks to a :class:`~lora_sweep.tracking.Tracker`) nor of Optuna (a sweep
+passes ``on_evaluation``, which may answer "stop" after any validation pass).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_sweep.checkpoint import save_checkpoint
+from lora_sweep.config import RunConfig
+from lora_sweep.data import TaskData, make_loader
+from lora_sweep.errors import TrainingDiverged
+from lora_sweep.evaluation import autocast, evaluate, progress
+from lora_sweep.system import MemoryMeter
+from lora_sweep.tracking import Tracker
+
+# Called after each validation pass with (step, metrics); returning True stops training (a pruned trial).
+EvaluationHook = Callable[[int, dict[str, float]], bool]
+
+
+@dataclass
+class FitResult:
+    status: str  # completed | pruned
+    steps: int
+    total_steps: int
+    best_step: int | None
+    best_metrics: dict[str, float]
+    evaluations: list[dict[str, float]]
+    train_seconds: float
+    seconds_per_step: float
+    tokens_per_second: float
+    memory: dict[str, float]
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+
+def plan_steps(train_size: int, cfg: RunConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    batches = math.ceil(train_size / cfg.train.batch_size)
+    per_epoch = math.ceil(batches / cfg.train.grad_accum)
+    return per_epoch, cfg.train.max_steps or per_epoch * cfg.train.epochs
+
+
+def build_optimizer(model, cfg: RunConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    # No weight decay on biases and norms: decaying them only hurts (standard BERT/AdamW practice).
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, device: torch.device, precision: str,
+        checkpoint_dir: Path, on_evaluation: EvaluationHook | None = None) -> FitResult:
+    from transformers import DataCollatorWithPadding
+
+    train_cfg, objective = cfg.train, cfg.objective
+    num_labels = len(data.label_names)
+    torch.manual_seed(train_cfg.seed)
+    model.to(device).train()
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    pin = device.type == "cuda"
+    val_loader = make_loader(data.splits["validation"], collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
+    steps_per_epoch, total_steps = plan_steps(len(data.splits["train"]), cfg)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    meter = MemoryMeter(device)
+    meta = {"method": cfg.method.name, "base_model": cfg.model.name_or_path, "label_names": data.label_names}
+
+    step, best_step, best_metrics, evaluations, status = 0, None, {}, [], "completed"
+    loss_since_log = torch.zeros((), device=device)
+    tokens = torch.zeros((), device=device, dtype=torch.int64)
+    steps_since_log, tokens_logged, overhead = 0, 0, 0.0
+    started = last_log = time.perf_counter()
+    bar = progress(total_steps, f"{cfg.method.name} training")
+
+    def is_better(metrics: dict[str, float]) -> bool:
+        if best_step is None:
+            return True
+        value, best = metrics[objective.metric], best_metrics[objective.metric]
+        return value > best if objective.direction == "maximize" else value < best
+
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        loader = make_loader(data.splits["train"], collator, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
+                             epoch=epoch, pin_memory=pin, num_workers=train_cfg.num_workers)
+        for batch_index, batch in enumerate(loader):
+            # forward/backward on one micro-batch; the loss is averaged over the accumulation window
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast(device, precision):
+                loss = model(**batch).loss / train_cfg.grad_accum
+            scaler.scale(loss).backward()
+            loss_since_log += loss.detach().float()
+            tokens += batch["attention_mask"].sum()
+            end_of_epoch = batch_index + 1 == len(loader)
+            if (batch_index + 1) % train_cfg.grad_accum and not end_of_epoch:
+                continue
+
+            # optimizer step
+            if train_cfg.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since_log += 1
+            bar.update()
+
+            # logging: the only host sync of the hot loop
+            if step % train_cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                train_loss = loss_since_log.item() / steps_since_log
+                if not math.isfinite(train_loss):
+                    raise TrainingDiverged(f"train.lr={train_cfg.lr:g}: training diverged, loss is {train_loss} at step {step}")
+                token_count = int(tokens.item())
+                elapsed = now - last_log
+                meter.sample()
+                tracker.log_metrics({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                                     "step_time_s": elapsed / steps_since_log,
+                                     "tokens_per_s": (token_count - tokens_logged) / elapsed, "epoch": epoch + batch_index / len(loader)}, step)
+                bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
+                loss_since_log.zero_()
+                steps_since_log, tokens_logged, last_log = 0, token_count, time.perf_counter()
+
+            # validation, checkpoints, and the sweep's chance to stop a hopeless trial
+            if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == total_steps:
+                pause = time.perf_counter()
+                metrics = evaluate(model, val_loader, device, precision, num_labels, desc=f"validation @ {step}")
+                evaluations.append({"step": step, **metrics})
+                tracker.log_metrics({f"val_{k}": v for k, v in metrics.items() if k != "samples"}, step)
+                if is_better(metrics):
+                    best_step, best_metrics = step, metrics
+                    save_checkpoint(checkpoint_dir / "best", model, tokenizer, dict(meta, step=step, metrics=metrics))
+                trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_index + 1, "total_steps": total_steps,
+                                 "best_step": best_step, "best_metrics": best_metrics, "evaluations": evaluations}
+                save_checkpoint(checkpoint_dir / "last", model, tokenizer, dict(meta, step=step, metrics=metrics),
+                                optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state)
+                stop = on_evaluation is not None and on_evaluation(step, metrics)
+                overhead += time.perf_counter() - pause
+                last_log += time.perf_counter() - pause  # keep eval time out of the step-time figures
+                if stop:
+                    status = "pruned"
+                    break
+            if step >= total_steps:
+                break
+        if status == "pruned" or step >= total_steps:
+            break
+    bar.close()
+
+    train_seconds = time.perf_counter() - started - overhead
+    return FitResult(
+        status=status,
+        steps=step,
+        total_steps=total_steps,
+        best_step=best_step,
+        best_metrics=best_metrics,
+        evaluations=evaluations,
+        train_seconds=train_seconds,
+        seconds_per_step=train_seconds / max(step, 1),
+        tokens_per_second=int(tokens.item()) / max(train_seconds, 1e-9),
+        memory=meter.figures(),
+        checkpoints={"best": str(checkpoint_dir / "best"), "last": str(checkpoint_dir / "last")},
+    )

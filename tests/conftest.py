@@ -1,0 +1,117 @@
+"""Tiny models and data built in-process (no download): a BERT-like and a Llama-like model with hidden
+size 32 and their tokenizers, a small learnable sentiment dataset, and helpers to compose real configs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart", "warm", "best"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat", "cold", "worst"]
+NEUTRAL = ["the", "a", "movie", "film", "plot", "cast", "was", "is", "very", "quite", "and", "story"]
+WORDS = POSITIVE + NEGATIVE + NEUTRAL
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Sentences whose label is decided by their sentiment words: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        cue = POSITIVE if label == "positive" else NEGATIVE
+        words = rng.sample(NEUTRAL, 4) + rng.sample(cue, 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(folder)  # a base encoder, like MiniLM: the task head is new
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS + ["user", "assistant", "\n", ":"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} \n {{ m['content'] }} <|im_end|> \n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant \n{% endif %}"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=vocab["<pad>"], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", sentiment_rows(480))  # 336 train rows: 21 steps per epoch at batch 16
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """Compose the real conf/ with overrides, pointed at tmp dirs; returns a validated RunConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lora_sweep import cli
+
+    cli.register_resolvers()
+
+    def _compose(*overrides: str, output_dir: Path | None = None):
+        base = [f"output_dir={output_dir or tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=base + list(overrides))
+        return cli.to_run_config(cfg)
+
+    return _compose
+
+
+@pytest.fixture
+def tiny_overrides(tiny_bert_dir, tiny_csv):
+    """Overrides for a fast run of the tiny BERT on the tiny data (a few seconds on CPU)."""
+    return [
+        "model=local", f"model.name_or_path={tiny_bert_dir}", "data=local", f"data.path={tiny_csv}",
+        "train.batch_size=16", "train.eval_batch_size=32", "train.epochs=3", "train.eval_every=6", "train.log_every=2",
+        "train.max_length=16", "tracking.system_metrics=false",
+    ]

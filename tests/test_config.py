@@ -1,0 +1,171 @@
+"""Bad values fail early with one line naming the key and the value; good configs compose."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_sweep.config import LoraMethodConfig, RunConfig
+from lora_sweep.errors import ConfigError
+from lora_sweep.run import prepare
+
+from .conftest import write_csv
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        ("method.r=0", "method.r=0", "must be a positive integer"),
+        ("method.r=-4", "method.r=-4", "must be a positive integer"),
+        ("method.r=8.5", "method.r=8.5", "expected an integer"),
+        ("method.alpha=0", "method.alpha=0.0", "must be > 0"),
+        ("method.alpha_ratio=-2", "method.alpha_ratio=-2.0", "must be > 0"),
+        ("method.dropout=1.0", "method.dropout=1.0", "must be in [0, 1)"),
+        ("method.dropout=-0.1", "method.dropout=-0.1", "must be in [0, 1)"),
+        ("method.targets=attn", "method.targets='attn'", "must be one of attention_qv"),
+        ("method.targets=[]", "method.targets=[]", "adapts nothing"),
+        ("method.variant=vera", "method.variant='vera'", "must be one of lora, rslora, dora"),
+        ("method.init=loftq", "method.init='loftq'", "must be one of default"),
+        ("train.lr=0", "train.lr=0.0", "must be > 0"),
+        ("train.lr=abc", "train.lr='abc'", "expected a number"),
+        ("train.batch_size=0", "train.batch_size=0", "must be > 0"),
+        ("train.max_length=0", "train.max_length=0", "must be > 0"),
+        ("train.scheduler=step", "train.scheduler='step'", "must be one of linear"),
+        ("train.precision=fp8", "train.precision='fp8'", "must be one of auto"),
+        ("train.device=tpu", "train.device='tpu'", "must be auto, cpu"),
+        ("data.split.test=0.0", "data.split.test=0.0", "strictly between 0 and 1"),
+        ("data.split.validation=0.9", "data.split.test=0.15", "leaves no training data"),
+        ("objective.metric=bleu", "objective.metric='bleu'", "must be one of accuracy"),
+        ("+method.rank=8", "method.rank=8", "unknown key"),
+    ],
+)
+def test_bad_value_names_key_and_value(compose, override, key, fragment):
+    with pytest.raises(ConfigError) as caught:
+        compose(override)
+    message = str(caught.value)
+    assert message.startswith(key + ":"), message
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_defaults_compose_and_tie_alpha_to_rank(compose):
+    cfg = compose()
+    assert isinstance(cfg, RunConfig) and cfg.is_lora
+    assert cfg.method.r == 8 and cfg.method.effective_alpha == 16 and cfg.method.scaling == 2
+    assert cfg.train.lr == pytest.approx(2e-3)  # LoRA's own default, not full FT's
+    cfg = compose("method.r=64")
+    assert cfg.method.effective_alpha == 128  # alpha follows r through alpha_ratio
+    cfg = compose("method.r=64", "method.alpha=16")
+    assert cfg.method.effective_alpha == 16  # an explicit alpha wins
+
+
+def test_full_method_has_its_own_learning_rate(compose):
+    cfg = compose("method=full")
+    assert cfg.method.name == "full" and not cfg.is_lora
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert compose("method=full", "train.lr=3e-5").train.lr == pytest.approx(3e-5)
+
+
+def test_rslora_scaling_uses_sqrt_rank():
+    method = LoraMethodConfig(r=16, alpha=32, alpha_ratio=None, variant="rslora")
+    assert method.scaling == pytest.approx(32 / 4)
+
+
+def test_every_config_file_composes(compose, tiny_bert_dir, tiny_csv):
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    needs = {"model": [f"model.name_or_path={tiny_bert_dir}"], "data": [f"data.path={tiny_csv}"]}
+    for group_dir in sorted(p for p in conf.iterdir() if p.is_dir()):
+        for option in sorted(group_dir.glob("*.yaml")):
+            overrides = [f"{group_dir.name}={option.stem}"]
+            if option.stem in ("local", "hub"):
+                overrides += needs.get(group_dir.name, [])
+            cfg = compose(*overrides)
+            assert isinstance(cfg, RunConfig), option
+
+
+# Problems that need the model's or the data's own description: still caught before any weight loads.
+
+def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
+    from transformers import GPT2Config, GPT2Model
+
+    from .conftest import WORDS
+
+    folder = tmp_path / "tiny_gpt2"  # GPT-2 uses Conv1D, not Linear: no preset can match it
+    GPT2Model(GPT2Config(vocab_size=len(WORDS) + 5, n_embd=32, n_layer=1, n_head=4, n_positions=32)).save_pretrained(folder)
+    cfg = compose("model=local", f"model.name_or_path={folder}", "data=local", f"data.path={tiny_csv}")
+    with pytest.raises(ConfigError, match=r"^method.targets='attention_qv': the preset matches no module"):
+        prepare(cfg)
+
+
+def test_explicit_module_name_that_does_not_exist(compose, tiny_overrides):
+    cfg = compose(*tiny_overrides, "method.targets=[query,q_proj]")
+    with pytest.raises(ConfigError, match=r"^method.targets\[1\]='q_proj': no Linear module"):
+        prepare(cfg)
+
+
+def test_nonexistent_model_path(compose, tiny_overrides, tmp_path):
+    cfg = compose(*tiny_overrides, f"model.name_or_path={tmp_path / 'no_such_model'}")
+    with pytest.raises(ConfigError, match=r"^model.name_or_path='.*no_such_model': no such model folder"):
+        prepare(cfg)
+
+
+def test_hub_id_offline_fails_fast(compose, tiny_overrides):
+    cfg = compose(*tiny_overrides, "model.name_or_path=nobody-here/not-a-model")
+    with pytest.raises(ConfigError, match=r"^model.name_or_path='nobody-here/not-a-model': not a local folder, not in the Hugging Face cache"):
+        prepare(cfg)
+
+
+@pytest.mark.parametrize("key", ["text_column", "label_column"])
+def test_missing_column(compose, tiny_overrides, key):
+    cfg = compose(*tiny_overrides, f"data.{key}=nope")
+    with pytest.raises(ConfigError, match=rf"^data.{key}='nope': no such column in the train split \(columns: text, label\)"):
+        prepare(cfg)
+
+
+def test_missing_data_file(compose, tiny_overrides, tmp_path):
+    cfg = compose(*tiny_overrides, f"data.path={tmp_path / 'missing.csv'}")
+    with pytest.raises(ConfigError, match=r"^data.path='.*missing.csv': no such file or folder"):
+        prepare(cfg)
+
+
+def test_empty_split(compose, tiny_overrides, tmp_path):
+    from .conftest import sentiment_rows
+
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    write_csv(folder / "train.csv", sentiment_rows(40))
+    write_csv(folder / "validation.csv", sentiment_rows(10))
+    write_csv(folder / "test.csv", [])
+    cfg = compose(*tiny_overrides, f"data.path={folder}")
+    with pytest.raises(ConfigError, match=r"^data.path=.*splits.: the test split is empty"):
+        prepare(cfg)
+
+
+def test_more_labels_than_the_model_has(compose, tiny_overrides, tmp_path):
+    rows = [(f"good movie {i}", ["positive", "negative", "neutral"][i % 3]) for i in range(60)]
+    path = write_csv(tmp_path / "three.csv", rows)
+    cfg = compose(*tiny_overrides, f"data.path={path}", "model.num_labels=2")
+    with pytest.raises(ConfigError, match=r"^data.label_column='label': holds 3 labels .* but model.num_labels=2"):
+        prepare(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("method.r=0", "error: method.r=0: must be a positive integer"),
+        ("method.dropout=1.5", "error: method.dropout=1.5: must be in [0, 1)"),
+        ("model=local", "error: model.name_or_path='???': missing required value"),
+        ("data.label_column=stars", "error: data.label_column='stars': no such column"),
+    ],
+)
+def test_command_line_exits_with_one_line(tmp_path, override, expected):
+    """The real entry point: exit code 2, one line on stderr, nothing recorded in MLflow."""
+    result = subprocess.run([sys.executable, "-m", "lora_sweep", override], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
