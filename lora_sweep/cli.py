@@ -43,7 +43,7 @@ def summary(record) -> str:
     lines = [
         f"lora_sweep: {record.status} {record.config['method']['name']} on {record.config['model']['name']} / {record.config['data']['name']}",
         f"  validation {m['objective_metric']}: {m['objective']:.4f} (best at step {record.checkpoints['best_step']}/{m['total_steps']})"
-        f"   test {m['objective_metric']}: {m.get('test_' + m['objective_metric'], float('nan')):.4f}",
+        + (f"   test {m['objective_metric']}: {m['test_' + m['objective_metric']]:.4f}" if 'test_' + m['objective_metric'] in m else ""),
         f"  trainable: {p['trainable_params']:,} of {p['total_params']:,} parameters ({100 * p['trainable_ratio']:.2f}%)",
         f"  time: {m['train_seconds']:.0f} s training, {m['seconds_per_step']:.2f} s/step, {m['tokens_per_second']:.0f} tokens/s;"
         f" peak memory {m['peak_memory_mb']:.0f} MB",
@@ -68,7 +68,16 @@ def main(cfg: DictConfig) -> float:
         from lora_sweep.run import run
 
         # the run's description in the MLflow UI: how to run it again
-        record = run(run_cfg, extra_tags={"mlflow.note.content": f"Reproduce with:\n\n    {command}", "lora_sweep.command": command})
+        tags = {"mlflow.note.content": f"Reproduce with:\n\n    {command}", "lora_sweep.command": command}
+        if run_cfg.sweep.active:  # a trial of the Optuna sweeper: report to its study, nest under its parent run
+            from lora_sweep.sweep.trial import TrialBridge
+
+            bridge = TrialBridge(run_cfg)
+            with bridge.heartbeat():
+                record = run(run_cfg, on_evaluation=bridge.on_evaluation, extra_tags={**tags, **bridge.tags()},
+                             run_name_prefix=f"trial-{run_cfg.sweep.trial_number:03d} ")
+        else:
+            record = run(run_cfg, extra_tags=tags)
     except LoraSweepError as err:
         if not single_run:
             raise  # a sweep records the trial as failed and goes on

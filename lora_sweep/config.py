@@ -200,6 +200,22 @@ class ObjectiveConfig:
 
 
 @dataclass
+class SweepContext:
+    """Set by the Optuna sweeper for each trial (``sweep.*`` keys); empty for a single run."""
+
+    study_name: str | None = None
+    storage: str | None = None
+    trial_number: int | None = None
+    trial_id: int | None = None
+    parent_run_id: str | None = None
+    role: Literal["search", "baseline", "replicate"] = "search"
+
+    @property
+    def active(self) -> bool:
+        return self.trial_id is not None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     data: DataConfig
@@ -209,6 +225,8 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     output_dir: str = "outputs/run"
     tags: dict[str, str] = field(default_factory=dict)
+    evaluate_test: bool = True  # sweeps leave the test split to the chosen checkpoint only
+    sweep: SweepContext = field(default_factory=SweepContext)
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":

@@ -6,12 +6,16 @@ config and module names (on the meta device), the target preset, the data column
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_sweep.checkpoint import RESUME_FILES, restore_weights
+from lora_sweep.checkpoint import RESUME_FILES, is_peft_model, restore_weights
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader, prepare_data
 from lora_sweep.evaluation import evaluate
@@ -19,10 +23,14 @@ from lora_sweep.models import (ModelSpec, apply_method, count_parameters, inspec
                                pick_device, pick_precision)
 from lora_sweep.record import RunRecord
 from lora_sweep.schema import flatten, to_dict
-from lora_sweep.system import device_description, directory_size, git_info, package_versions
+from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
 from lora_sweep.targets import resolve_targets
 from lora_sweep.tracking import Tracker, make_tracker
 from lora_sweep.train import EvaluationHook, fit
+
+log = logging.getLogger(__name__)
+# PEFT still calls a transformers property deprecated for v6; nothing for a user to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass
@@ -34,15 +42,54 @@ class Prepared:
     data: TaskData
     targets: list[str] | None
     setup_seconds: float
+    reused: bool = False
+
+
+# Setup paid once per process: a sweep's later trials reuse the tokenized data and the loaded base model.
+_PREPARED: dict[str, Prepared] = {}
+_MODELS: dict[str, tuple[object, dict]] = {}
+
+
+def _key(*parts: object) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
+    """Validate everything against the model's and the data's own description, before any weight loads."""
     started = time.perf_counter()
-    spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
-    targets = resolve_targets(cfg.method.targets, spec.linear_names) if cfg.is_lora else None
-    tokenizer = load_tokenizer(spec, cfg.model)
-    data = prepare_data(cfg.data, tokenizer, cfg.train.max_length, cfg.model.num_labels)
-    return Prepared(spec, tokenizer, data, targets, time.perf_counter() - started)
+    key = _key(to_dict(cfg.model), to_dict(cfg.data), cfg.train.max_length)
+    cached = _PREPARED.get(key)
+    reused = cached is not None
+    if cached is None:
+        spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
+        tokenizer = load_tokenizer(spec, cfg.model)
+        data = prepare_data(cfg.data, tokenizer, cfg.train.max_length, cfg.model.num_labels)
+        cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
+    targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.is_lora else None
+    return dataclasses.replace(cached, targets=targets, setup_seconds=time.perf_counter() - started, reused=reused)
+
+
+def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
+    """The pretrained model with a fresh head, exactly as loading it from disk under this seed gives.
+
+    The first call loads it and keeps a CPU copy of its pristine state; later calls (a sweep's later
+    trials) take the same object back: LoRA layers removed (PEFT unload), every weight restored.
+    Returns (model, whether it was reused).
+    """
+    from transformers import set_seed
+
+    key = _key(prepared.spec.source, cfg.model.revision, prepared.data.label_names, cfg.train.seed)
+    if key in _MODELS:
+        model, pristine = _MODELS[key]
+        if any("lora_" in name for name, _ in model.named_parameters()):
+            raise RuntimeError("the cached base model still carries LoRA layers: the last run did not unload them")
+        model.load_state_dict(pristine)
+        return model, True
+    _MODELS.clear()  # one base model per process: a new one replaces the old
+    set_seed(cfg.train.seed)
+    model = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
+    _MODELS[key] = (model, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+    return model, False
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -67,12 +114,13 @@ def derived_params(cfg: RunConfig, prepared: Prepared, device: str, precision: s
 
 
 def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: EvaluationHook | None = None,
-        extra_tags: dict[str, str] | None = None) -> RunRecord:
+        extra_tags: dict[str, str] | None = None, run_name_prefix: str = "") -> RunRecord:
     """Train one configuration end to end. Raises on failure, after recording it as failed."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-file load/save bars; the run shows its own
     output_dir = Path(cfg.output_dir)
+    setup_started = time.perf_counter()
     prepared = prepare(cfg)
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
@@ -82,41 +130,48 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
                        device=device_description(device), precision=precision)
     record.data = {"sizes": prepared.data.sizes, "label_names": prepared.data.label_names,
                    "cache": str(prepared.data.cache_path), "from_cache": prepared.data.from_cache}
-    record.params = {"target_modules": prepared.targets, "setup_seconds": prepared.setup_seconds}
+    record.params = {"target_modules": prepared.targets}
     record.write()
 
     tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
     tags = {"lora_sweep.method": cfg.method.name, "lora_sweep.model": cfg.model.name, "lora_sweep.data": cfg.data.name,
             "lora_sweep.output_dir": str(output_dir.resolve()), "mlflow.source.git.commit": record.git.get("commit") or "unknown",
             **{f"version.{k}": v for k, v in record.versions.items()}, **cfg.tags, **(extra_tags or {})}
-    tracker.start(run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags)
+    tracker.start(run_name_prefix + run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags)
     record.mlflow = {"run_id": tracker.run_id, "tracking_uri": tracker.location}
     tracker.log_dict(config_tree, "config.yaml")
+    model = None
     try:
         from transformers import set_seed
 
-        set_seed(cfg.train.seed)
-        model = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
+        model, reused_model = base_model(cfg, prepared)
         model = apply_method(model, cfg.method, prepared.spec)
+        setup_seconds = time.perf_counter() - setup_started
+        reused = "reused the loaded model and tokenized data" if prepared.reused and reused_model else "loaded model and data"
+        log.info("setup %.1f s (%s)", setup_seconds, reused)
+        set_seed(cfg.train.seed)
         counts = count_parameters(model)
-        record.params.update(counts)
-        tracker.log_metrics(counts, step=0)
+        record.params.update(counts, setup_seconds=setup_seconds, setup_reused=prepared.reused and reused_model)
+        tracker.log_metrics({**counts, "setup_seconds": setup_seconds}, step=0)
 
         result = fit(model, prepared.tokenizer, prepared.data, cfg, tracker, device=device, precision=precision,
                      checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation)
 
-        # The held-out test split is touched once, by the checkpoint that validation chose.
-        restore_weights(model, Path(result.checkpoints["best"]))
-        from transformers import DataCollatorWithPadding
+        test: dict[str, float] = {}
+        if cfg.evaluate_test and result.status == "completed":
+            # The held-out test split is touched once, by the checkpoint that validation chose.
+            restore_weights(model, Path(result.checkpoints["best"]))
+            from transformers import DataCollatorWithPadding
 
-        test_loader = make_loader(prepared.data.splits["test"], DataCollatorWithPadding(prepared.tokenizer),
-                                  cfg.train.eval_batch_size, shuffle=False)
-        test = evaluate(model, test_loader, device, precision, len(prepared.data.label_names), desc="test (best checkpoint)")
+            test_loader = make_loader(prepared.data.splits["test"], DataCollatorWithPadding(prepared.tokenizer),
+                                      cfg.train.eval_batch_size, shuffle=False)
+            test = evaluate(model, test_loader, device, precision, len(prepared.data.label_names), desc="test (best checkpoint)")
 
         sizes = {name: directory_size(Path(path)) for name, path in result.checkpoints.items()}
+        weights = {name: weights_size(Path(path)) for name, path in result.checkpoints.items()}
         record.evaluations = result.evaluations
-        record.checkpoints = {**result.checkpoints, "best_step": result.best_step,
-                              "size_bytes": sizes, "best_size_mb": sizes["best"] / 2**20}
+        record.checkpoints = {**result.checkpoints, "best_step": result.best_step, "size_bytes": sizes,
+                              "weights_bytes": weights, "best_size_mb": sizes["best"] / 2**20, "best_weights_mb": weights["best"] / 2**20}
         record.metrics = {
             "objective": result.best_metrics[cfg.objective.metric], "objective_metric": cfg.objective.metric,
             **{f"best_val_{k}": v for k, v in result.best_metrics.items() if k != "samples"},
@@ -125,7 +180,7 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
             "seconds_per_step": result.seconds_per_step, "tokens_per_second": result.tokens_per_second, **result.memory,
         }
         tracker.log_metrics({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
-                            | {"checkpoint_best_mb": sizes["best"] / 2**20, "checkpoint_last_mb": sizes["last"] / 2**20})
+                            | {"checkpoint_best_mb": sizes["best"] / 2**20, "checkpoint_weights_mb": weights["best"] / 2**20})
         if cfg.tracking.log_checkpoints:
             tracker.log_artifacts(Path(result.checkpoints["best"]), "checkpoints/best")
             # the resume state (optimizer moments, RNG) is only useful next to the run; keep it local
@@ -142,3 +197,6 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
         tracker.log_dict(record.__dict__, "record.json")
         tracker.end(status)
         raise
+    finally:
+        if model is not None and is_peft_model(model):
+            model.unload()  # leave the cached base model without adapters for the next trial

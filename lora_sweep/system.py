@@ -76,3 +76,8 @@ def device_description(device: torch.device) -> str:
 
 def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def weights_size(path: Path) -> int:
+    """Bytes of model weights alone (what a deployment ships), without tokenizer or resume state."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

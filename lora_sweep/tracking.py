@@ -40,7 +40,8 @@ class Tracker:
 
 
 class MLflowTracker(Tracker):
-    _STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+    # MLflow has no "pruned" status: a pruned trial ends KILLED (stopped early on purpose), tagged pruned
+    _STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "killed": "KILLED"}
 
     def __init__(self, cfg: TrackingConfig):
         import mlflow
@@ -98,3 +99,72 @@ def _param_value(value: Any) -> str:
 
 def make_tracker(cfg: TrackingConfig) -> Tracker:
     return MLflowTracker(cfg) if cfg.backend == "mlflow" else Tracker()
+
+
+class SweepRun:
+    """The MLflow parent run of a sweep: one per study, reopened on resume, never duplicated.
+
+    Trials nest under it through the ``mlflow.parentRunId`` tag their own runs carry. ``tracking=none``
+    gets this class's no-op behaviour (``run_id`` stays None).
+    """
+
+    def __init__(self, cfg: TrackingConfig):
+        self.cfg = cfg
+        self.run_id: str | None = None
+        self.location: str | None = None
+        self._client = None
+        if cfg.backend == "mlflow":
+            import mlflow
+
+            if cfg.tracking_uri:
+                mlflow.set_tracking_uri(cfg.tracking_uri)
+            self.location = mlflow.get_tracking_uri()
+            self._client = mlflow.MlflowClient()
+
+    def open(self, existing_run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+        if self._client is None:
+            return None
+        client = self._client
+        if existing_run_id:
+            client.update_run(existing_run_id, status="RUNNING")
+            self.run_id = existing_run_id
+            return existing_run_id
+        try:
+            import mlflow
+
+            experiment = mlflow.set_experiment(self.cfg.experiment)
+        except Exception as err:
+            raise ConfigError("tracking.tracking_uri", self.location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
+        if "mlflow.experimentKind" not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        return self.run_id
+
+    def log_dict(self, data: dict, filename: str) -> None:
+        if self._client is not None and self.run_id:
+            self._client.log_dict(self.run_id, json.loads(json.dumps(data, default=str)), filename)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        if self._client is not None and self.run_id:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._client.log_metric(self.run_id, key, float(value))
+
+    def set_tags(self, tags: dict[str, Any], run_id: str | None = None) -> None:
+        target = run_id or self.run_id
+        if self._client is not None and target:
+            for key, value in tags.items():
+                self._client.set_tag(target, key, str(value))
+
+    def finish(self, status: str) -> None:
+        if self._client is not None and self.run_id:
+            self._client.set_tag(self.run_id, "lora_sweep.status", status)
+            self._client.set_terminated(self.run_id, status=MLflowTracker._STATUS.get(status, "FINISHED"))
+
+    def url(self, run_id: str | None = None) -> str | None:
+        target = run_id or self.run_id
+        return f"{self.location} run {target}" if target else None

@@ -1,0 +1,55 @@
+"""``hydra/sweeper=lora_optuna``: the config of our Optuna 5 sweeper, registered with Hydra's ConfigStore."""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class SamplerConf:
+    name: str = "tpe"  # tpe | random | grid | gp | cmaes | nsga2
+    seed: Optional[int] = 0
+    n_startup_trials: int = 10
+
+
+@dataclass
+class PrunerConf:
+    name: str = "median"  # none | median | successive_halving | hyperband
+    n_startup_trials: int = 3  # median: trials to complete before pruning starts
+    n_warmup_steps: int = 0  # median: steps of each trial never pruned
+    min_resource: Any = 1  # successive_halving / hyperband
+    max_resource: Any = "auto"
+    reduction_factor: int = 3
+
+
+@dataclass
+class BaselineConf:
+    """Full fine-tuning trials run by the same command, with their own small learning-rate search."""
+
+    n_trials: int = 0
+    overrides: List[str] = field(default_factory=lambda: ["method=full"])
+    params: Dict[str, str] = field(default_factory=dict)
+    enqueue: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class LoraOptunaSweeperConf:
+    _target_: str = "hydra_plugins.lora_sweep_optuna.sweeper.LoraOptunaSweeper"
+    study_name: str = "lora_sweep"
+    storage: Optional[str] = None  # None: a journal file in the sweep folder; or any Optuna storage URL
+    n_trials: int = 20  # finished (complete + pruned) trials of the LoRA search
+    objectives: List[str] = field(default_factory=lambda: ["objective"])  # + trainable_params, peak_memory_mb
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    pruner: PrunerConf = field(default_factory=PrunerConf)
+    params: Dict[str, str] = field(default_factory=dict)  # key: choice(...) | range(...) | interval(...) | tag(log, ...)
+    alpha: Optional[Dict[str, Any]] = None  # {ratio: [0.5, 1, 2, 4], free: tag(log, interval(4, 512))}
+    conditions: Dict[str, Dict[str, List[Any]]] = field(default_factory=dict)
+    target_sets: Dict[str, List[str]] = field(default_factory=dict)
+    enqueue: List[Dict[str, Any]] = field(default_factory=list)
+    baseline: BaselineConf = field(default_factory=BaselineConf)
+    max_failure_rate: float = 0.5  # abort once more than this share of n_trials has failed
+    heartbeat_interval: Optional[int] = 60  # RDB storages: seconds between a running trial's heartbeats
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="lora_optuna", node=LoraOptunaSweeperConf, provider="lora_sweep")

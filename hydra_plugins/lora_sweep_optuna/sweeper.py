@@ -1,0 +1,44 @@
+"""The Hydra Sweeper plugin: a thin adapter from Hydra's interface to :mod:`lora_sweep.sweep.runner`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, List
+
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+
+class LoraOptunaSweeper(Sweeper):
+    def __init__(self, **settings: Any) -> None:
+        super().__init__()
+        self.settings = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in settings.items()}
+        self.hydra_context = None
+        self.config = None
+        self.launcher = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from lora_sweep.errors import LoraSweepError
+        from lora_sweep.sweep.runner import SweepRunner
+
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(list(arguments))
+        sweep_overrides = [o.input_line for o in parsed if o.is_sweep_override()]
+        if sweep_overrides:
+            print(f"error: {sweep_overrides[0]}: comma lists and sweep functions on the command line are for Hydra's basic "
+                  "sweeper; with hydra/sweeper=lora_optuna put the search space in hydra.sweeper.params", file=sys.stderr)
+            sys.exit(2)
+        try:
+            return SweepRunner(self.settings, self.config, self.launcher, self.hydra_context.config_loader, arguments).run()
+        except LoraSweepError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)

@@ -1,0 +1,360 @@
+"""The sweep loop behind the Hydra sweeper: ask Optuna, launch the trial as a Hydra job, tell Optuna.
+
+Each trial is one Hydra job (own output folder, own ``.hydra/``), launched by whatever launcher is
+configured. With a parallel launcher (joblib, ``n_jobs`` workers) one thread per worker pulls trials
+from the study as soon as its previous trial ends, so nobody waits for the slowest trial of a batch.
+The study's storage is the only shared state, which is also what lets separate processes (two terminals,
+two machines) work on one study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from lora_sweep.errors import ConfigError, LoraSweepError
+from lora_sweep.record import RECORD_FILE
+from lora_sweep.sweep.space import SearchSpace, format_value
+from lora_sweep.sweep.study import FINISHED, counts, make_pruner, make_sampler, open_storage, recover_stale_trials, storage_spec
+from lora_sweep.sweep.study import fail_and_retry, retried_numbers, worker_identity
+from lora_sweep.tracking import SweepRun
+
+log = logging.getLogger(__name__)
+
+# objective name -> where its value is in a trial's record, and which way is better
+OBJECTIVES = {"objective": None, "trainable_params": ("params", "minimize"), "peak_memory_mb": ("metrics", "minimize"),
+              "train_seconds": ("metrics", "minimize")}
+
+
+class SweepAborted(LoraSweepError):
+    pass
+
+
+@dataclass
+class Phase:
+    """One study of the sweep: the LoRA search, or the full fine-tuning baseline's small lr search."""
+
+    role: str
+    study: optuna.Study
+    space: SearchSpace
+    overrides: list[str]
+    n_trials: int
+    objectives: list[str]
+    arguments: list[str] = field(default_factory=list)  # the command line's overrides that apply to this phase
+    retried: list[int] = field(default_factory=list)
+
+
+class SweepRunner:
+    def __init__(self, settings: dict[str, Any], config: DictConfig, launcher, config_loader, arguments: list[str]):
+        self.settings = settings
+        self.config = config
+        self.launcher = launcher
+        self.config_loader = config_loader
+        self.arguments = list(arguments)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self._lock = threading.Lock()
+
+    # --- setup: everything here runs, and fails, before any training ------------------------------------
+    def _task_config(self, overrides: list[str]):
+        from lora_sweep.cli import to_run_config
+
+        try:
+            composed = self.config_loader.load_sweep_config(self.config, list(overrides))
+        except Exception as err:  # Hydra's own composition errors (bad group option, grammar)
+            raise ConfigError("hydra.sweeper", " ".join(overrides[-3:]), str(err).splitlines()[0]) from None
+        composed_plain = OmegaConf.to_container(composed, resolve=False)
+        composed_plain.pop("hydra", None)
+        composed_plain["output_dir"] = str(self.sweep_dir / "validation")
+        return to_run_config(OmegaConf.create(composed_plain))
+
+    def _arguments_for(self, overrides: list[str]) -> list[str]:
+        """Command-line overrides for a phase: when the phase switches the method group (the baseline's
+        method=full), the command line's method.* keys belong to the other method and are left out."""
+        if any(o.split("=", 1)[0].lstrip("+~") == "method" for o in overrides):
+            return [a for a in self.arguments if not a.lstrip("+~").startswith("method.")]
+        return list(self.arguments)
+
+    def _validate(self, space: SearchSpace, overrides: list[str], where: str) -> None:
+        """Compose the config with every choice of every parameter: a bad value fails now, not in trial 7."""
+        from lora_sweep.models import inspect_model
+        from lora_sweep.targets import resolve_targets
+
+        first = {p.name: _first(p.distribution) for p in space.params}
+        variants = [first] + [{**first, p.name: c} for p in space.params if hasattr(p.distribution, "choices")
+                              for c in p.distribution.choices[1:]]
+        spec = None
+        for values in variants:
+            try:
+                cfg = self._task_config(self._arguments_for(overrides) + overrides + space.overrides(values))
+            except ConfigError as err:
+                raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
+            if cfg.is_lora:
+                spec = spec or inspect_model(cfg.model)
+                resolve_targets(cfg.method.targets, spec.linear_names, key=f"{where} -> method.targets")
+
+    def _phase(self, role: str, storage, study_name: str, block: dict[str, Any], overrides: list[str], objectives: list[str]) -> Phase:
+        where = "hydra.sweeper" if role == "search" else "hydra.sweeper.baseline"
+        space = SearchSpace(block.get("params") or {}, alpha=block.get("alpha"), target_sets=self.settings.get("target_sets"),
+                            conditions=block.get("conditions"), prefix=where)
+        for i, entry in enumerate(block.get("enqueue") or []):
+            space.check_enqueued(dict(entry), f"{where}.enqueue[{i}]")
+        missing = object()
+        for key, text in (block.get("params") or {}).items():
+            if OmegaConf.select(self.config, key, default=missing) is missing:
+                raise ConfigError(f"{where}.params.{key}", text, "no such config key")
+        self._validate(space, overrides, f"{where}.params")
+        unknown = [o for o in objectives if o not in OBJECTIVES]
+        if unknown:
+            raise ConfigError("hydra.sweeper.objectives", unknown[0], f"must be among {', '.join(OBJECTIVES)}")
+        directions = [self._direction(o) for o in objectives]
+        sampler_cfg = dict(self.settings.get("sampler") or {})
+        grid = space.grid(f"{where}.params") if sampler_cfg.get("name") == "grid" else None
+        sampler = make_sampler(sampler_cfg, grid, len(directions) > 1)
+        pruner = make_pruner(dict(self.settings.get("pruner") or {}))
+        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                    directions=directions, load_if_exists=True)
+        if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+            raise ConfigError("hydra.sweeper.objectives", objectives, f"study {study_name!r} exists with other directions")
+        if "lora_sweep" not in study.user_attrs:  # a new study: remember its settings, queue the fixed trials
+            study.set_user_attr("lora_sweep", {"pruner": dict(self.settings.get("pruner") or {}), "objectives": objectives,
+                                               "role": role, "params": dict(block.get("params") or {})})
+            for entry in block.get("enqueue") or []:
+                study.enqueue_trial(dict(entry), user_attrs={"enqueued": True})
+        return Phase(role, study, space, overrides, int(block.get("n_trials", 0)), objectives, self._arguments_for(overrides))
+
+    def _direction(self, objective: str) -> str:
+        if objective == "objective":
+            from lora_sweep.config import METRICS
+
+            return METRICS[OmegaConf.select(self.config, "objective.metric")]
+        return OBJECTIVES[objective][1]
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def run(self) -> list[Phase]:
+        from filelock import FileLock
+
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        settings = self.settings
+        spec = storage_spec(settings.get("storage"), self.sweep_dir)
+        storage = open_storage(spec, settings.get("heartbeat_interval"))
+        study_name = settings["study_name"]
+        baseline = dict(settings.get("baseline") or {})
+        self.storage_spec = spec
+
+        with FileLock(str(self.sweep_dir / ".setup.lock")):  # one creator of the study and its parent run
+            phases = []
+            if int(baseline.get("n_trials", 0)) > 0:
+                phases.append(self._phase("baseline", storage, f"{study_name}-baseline", baseline,
+                                          list(baseline.get("overrides") or ["method=full"]), ["objective"]))
+            phases.append(self._phase("search", storage, study_name, settings, [], list(settings.get("objectives") or ["objective"])))
+            main = phases[-1].study
+            tracking = self._tracking_config()
+            self.parent = SweepRun(tracking)
+            parent_id = self.parent.open(main.user_attrs.get("mlflow_parent_run_id"), f"sweep {study_name}",
+                                         self._parent_params(), {"lora_sweep.sweep": study_name, "lora_sweep.role": "sweep"})
+            if parent_id and main.user_attrs.get("mlflow_parent_run_id") != parent_id:
+                main.set_user_attr("mlflow_parent_run_id", parent_id)
+                self.parent.log_dict(OmegaConf.to_container(self.config.hydra.sweeper, resolve=True), "sweep.yaml")
+        for phase in phases:
+            phase.retried = recover_stale_trials(phase.study)
+            done = counts(phase.study)
+            log.info("study %s (%s): %d of %d trials finished, %d failed; storage %s", phase.study.study_name, phase.role,
+                     done["complete"] + done["pruned"], phase.n_trials, done["fail"], spec if "://" not in spec else "(url)")
+        try:
+            for phase in phases:
+                self._run_phase(phase)
+        except BaseException:
+            self.parent.finish("killed")
+            raise
+        self._finish(phases)
+        return phases
+
+    def _run_phase(self, phase: Phase) -> None:
+        workers = self._parallelism()
+        if workers == 1:
+            self._worker(phase, 0)
+            return
+        errors: list[BaseException] = []
+
+        def target(index: int) -> None:
+            try:
+                self._worker(phase, index)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}") for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _worker(self, phase: Phase, index: int) -> None:
+        device = self._device_for(index)
+        while True:
+            with self._lock:
+                state = counts(phase.study)
+                finished = state["complete"] + state["pruned"]
+                limit = float(self.settings.get("max_failure_rate", 0.5)) * max(phase.n_trials, 1)
+                if state["fail"] - len(retried_numbers(phase.study)) > limit:
+                    raise SweepAborted(f"hydra.sweeper.max_failure_rate={self.settings.get('max_failure_rate')}: {state['fail']} trials "
+                                       f"of {phase.study.study_name} failed; last reason: {self._last_failure(phase.study)}")
+                if finished + state["running"] >= phase.n_trials:
+                    return
+                trial = phase.study.ask()
+                trial.set_user_attr("worker", worker_identity())
+                values = phase.space.sample(trial, {k: OmegaConf.select(self.config, k) for k in _condition_keys(phase.space)})
+            self._launch(phase, trial, values, device)
+
+    def _launch(self, phase: Phase, trial: optuna.Trial, values: dict[str, Any], device: str | None) -> None:
+        subdir = f"{phase.role}-{trial.number:03d}"
+        overrides = [*phase.arguments, *phase.overrides, *phase.space.overrides(values),
+                     f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
+                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial._trial_id}", f"sweep.role={phase.role}",
+                     f"sweep.parent_run_id={format_value(self.parent.run_id)}", "evaluate_test=false", f"hydra.sweep.subdir={subdir}"]
+        if device:
+            overrides.append(f"train.device={device}")
+        trial.set_user_attr("output_dir", str(self.sweep_dir / subdir))
+        log.info("trial %s-%d: %s", phase.role, trial.number, " ".join(phase.space.overrides(values)) or "(defaults)")
+        try:
+            (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+        except BaseException:  # Ctrl-C or a launcher crash: the trial is run again on resume
+            if phase.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                fail_and_retry(phase.study, trial._trial_id, trial.number, trial.params, "interrupted")
+            raise
+        self._tell(phase, trial, result)
+
+    def _tell(self, phase: Phase, trial: optuna.Trial, result) -> None:
+        from hydra.core.utils import JobStatus
+
+        output_dir = Path(str(result.hydra_cfg.hydra.runtime.output_dir)) if result.hydra_cfg is not None else None
+        record = _read_record(output_dir)
+        for key, value in _trial_attrs(record).items():
+            trial.set_user_attr(key, value)
+        status = record.get("status") if record else None
+        if result.status == JobStatus.COMPLETED and status == "completed":
+            values = [self._value(record, objective) for objective in phase.objectives]
+            phase.study.tell(trial, values if len(values) > 1 else values[0])
+            state = "complete"
+        elif status == "pruned":
+            phase.study.tell(trial, state=TrialState.PRUNED)
+            state = "pruned"
+        else:
+            reason = (record or {}).get("error") or f"{type(result._return_value).__name__}: {result._return_value}"
+            trial.set_user_attr("fail_reason", str(reason).splitlines()[0][:500])
+            phase.study.tell(trial, state=TrialState.FAIL)
+            state = "failed"
+            log.warning("trial %s-%d failed: %s (the sweep goes on)", phase.role, trial.number, reason)
+        run_id = (record or {}).get("mlflow", {}).get("run_id")
+        self.parent.set_tags({"optuna.state": state}, run_id=run_id)
+
+    @staticmethod
+    def _value(record: dict, objective: str) -> float:
+        if objective == "objective":
+            return float(record["metrics"]["objective"])
+        section, _ = OBJECTIVES[objective]
+        return float(record[section][objective])
+
+    # --- the end -------------------------------------------------------------------------------------
+    def _finish(self, phases: list[Phase]) -> None:
+        from lora_sweep.sweep.summary import best_trials, print_summary
+
+        main = phases[-1]
+        best = best_trials(main.study)
+        summary: dict[str, Any] = {"n_trials": main.n_trials, **{f"trials_{k}": v for k, v in counts(main.study).items() if v}}
+        if best:
+            top = best[0]
+            summary.update(best_trial=top.number, best_value=top.values[0], best_checkpoint=top.user_attrs.get("checkpoint"),
+                           best_run_id=top.user_attrs.get("mlflow_run_id"))
+            if len(main.study.directions) > 1:
+                summary["pareto_front"] = [t.number for t in best]
+            self.parent.set_tags({"best_trial": top.number, "best_run_id": top.user_attrs.get("mlflow_run_id"),
+                                  "best_checkpoint": top.user_attrs.get("checkpoint")})
+            self.parent.log_metrics({"best_value": top.values[0], "n_complete": counts(main.study)["complete"]})
+        if len(phases) > 1 and best_trials(phases[0].study):
+            summary["baseline_best_value"] = best_trials(phases[0].study)[0].values[0]
+            self.parent.log_metrics({"baseline_best_value": summary["baseline_best_value"]})
+        self.parent.log_dict(summary, "sweep_summary.json")
+        (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        self.parent.finish("completed")
+        print_summary(phases, self.parent, OmegaConf.select(self.config, "objective.metric"))
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _parallelism(self) -> int:
+        launcher = OmegaConf.select(self.config, "hydra.launcher") or {}
+        if "joblib" not in str(launcher.get("_target_", "")).lower():
+            return 1
+        n_jobs = int(launcher.get("n_jobs", 1) or 1)
+        return os.cpu_count() or 1 if n_jobs < 0 else n_jobs
+
+    def _device_for(self, index: int) -> str | None:
+        """With several GPUs and train.device=auto, worker i trains on GPU i (mod the count)."""
+        if OmegaConf.select(self.config, "train.device") != "auto":
+            return None
+        import torch
+
+        count = torch.cuda.device_count()
+        return f"cuda:{index % count}" if count > 1 else None
+
+    def _tracking_config(self):
+        from lora_sweep.config import TrackingConfig
+        from lora_sweep.schema import build
+
+        return build(TrackingConfig, OmegaConf.to_container(self.config.tracking, resolve=True), "tracking")
+
+    def _parent_params(self) -> dict[str, Any]:
+        s = self.settings
+        from lora_sweep.sweep.study import _redact
+
+        params = {"study_name": s["study_name"], "n_trials": s.get("n_trials"), "sampler": (s.get("sampler") or {}).get("name"),
+                  "pruner": (s.get("pruner") or {}).get("name"), "objectives": s.get("objectives"),
+                  "storage": _redact(self.storage_spec), "baseline.n_trials": (s.get("baseline") or {}).get("n_trials", 0),
+                  "command": " ".join(["python -m lora_sweep --multirun", *self.arguments])}
+        params.update({f"space.{k}": v for k, v in (s.get("params") or {}).items()})
+        if s.get("alpha"):
+            params["space.alpha"] = s["alpha"]
+        return params
+
+    @staticmethod
+    def _last_failure(study: optuna.Study) -> str:
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        return failed[-1].user_attrs.get("fail_reason", "unknown") if failed else "unknown"
+
+
+def _first(distribution) -> Any:
+    return distribution.choices[0] if hasattr(distribution, "choices") else distribution.low
+
+
+def _condition_keys(space: SearchSpace) -> set[str]:
+    return {key for p in space.params for key in (p.when or {})}
+
+
+def _read_record(output_dir: Path | None) -> dict | None:
+    if output_dir is None or not (output_dir / RECORD_FILE).is_file():
+        return None
+    return json.loads((output_dir / RECORD_FILE).read_text())
+
+
+def _trial_attrs(record: dict | None) -> dict[str, Any]:
+    """What the trial's record says, copied to the Optuna trial so trial, run and checkpoint find each other."""
+    if not record:
+        return {}
+    attrs = {"record": str(Path(record["output_dir"]) / RECORD_FILE), "mlflow_run_id": record.get("mlflow", {}).get("run_id"),
+             "checkpoint": record.get("checkpoints", {}).get("best"), "status": record.get("status")}
+    for key in ("trainable_params", "total_params", "trainable_ratio"):
+        if key in record.get("params", {}):
+            attrs[key] = record["params"][key]
+    for key in ("objective", "peak_memory_mb", "train_seconds", "tokens_per_second", "steps"):
+        if key in record.get("metrics", {}):
+            attrs[key] = record["metrics"][key]
+    return attrs

@@ -1,0 +1,185 @@
+"""The search space of a sweep, written in Hydra's sweep syntax and sampled through Optuna.
+
+``choice(a, b)``, ``range(start, stop[, step])``, ``interval(low, high)``, ``int(interval(...))`` and
+``tag(log, interval(...))`` become Optuna distributions. LoRA-aware additions:
+
+- ``alpha``: tie ``method.alpha`` to the sampled rank by a ratio (``ratio: [0.5, 1, 2, 4]``), or let it
+  be sampled on its own (``free: tag(log, interval(4, 512))``); Optuna sees a categorical
+  ``method.alpha_ratio`` whose value ``free`` switches on a conditional ``method.alpha``.
+- ``target_sets``: named lists of module names usable as ``method.targets`` choices next to the presets;
+  a raw list is never a choice (Optuna's categoricals must be plain values, and names read better).
+- ``conditions``: a parameter is sampled only when earlier values match, e.g. ``method.init`` only for
+  ``method.variant: [lora, rslora]``; otherwise the config's own value stands.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from lora_sweep.config import TARGET_PRESETS
+from lora_sweep.errors import ConfigError
+
+FREE = "free"
+ALPHA_RATIO, ALPHA = "method.alpha_ratio", "method.alpha"
+
+
+@dataclass
+class Param:
+    name: str  # the config key it overrides, which is also its Optuna name
+    distribution: BaseDistribution
+    when: dict[str, list] | None = None
+
+
+def _parse(key: str, text: str, where: str) -> BaseDistribution:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    try:
+        override = OverridesParser.create().parse_override(f"{key}={text}")
+    except Exception as err:
+        raise ConfigError(where, text, f"not a sweep expression: {str(err).splitlines()[0]}") from None
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        choices = list(value.list)
+        if any(isinstance(c, (list, dict)) for c in choices):
+            raise ConfigError(where, text, "a list is not a choice: name it in hydra.sweeper.target_sets and choose the name")
+        if not choices:
+            raise ConfigError(where, text, "choice() needs at least one value")
+        return CategoricalDistribution(choices)
+    if isinstance(value, RangeSweep):
+        start, stop, step = value.start, value.stop, value.step
+        values = [start + i * step for i in range(max(0, math.ceil((stop - start) / step)))]
+        if not values:
+            raise ConfigError(where, text, f"range is empty (start {start} >= stop {stop})")
+        if all(isinstance(v, int) for v in (start, stop, step)):
+            return IntDistribution(values[0], values[-1], step=step)
+        return FloatDistribution(values[0], values[-1], step=step)
+    if isinstance(value, IntervalSweep):
+        low, high, log = value.start, value.end, "log" in value.tags
+        if low > high:
+            raise ConfigError(where, text, f"low {low} > high {high}")
+        if log and low <= 0:
+            raise ConfigError(where, text, f"a log scale needs low > 0 (got {low})")
+        if isinstance(low, int) and isinstance(high, int):
+            return IntDistribution(low, high, log=log)
+        return FloatDistribution(float(low), float(high), log=log)
+    raise ConfigError(where, text, "expected choice(...), range(...), interval(...) or tag(log, interval(...))")
+
+
+class SearchSpace:
+    def __init__(self, params: dict[str, str], *, alpha: dict | None = None, target_sets: dict[str, list[str]] | None = None,
+                 conditions: dict[str, dict[str, list]] | None = None, prefix: str = "hydra.sweeper"):
+        self.target_sets = dict(target_sets or {})
+        self.params: list[Param] = []
+        conditions = dict(conditions or {})
+        for key, text in params.items():
+            if key in (ALPHA, ALPHA_RATIO) and alpha:
+                raise ConfigError(f"{prefix}.params.{key}", text, "alpha is already searched through hydra.sweeper.alpha")
+            self.params.append(Param(key, _parse(key, str(text), f"{prefix}.params.{key}"), conditions.pop(key, None)))
+        if alpha:
+            ratios = [float(r) for r in alpha.get("ratio") or []]
+            if any(r <= 0 for r in ratios):
+                raise ConfigError(f"{prefix}.alpha.ratio", ratios, "ratios must be > 0")
+            free = alpha.get("free")
+            choices = ratios + ([FREE] if free else [])
+            if not choices:
+                raise ConfigError(f"{prefix}.alpha", alpha, "give ratio: [...] and/or free: <interval>")
+            self.params.append(Param(ALPHA_RATIO, CategoricalDistribution(choices)))
+            if free:
+                self.params.append(Param(ALPHA, _parse(ALPHA, str(free), f"{prefix}.alpha.free"), {ALPHA_RATIO: [FREE]}))
+        if conditions:
+            key = next(iter(conditions))
+            raise ConfigError(f"{prefix}.conditions.{key}", conditions[key], "conditions a parameter that is not searched")
+        names = [p.name for p in self.params]
+        for param in self.params:
+            for other in (param.when or {}):
+                if other in names and names.index(other) > names.index(param.name):
+                    raise ConfigError(f"{prefix}.conditions.{param.name}", other, "must refer to a parameter listed before it")
+            if param.name == "method.targets":
+                for choice in param.distribution.choices:
+                    if choice not in TARGET_PRESETS and choice not in self.target_sets:
+                        raise ConfigError(f"{prefix}.params.method.targets", choice,
+                                          f"neither a preset ({', '.join(TARGET_PRESETS)}) nor a name in {prefix}.target_sets")
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def sample(self, trial: optuna.Trial, fixed: dict[str, Any]) -> dict[str, Any]:
+        """Sample every parameter whose condition holds, in order (Optuna's define-by-run)."""
+        chosen: dict[str, Any] = {}
+        for param in self.params:
+            if param.when and not all({**fixed, **chosen}.get(k) in allowed for k, allowed in param.when.items()):
+                continue
+            dist = param.distribution
+            if isinstance(dist, CategoricalDistribution):
+                chosen[param.name] = trial.suggest_categorical(param.name, dist.choices)
+            elif isinstance(dist, IntDistribution):
+                chosen[param.name] = trial.suggest_int(param.name, dist.low, dist.high, step=dist.step, log=dist.log)
+            else:
+                chosen[param.name] = trial.suggest_float(param.name, dist.low, dist.high, step=dist.step, log=dist.log)
+        return chosen
+
+    def overrides(self, values: dict[str, Any]) -> list[str]:
+        """Hydra overrides that apply sampled (or enqueued) values to the config."""
+        out = []
+        for name, value in values.items():
+            if name == ALPHA_RATIO:
+                if value == FREE:
+                    out.append(f"{ALPHA_RATIO}=null")
+                else:
+                    out += [f"{ALPHA_RATIO}={value}", f"{ALPHA}=null"]
+            elif name == "method.targets" and value in self.target_sets:
+                out.append(f"method.targets=[{','.join(self.target_sets[value])}]")
+            else:
+                out.append(f"{name}={format_value(value)}")
+        return out
+
+    def check_enqueued(self, entry: dict[str, Any], where: str) -> None:
+        for name, value in entry.items():
+            if name not in self.names:
+                raise ConfigError(f"{where}.{name}", value, f"not a searched parameter (searched: {', '.join(self.names)})")
+            dist = next(p.distribution for p in self.params if p.name == name)
+            try:
+                inside = dist._contains(dist.to_internal_repr(value))
+            except (ValueError, TypeError):
+                inside = False
+            if not inside:
+                raise ConfigError(f"{where}.{name}", value, "outside the searched range or choices")
+
+    def grid(self, where: str) -> dict[str, list]:
+        """The search space as GridSampler wants it: every parameter discrete, none conditional."""
+        grid = {}
+        for param in self.params:
+            dist = param.distribution
+            if param.when:
+                raise ConfigError(f"{where}.{param.name}", "conditional", "the grid sampler cannot search conditional parameters")
+            if isinstance(dist, CategoricalDistribution):
+                grid[param.name] = list(dist.choices)
+            elif dist.step is not None:
+                count = int(round((dist.high - dist.low) / dist.step)) + 1
+                grid[param.name] = [dist.low + i * dist.step for i in range(count)]
+            else:
+                raise ConfigError(f"{where}.{param.name}", "interval", "the grid sampler needs choice() or range() values")
+        return grid
+
+
+def format_value(value: Any) -> str:
+    """A value as Hydra's override grammar reads it back unchanged."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    text = str(value)
+    if text and all(c.isalnum() or c in "_-./" for c in text) and not text[0].isdigit():
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
