@@ -75,7 +75,7 @@ def main(cfg: DictConfig) -> float:
             bridge = TrialBridge(run_cfg)
             with bridge.heartbeat():
                 record = run(run_cfg, on_evaluation=bridge.on_evaluation, extra_tags={**tags, **bridge.tags()},
-                             run_name_prefix=f"trial-{run_cfg.sweep.trial_number:03d} ")
+                             run_name_prefix=f"{run_cfg.sweep.role}-{run_cfg.sweep.trial_number:03d} ")
         else:
             record = run(run_cfg, extra_tags=tags)
     except LoraSweepError as err:

@@ -115,3 +115,10 @@ def tiny_overrides(tiny_bert_dir, tiny_csv):
         "train.batch_size=16", "train.eval_batch_size=32", "train.epochs=3", "train.eval_every=6", "train.log_every=2",
         "train.max_length=16", "tracking.system_metrics=false",
     ]
+
+
+@pytest.fixture
+def tiny(tiny_overrides):
+    """Sweep trials on the tiny BERT: two epochs of 21 steps, validation every 7 (reports for the pruner)."""
+    return [o for o in tiny_overrides if not o.startswith(("train.epochs", "train.eval_every"))] + [
+        "train.epochs=2", "train.eval_every=7", "method.targets=all_linear"]

@@ -62,13 +62,6 @@ def children(root: Path, parent_id: str):
     return client(root).search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-@pytest.fixture
-def tiny(tiny_overrides):
-    # two epochs of 21 steps, validation every 7: three reports per epoch for the pruner
-    return [o for o in tiny_overrides if not o.startswith(("train.epochs", "train.eval_every"))] + [
-        "train.epochs=2", "train.eval_every=7", "method.targets=all_linear"]
-
-
 def test_sweep_nests_trials_under_one_parent_and_links_trial_run_checkpoint(tmp_path, tiny):
     write_sweep(tmp_path, "small", {
         "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": {"name": "none"},
