@@ -31,6 +31,7 @@ class BaselineConf:
     overrides: List[str] = field(default_factory=lambda: ["method=full"])
     params: Dict[str, str] = field(default_factory=dict)
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
+    sampler: Optional[Dict[str, Any]] = None  # None: TPE, seeded like the main study
 
 
 @dataclass

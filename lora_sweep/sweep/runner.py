@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -22,18 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lora_sweep.errors import ConfigError, LoraSweepError
-from lora_sweep.record import RECORD_FILE
+from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
 from lora_sweep.sweep.space import SearchSpace, format_value
 from lora_sweep.sweep.study import FINISHED, counts, make_pruner, make_sampler, open_storage, recover_stale_trials, storage_spec
 from lora_sweep.sweep.study import fail_and_retry, retried_numbers, worker_identity
 from lora_sweep.tracking import SweepRun
 
 log = logging.getLogger(__name__)
-
-# objective name -> where its value is in a trial's record, and which way is better
-OBJECTIVES = {"objective": None, "trainable_params": ("params", "minimize"), "peak_memory_mb": ("metrics", "minimize"),
-              "train_seconds": ("metrics", "minimize")}
-
 
 class SweepAborted(LoraSweepError):
     pass
@@ -117,8 +113,14 @@ class SweepRunner:
             raise ConfigError("hydra.sweeper.objectives", unknown[0], f"must be among {', '.join(OBJECTIVES)}")
         directions = [self._direction(o) for o in objectives]
         sampler_cfg = dict(self.settings.get("sampler") or {})
+        if role == "baseline":  # a small 1-D learning-rate search: TPE, seeded like the main study
+            sampler_cfg = dict(block.get("sampler") or {"name": "tpe", "seed": sampler_cfg.get("seed"), "n_startup_trials": 3})
         grid = space.grid(f"{where}.params") if sampler_cfg.get("name") == "grid" else None
         sampler = make_sampler(sampler_cfg, grid, len(directions) > 1)
+        n_trials = int(block.get("n_trials", 0))
+        if grid is not None and n_trials > math.prod(len(values) for values in grid.values()):
+            n_trials = math.prod(len(values) for values in grid.values())
+            log.warning("%s.n_trials: the grid has only %d points; running those", where, n_trials)
         pruner = make_pruner(dict(self.settings.get("pruner") or {}))
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     directions=directions, load_if_exists=True)
@@ -129,7 +131,7 @@ class SweepRunner:
                                                "role": role, "params": dict(block.get("params") or {})})
             for entry in block.get("enqueue") or []:
                 study.enqueue_trial(dict(entry), user_attrs={"enqueued": True})
-        return Phase(role, study, space, overrides, int(block.get("n_trials", 0)), objectives, self._arguments_for(overrides))
+        return Phase(role, study, space, overrides, n_trials, objectives, self._arguments_for(overrides))
 
     def _direction(self, objective: str) -> str:
         if objective == "objective":
@@ -238,12 +240,12 @@ class SweepRunner:
         from hydra.core.utils import JobStatus
 
         output_dir = Path(str(result.hydra_cfg.hydra.runtime.output_dir)) if result.hydra_cfg is not None else None
-        record = _read_record(output_dir)
-        for key, value in _trial_attrs(record).items():
+        record = read_record_in(output_dir)
+        for key, value in trial_attrs(record).items():
             trial.set_user_attr(key, value)
         status = record.get("status") if record else None
         if result.status == JobStatus.COMPLETED and status == "completed":
-            values = [self._value(record, objective) for objective in phase.objectives]
+            values = [objective_value(record, objective) for objective in phase.objectives]
             phase.study.tell(trial, values if len(values) > 1 else values[0])
             state = "complete"
         elif status == "pruned":
@@ -258,33 +260,11 @@ class SweepRunner:
         run_id = (record or {}).get("mlflow", {}).get("run_id")
         self.parent.set_tags({"optuna.state": state}, run_id=run_id)
 
-    @staticmethod
-    def _value(record: dict, objective: str) -> float:
-        if objective == "objective":
-            return float(record["metrics"]["objective"])
-        section, _ = OBJECTIVES[objective]
-        return float(record[section][objective])
-
-    # --- the end -------------------------------------------------------------------------------------
+    # --- the end ----------------------------------------------------------------------------------
     def _finish(self, phases: list[Phase]) -> None:
-        from lora_sweep.sweep.summary import best_trials, print_summary
+        from lora_sweep.sweep.summary import print_summary
 
-        main = phases[-1]
-        best = best_trials(main.study)
-        summary: dict[str, Any] = {"n_trials": main.n_trials, **{f"trials_{k}": v for k, v in counts(main.study).items() if v}}
-        if best:
-            top = best[0]
-            summary.update(best_trial=top.number, best_value=top.values[0], best_checkpoint=top.user_attrs.get("checkpoint"),
-                           best_run_id=top.user_attrs.get("mlflow_run_id"))
-            if len(main.study.directions) > 1:
-                summary["pareto_front"] = [t.number for t in best]
-            self.parent.set_tags({"best_trial": top.number, "best_run_id": top.user_attrs.get("mlflow_run_id"),
-                                  "best_checkpoint": top.user_attrs.get("checkpoint")})
-            self.parent.log_metrics({"best_value": top.values[0], "n_complete": counts(main.study)["complete"]})
-        if len(phases) > 1 and best_trials(phases[0].study):
-            summary["baseline_best_value"] = best_trials(phases[0].study)[0].values[0]
-            self.parent.log_metrics({"baseline_best_value": summary["baseline_best_value"]})
-        self.parent.log_dict(summary, "sweep_summary.json")
+        summary = summarize(phases, self.parent)
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         self.parent.finish("completed")
         print_summary(phases, self.parent, OmegaConf.select(self.config, "objective.metric"))
@@ -337,24 +317,3 @@ def _first(distribution) -> Any:
 
 def _condition_keys(space: SearchSpace) -> set[str]:
     return {key for p in space.params for key in (p.when or {})}
-
-
-def _read_record(output_dir: Path | None) -> dict | None:
-    if output_dir is None or not (output_dir / RECORD_FILE).is_file():
-        return None
-    return json.loads((output_dir / RECORD_FILE).read_text())
-
-
-def _trial_attrs(record: dict | None) -> dict[str, Any]:
-    """What the trial's record says, copied to the Optuna trial so trial, run and checkpoint find each other."""
-    if not record:
-        return {}
-    attrs = {"record": str(Path(record["output_dir"]) / RECORD_FILE), "mlflow_run_id": record.get("mlflow", {}).get("run_id"),
-             "checkpoint": record.get("checkpoints", {}).get("best"), "status": record.get("status")}
-    for key in ("trainable_params", "total_params", "trainable_ratio"):
-        if key in record.get("params", {}):
-            attrs[key] = record["params"][key]
-    for key in ("objective", "peak_memory_mb", "train_seconds", "tokens_per_second", "steps"):
-        if key in record.get("metrics", {}):
-            attrs[key] = record["metrics"][key]
-    return attrs

@@ -1,0 +1,1 @@
+"""Optuna sweeps behind a Hydra sweeper: search space, study, trial bridge, loop, results, summary."""

@@ -1,0 +1,65 @@
+"""What a finished trial's record says, turned into Optuna values and attributes, and the sweep's summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lora_sweep.record import RECORD_FILE
+from lora_sweep.sweep.study import counts
+
+# objective name -> where its value is in a trial's record, and which way is better
+OBJECTIVES = {"objective": None, "trainable_params": ("params", "minimize"), "peak_memory_mb": ("metrics", "minimize"),
+              "train_seconds": ("metrics", "minimize")}
+
+
+def objective_value(record: dict, objective: str) -> float:
+    if objective == "objective":
+        return float(record["metrics"]["objective"])
+    section, _ = OBJECTIVES[objective]
+    return float(record[section][objective])
+
+
+def read_record_in(output_dir: Path | None) -> dict | None:
+    if output_dir is None or not (output_dir / RECORD_FILE).is_file():
+        return None
+    return json.loads((output_dir / RECORD_FILE).read_text())
+
+
+def trial_attrs(record: dict | None) -> dict[str, Any]:
+    """What the trial's record says, copied to the Optuna trial so trial, run and checkpoint find each other."""
+    if not record:
+        return {}
+    attrs = {"record": str(Path(record["output_dir"]) / RECORD_FILE), "mlflow_run_id": record.get("mlflow", {}).get("run_id"),
+             "checkpoint": record.get("checkpoints", {}).get("best"), "status": record.get("status")}
+    for key in ("trainable_params", "total_params", "trainable_ratio"):
+        if key in record.get("params", {}):
+            attrs[key] = record["params"][key]
+    for key in ("objective", "peak_memory_mb", "train_seconds", "tokens_per_second", "steps"):
+        if key in record.get("metrics", {}):
+            attrs[key] = record["metrics"][key]
+    return attrs
+
+
+def summarize(phases, parent) -> dict[str, Any]:
+    """The sweep's outcome, also stored on the MLflow parent run: best trial (or Pareto front), baseline."""
+    from lora_sweep.sweep.summary import best_trials
+
+    main = phases[-1]
+    best = best_trials(main.study)
+    summary: dict[str, Any] = {"n_trials": main.n_trials, **{f"trials_{k}": v for k, v in counts(main.study).items() if v}}
+    if best:
+        top = best[0]
+        summary.update(best_trial=top.number, best_value=top.values[0], best_checkpoint=top.user_attrs.get("checkpoint"),
+                       best_run_id=top.user_attrs.get("mlflow_run_id"))
+        if len(main.study.directions) > 1:
+            summary["pareto_front"] = [t.number for t in best]
+        parent.set_tags({"best_trial": top.number, "best_run_id": top.user_attrs.get("mlflow_run_id"),
+                         "best_checkpoint": top.user_attrs.get("checkpoint")})
+        parent.log_metrics({"best_value": top.values[0], "n_complete": counts(main.study)["complete"]})
+    if len(phases) > 1 and best_trials(phases[0].study):
+        summary["baseline_best_value"] = best_trials(phases[0].study)[0].values[0]
+        parent.log_metrics({"baseline_best_value": summary["baseline_best_value"]})
+    parent.log_dict(summary, "sweep_summary.json")
+    return summary
