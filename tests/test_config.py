@@ -100,34 +100,21 @@ def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
         prepare(cfg)
 
 
-def test_explicit_module_name_that_does_not_exist(compose, tiny_overrides):
-    cfg = compose(*tiny_overrides, "method.targets=[query,q_proj]")
-    with pytest.raises(ConfigError, match=r"^method.targets\[1\]='q_proj': no Linear module"):
-        prepare(cfg)
-
-
-def test_nonexistent_model_path(compose, tiny_overrides, tmp_path):
-    cfg = compose(*tiny_overrides, f"model.name_or_path={tmp_path / 'no_such_model'}")
-    with pytest.raises(ConfigError, match=r"^model.name_or_path='.*no_such_model': no such model folder"):
-        prepare(cfg)
-
-
-def test_hub_id_offline_fails_fast(compose, tiny_overrides):
-    cfg = compose(*tiny_overrides, "model.name_or_path=nobody-here/not-a-model")
-    with pytest.raises(ConfigError, match=r"^model.name_or_path='nobody-here/not-a-model': not a local folder, not in the Hugging Face cache"):
-        prepare(cfg)
-
-
-@pytest.mark.parametrize("key", ["text_column", "label_column"])
-def test_missing_column(compose, tiny_overrides, key):
-    cfg = compose(*tiny_overrides, f"data.{key}=nope")
-    with pytest.raises(ConfigError, match=rf"^data.{key}='nope': no such column in the train split \(columns: text, label\)"):
-        prepare(cfg)
-
-
-def test_missing_data_file(compose, tiny_overrides, tmp_path):
-    cfg = compose(*tiny_overrides, f"data.path={tmp_path / 'missing.csv'}")
-    with pytest.raises(ConfigError, match=r"^data.path='.*missing.csv': no such file or folder"):
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("method.targets=[query,q_proj]", r"^method.targets\[1\]='q_proj': no Linear module"),
+        ("model.name_or_path={tmp}/no_such_model", r"^model.name_or_path='.*no_such_model': no such model folder"),
+        ("model.name_or_path=nobody-here/not-a-model",
+         r"^model.name_or_path='nobody-here/not-a-model': not a local folder, not in the Hugging Face cache"),
+        ("data.text_column=nope", r"^data.text_column='nope': no such column in the train split \(columns: text, label\)"),
+        ("data.label_column=nope", r"^data.label_column='nope': no such column in the train split \(columns: text, label\)"),
+        ("data.path={tmp}/missing.csv", r"^data.path='.*missing.csv': no such file or folder"),
+    ],
+)
+def test_problem_found_before_any_weight_loads(compose, tiny_overrides, tmp_path, override, pattern):
+    cfg = compose(*tiny_overrides, override.format(tmp=tmp_path))
+    with pytest.raises(ConfigError, match=pattern):
         prepare(cfg)
 
 
