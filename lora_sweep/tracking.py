@@ -148,6 +148,13 @@ class SweepRun:
         if self._client is not None and self.run_id:
             self._client.log_dict(self.run_id, json.loads(json.dumps(data, default=str)), filename)
 
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        """The files directly in ``local_dir`` (not its sub-folders: exported models stay where they are)."""
+        if self._client is not None and self.run_id:
+            for file in sorted(Path(local_dir).iterdir()):
+                if file.is_file():
+                    self._client.log_artifact(self.run_id, str(file), artifact_path)
+
     def log_metrics(self, metrics: dict[str, float]) -> None:
         if self._client is not None and self.run_id:
             for key, value in metrics.items():

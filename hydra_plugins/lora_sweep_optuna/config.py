@@ -35,6 +35,18 @@ class BaselineConf:
 
 
 @dataclass
+class ReportConf:
+    """The comparison report written when the sweep ends (python -m lora_sweep.report writes it on demand)."""
+
+    enabled: bool = True
+    dir: str = "reports"  # the report goes to <dir>/<study>/, relative to the working directory
+    tolerance: float = 0.005  # best-pick rule: trials this close to the best compete on size
+    checkpoints: bool = True  # test scores of the chosen and baseline checkpoints, forgetting, export
+    replicates: int = 3  # seeds to re-train the chosen and the baseline configurations with (0: skip)
+    register_as: Optional[str] = None  # MLflow registered model name (alias "champion"); None: the study name
+
+
+@dataclass
 class LoraOptunaSweeperConf:
     _target_: str = "hydra_plugins.lora_sweep_optuna.sweeper.LoraOptunaSweeper"
     study_name: str = "lora_sweep"
@@ -51,6 +63,7 @@ class LoraOptunaSweeperConf:
     baseline: BaselineConf = field(default_factory=BaselineConf)
     max_failure_rate: float = 0.5  # abort once more than this share of n_trials has failed
     heartbeat_interval: Optional[int] = 60  # RDB storages: seconds between a running trial's heartbeats
+    report: ReportConf = field(default_factory=ReportConf)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="lora_optuna", node=LoraOptunaSweeperConf, provider="lora_sweep")

@@ -266,8 +266,24 @@ class SweepRunner:
 
         summary = summarize(phases, self.parent)
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        self.parent.finish("completed")
         print_summary(phases, self.parent, OmegaConf.select(self.config, "objective.metric"))
+        report = dict(self.settings.get("report") or {})
+        if report.get("enabled", True):
+            self._report(report)
+        self.parent.finish("completed")
+
+    def _report(self, report: dict[str, Any]) -> None:
+        from lora_sweep.report import build_report
+        from lora_sweep.report.collect import open_sweep
+
+        out = Path(report.get("dir", "reports")) / self.settings["study_name"]
+        tracking = self._tracking_config()
+        register_as = report.get("register_as") or (self.settings["study_name"] if tracking.backend == "mlflow" else None)
+        sweep = open_sweep(self.settings["study_name"], self.storage_spec, self.sweep_dir)
+        summary = build_report(sweep, out, float(report.get("tolerance", 0.005)), checkpoints=bool(report.get("checkpoints", True)),
+                               register_as=register_as, tracking_uri=self.parent.location, replicates=int(report.get("replicates", 3)))
+        self.parent.log_artifacts(out, "report")
+        print(f"report: {out / 'report.html'}" + (f" (chosen: trial {summary['chosen']['trial']})" if summary.get("chosen") else ""))
 
     # --- helpers -------------------------------------------------------------------------------------
     def _parallelism(self) -> int:

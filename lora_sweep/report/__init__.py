@@ -1,0 +1,122 @@
+"""The sweep report: every trial against the full fine-tuning baseline, and the checkpoint to ship.
+
+``python -m lora_sweep.report <study or MLflow parent run id>`` writes ``reports/<study>/`` with
+report.md, a self-contained report.html, report.json and the figures (PNG and SVG). It reads the study
+and the runs' records; it never retrains.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lora_sweep.report import figures as fig
+from lora_sweep.report.collect import Sweep, trials_table
+from lora_sweep.report.render import to_html, to_json, to_markdown
+from lora_sweep.report.select import DEFAULT_TOLERANCE, pick_best, with_comparisons
+
+log = logging.getLogger(__name__)
+
+
+def _importances(sweep: Sweep) -> dict[str, float]:
+    import optuna
+
+    complete = [t for t in sweep.search.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 3 or len(sweep.search.directions) > 1:
+        return {}
+    try:
+        return optuna.importance.get_param_importances(sweep.search)
+    except (RuntimeError, ValueError) as err:  # e.g. every completed trial sampled the same values
+        log.info("parameter importance not estimated: %s", err)
+        return {}
+
+
+def headline(table, metric: str, direction: str) -> str:
+    lora, full = table[table["role"] == "search"], table[table["role"] == "baseline"]
+    states = lora["state"].value_counts().to_dict()
+    text = (f"{len(lora)} LoRA trials ({', '.join(f'{n} {s}' for s, n in states.items())}) and {len(full)} full fine-tuning "
+            f"trial{'s' if len(full) != 1 else ''}.")
+    done_lora = lora[lora["state"] == "complete"]["val_metric"].dropna()
+    done_full = full[full["state"] == "complete"]["val_metric"].dropna()
+    if len(done_lora) and len(done_full):
+        best_lora = done_lora.max() if direction == "maximize" else done_lora.min()
+        best_full = done_full.max() if direction == "maximize" else done_full.min()
+        text += f" Best validation {metric}: LoRA {best_lora:.4f}, full fine-tuning {best_full:.4f} (gap {best_lora - best_full:+.4f})."
+    return text
+
+
+def _records(table) -> dict[str, dict]:
+    import json
+
+    return {f"{'full' if r['role'] == 'baseline' else 'lora'} #{r['trial']}": json.loads(Path(r["record"]).read_text())
+            for _, r in table.iterrows() if r["state"] == "complete" and isinstance(r["record"], str) and Path(r["record"]).is_file()}
+
+
+def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference: list[str] | None, register_as: str | None,
+                        tracking_uri: str | None) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Test scores of the chosen checkpoint and the full-FT baseline, drift of every model, the export."""
+    from lora_sweep.errors import LoraSweepError
+    from lora_sweep.report import checkpoints as ck
+
+    records, extra, figures = _records(table), {}, {}
+    full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
+    full = full.sort_values("val_metric", ascending=sweep.direction != "maximize").head(1)
+    picks = {}
+    if choice.row is not None:
+        picks["chosen LoRA"] = f"lora #{choice.row['trial']}"
+    if not full.empty:
+        picks["full fine-tuning"] = f"full #{full.iloc[0]['trial']}"
+    extra["test"] = {label: {"trial": key, **ck.test_metrics(records[key])} for label, key in picks.items()}
+    if reference is None:
+        try:
+            reference = ck.reference_texts()
+        except LoraSweepError as err:
+            extra["forgetting_note"] = f"not measured: {err}"
+    if reference:
+        similarity = {key: ck.representation_similarity(record, reference) for key, record in records.items()}
+        extra["forgetting"] = {"reference_texts": len(reference), "cosine_similarity_to_base": similarity}
+        roles = {key: "baseline" if key.startswith("full") else "search" for key in similarity}
+        figures["forgetting: drift from the base model on out-of-task text"] = fig.forgetting(similarity, roles, out_dir)[0]
+    if choice.row is not None:
+        record = records[f"lora #{choice.row['trial']}"]
+        samples = list(reference or [])[:16] or ["a short check sentence"]
+        extra["export"] = ck.export(record, out_dir / "best", samples)
+        if register_as:
+            extra["registry"] = ck.register(record, extra["export"], register_as, tracking_uri)
+    return extra, figures
+
+
+def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERANCE, *, checkpoints: bool = True,
+                 reference: list[str] | None = None, register_as: str | None = None, tracking_uri: str | None = None,
+                 replicates: int = 3) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = with_comparisons(trials_table(sweep), sweep.direction)
+    choice = pick_best(table, sweep.metric, sweep.direction, tolerance)
+    figures = {
+        f"validation {sweep.metric} vs trainable parameters": fig.metric_vs_params(table, sweep.metric, sweep.direction, out_dir)[0],
+        f"validation {sweep.metric} vs rank, per target preset": fig.metric_vs_rank(table, sweep.metric, out_dir)[0],
+        "learning curves: top LoRA trials and full fine-tuning": fig.learning_curves(table, sweep.metric, sweep.direction, out_dir)[0],
+        "parameter importance": fig.importance(_importances(sweep), out_dir)[0],
+        "compute spent and saved by pruning": fig.pruning_savings(table, out_dir)[0],
+    }
+    extra: dict[str, Any] = {}
+    if checkpoints:
+        extra, more = checkpoint_sections(sweep, table, choice, out_dir, reference=reference, register_as=register_as,
+                                          tracking_uri=tracking_uri)
+        figures.update(more)
+    if replicates > 0 and "test" in extra and len(extra["test"]) == 2:
+        from lora_sweep.report.replicates import run_replicates
+
+        records = _records(table)
+        extra["replicates"] = run_replicates(records[extra["test"]["chosen LoRA"]["trial"]], records[extra["test"]["full fine-tuning"]["trial"]],
+                                             list(range(1, replicates + 1)), sweep.folder / "replicates", sweep.parent_run_id)
+    chosen = None if choice.row is None else {k: (None if v != v else v) for k, v in choice.row.drop(labels=["evaluations"]).items()}
+    summary = {"study": sweep.study_name, "metric": sweep.metric, "direction": sweep.direction, "tolerance": tolerance,
+               "rule": choice.rule, "best_value": choice.best_value, "within_tolerance": choice.candidates, "chosen": chosen,
+               "headline": headline(table, sweep.metric, sweep.direction), "parent_run_id": sweep.parent_run_id, **extra}
+    (out_dir / "report.json").write_text(to_json(summary, table))
+    (out_dir / "report.md").write_text(to_markdown(summary, table, figures))
+    (out_dir / "report.html").write_text(to_html(summary, table, figures))
+    return summary

