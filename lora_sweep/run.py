@@ -145,11 +145,11 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
         from transformers import set_seed
 
         model, reused_model = base_model(cfg, prepared)
+        set_seed(cfg.train.seed)  # LoRA's A matrices come from the RNG: same state whether the base was reused or not
         model = apply_method(model, cfg.method, prepared.spec)
         setup_seconds = time.perf_counter() - setup_started
         reused = "reused the loaded model and tokenized data" if prepared.reused and reused_model else "loaded model and data"
         log.info("setup %.1f s (%s)", setup_seconds, reused)
-        set_seed(cfg.train.seed)
         counts = count_parameters(model)
         record.params.update(counts, setup_seconds=setup_seconds, setup_reused=prepared.reused and reused_model)
         tracker.log_metrics({**counts, "setup_seconds": setup_seconds}, step=0)

@@ -30,6 +30,7 @@ def swept(tmp_path_factory, tiny_bert_dir, tiny_csv):
         "params": {"method.r": "choice(1, 2, 8)", "train.lr": "tag(log, interval(2e-3, 1e-2))"},
         "enqueue": [{"method.r": 8, "train.lr": 5e-3}],
         "baseline": {"n_trials": 1, "params": {"train.lr": "tag(log, interval(1e-4, 1e-3))"}, "enqueue": [{"train.lr": 1e-3}]},
+        "report": {"enabled": True},  # the default: written when the sweep ends, with 3 replicate seeds
     })
     result = run_sweep(root, "rep", tiny)
     return root, result, tiny_bert_dir

@@ -24,7 +24,9 @@ def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
     folder = root / "extra_conf" / "sweeps"
     folder.mkdir(parents=True, exist_ok=True)
     body = {"defaults": [{"override /hydra/sweeper": "lora_optuna"}],
-            "hydra": {"sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"}, "sweeper": {"study_name": name, **sweeper}}}
+            "hydra": {"sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
+                      # the report (and its replicate trainings) has its own tests: off unless a test asks for it
+                      "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper}}}
     path = folder / f"{name}.yaml"
     path.write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
     return path
@@ -84,7 +86,7 @@ def test_sweep_nests_trials_under_one_parent_and_links_trial_run_checkpoint(tmp_
     assert parent.info.status == "FINISHED" and parent.data.params["n_trials"] == "3"
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
-    runs = children(tmp_path, parent.info.run_id)
+    runs = [r for r in children(tmp_path, parent.info.run_id) if r.data.tags["lora_sweep.role"] in ("search", "baseline")]
     assert len(runs) == 4  # three LoRA trials and the full fine-tuning baseline
     roles = sorted(r.data.tags["lora_sweep.role"] for r in runs)
     assert roles == ["baseline", "search", "search", "search"]
@@ -125,7 +127,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
         "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": {"name": "none"},
         "params": {"method.r": "choice(2, 4, 8)", "train.lr": "tag(log, interval(1e-3, 1e-2))"},
     })
-    command = sweep_command(tmp_path, "resume", tiny)
+    command = sweep_command(tmp_path, "resume", tiny, "train.epochs=4")  # long enough trials to be caught mid-run
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     journal = tmp_path / "outputs" / "sweeps" / "resume" / "optuna.journal"
     deadline = time.time() + 300
@@ -134,24 +136,29 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
             states = [t.state for t in load(tmp_path, "resume").get_trials()] if journal.exists() else []
         except KeyError:  # the journal exists, the study is not in it yet
             states = []
-        if states[:1] == [TrialState.COMPLETE] and states[1:2] == [TrialState.RUNNING]:
-                break
-        time.sleep(0.5)
+        if TrialState.COMPLETE in states and TrialState.RUNNING in states:
+            break
+        time.sleep(0.3)
     else:
         pytest.fail("the sweep never reached its second trial")
-    time.sleep(1.0)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     interrupted = load(tmp_path, "resume").get_trials()
-    assert interrupted[1].state == TrialState.RUNNING  # left behind by the dead process
+    (stale,) = [t for t in interrupted if t.state == TrialState.RUNNING]  # left behind by the dead process
+    report = subprocess.run([sys.executable, "-m", "lora_sweep.report", "resume", "--replicates", "0", "--no-register"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)  # the report also reads an interrupted sweep
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = json.loads((tmp_path / "reports" / "resume" / "report.json").read_text())["trials"]
+    assert [r["state"] for r in rows if r["trial"] == stale.number] == ["running"]
 
     run_sweep(tmp_path, "resume", tiny)
     trials = load(tmp_path, "resume").get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 3
-    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["fail_reason"] == "its worker process died"
-    retry = next(t for t in trials if t.user_attrs.get("retry_of") == 1)
-    assert retry.params == trials[1].params and retry.state == TrialState.COMPLETE  # the same parameters, run again
+    killed = trials[stale.number]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == "its worker process died"
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == stale.number)
+    assert retry.params == killed.params and retry.state == TrialState.COMPLETE  # the same parameters, run again
     assert trials[0].number == 0 and sum(t.params == trials[0].params and t.state == TrialState.COMPLETE for t in trials) >= 1
     assert len(parents(tmp_path, "resume")) == 1  # the parent run was reused, not duplicated
     (parent,) = parents(tmp_path, "resume")

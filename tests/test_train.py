@@ -179,3 +179,19 @@ def test_gpu_run_uses_cuda_and_bf16(compose, tiny_overrides):
     record = run(cfg)
     assert record.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert "peak_cuda_allocated_mb" in record.metrics and record.metrics["best_val_accuracy"] >= 0.8
+
+
+def test_reused_base_model_trains_exactly_like_a_fresh_one(compose, tiny_overrides, tmp_path):
+    """A sweep's later trials reuse the process's base model: LoRA unloaded, full FT's weights restored.
+    A LoRA run after a full fine-tune in the same process must equal a LoRA run from a fresh load."""
+    import lora_sweep.run as run_module
+
+    lora = ["tracking=none", "train.epochs=1", "train.lr=5e-3", "method.targets=all_linear"]
+    run_module._PREPARED.clear()
+    run_module._MODELS.clear()
+    fresh = run(compose(*tiny_overrides, *lora, output_dir=tmp_path / "fresh"))
+    assert fresh.params["setup_reused"] is False
+    run(compose(*tiny_overrides, "tracking=none", "train.epochs=1", "method=full", "train.lr=1e-3", output_dir=tmp_path / "full"))
+    reused = run(compose(*tiny_overrides, *lora, output_dir=tmp_path / "again"))
+    assert reused.params["setup_reused"] is True
+    assert reused.evaluations == fresh.evaluations  # every validation pass, to the last bit

@@ -7,6 +7,7 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +62,25 @@ def to_json(summary: dict[str, Any], table: pd.DataFrame) -> str:
     return json.dumps({**summary, "trials": rows}, indent=2, default=lambda v: _plain(v) if hasattr(v, "item") else str(v))
 
 
-def to_markdown(summary: dict[str, Any], table: pd.DataFrame, figures: dict[str, Path]) -> str:
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """Everything above the trials table, as Markdown lines (the HTML renders the same lines)."""
     metric = summary["metric"]
     chosen = summary.get("chosen") or {}
-    parts = [f"# Sweep report: {summary['study']}", "", summary["headline"], "",
-             "## The chosen checkpoint", "", f"Rule: {summary['rule']}.", ""]
+    lines = [summary["headline"], "", "## The chosen checkpoint", "", f"Rule: {summary['rule']}.", ""]
     if chosen:
-        parts += [f"- trial {chosen['trial']}: LoRA r={chosen['r']:.0f}, alpha={chosen['alpha']:g}, targets {chosen['targets']}, "
+        lines += [f"- trial {chosen['trial']}: LoRA r={chosen['r']:.0f}, alpha={chosen['alpha']:g}, targets {chosen['targets']}, "
                   f"variant {chosen['variant']}, lr {chosen['lr']:.2e}",
                   f"- validation {metric} {chosen['val_metric']:.4f}; {chosen['trainable_params']:,.0f} trainable parameters "
                   f"({chosen['trainable_pct']:.2f}%); checkpoint `{chosen['checkpoint']}`", ""]
-    parts += checkpoint_lines(summary)
-    parts += ["## Every trial", "", markdown_table(table, metric, chosen.get("trial")), "", "## Figures", ""]
+    else:
+        lines += ["No LoRA trial has completed yet.", ""]
+    return lines + checkpoint_lines(summary)
+
+
+def to_markdown(summary: dict[str, Any], table: pd.DataFrame, figures: dict[str, Path]) -> str:
+    chosen = summary.get("chosen") or {}
+    parts = [f"# Sweep report: {summary['study']}", "", *summary_lines(summary)]
+    parts += ["## Every trial", "", markdown_table(table, summary["metric"], chosen.get("trial")), "", "## Figures", ""]
     for title, path in figures.items():
         parts += [f"### {title}", "", f"![{title}]({path.name})", ""]
     return "\n".join(parts)
@@ -120,6 +128,42 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _inline(text: str) -> str:
+    escaped = html.escape(text)
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", escaped)
+
+
+def lines_to_html(lines: list[str]) -> str:
+    """The small Markdown the summary uses (headings, paragraphs, bullets, tables) as HTML."""
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("## "):
+            out.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif line.startswith("| "):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                if not set(lines[i]) <= set("|-: "):
+                    rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head = "".join(f"<th>{_inline(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
+            out.append(f"<table class='small'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append(f"<ul>{''.join(items)}</ul>")
+            continue
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    return "\n".join(out)
+
+
 def to_html(markdown_summary: dict[str, Any], table: pd.DataFrame, figures: dict[str, Path]) -> str:
     s = markdown_summary
     metric = s["metric"]
@@ -141,10 +185,9 @@ def to_html(markdown_summary: dict[str, Any], table: pd.DataFrame, figures: dict
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sweep report: {html.escape(s['study'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;font-size:13px}}
 th,td{{border:1px solid #ccc;padding:3px 6px;text-align:right}}th{{background:#f2f4f4;cursor:pointer}}
-tr.chosen{{background:#eaf2f8;font-weight:bold}}figure{{display:inline-block;margin:1em}}img{{max-width:640px}}</style></head><body>
-<h1>Sweep report: {html.escape(s['study'])}</h1><p>{html.escape(s['headline'])}</p>
-<h2>The chosen checkpoint</h2><p>Rule: {html.escape(s['rule'])}.</p>
-<pre class="sections">{html.escape(chr(10).join(checkpoint_lines(s)))}</pre>
+tr.chosen{{background:#eaf2f8;font-weight:bold}}table.small th{{cursor:default}}code{{background:#f4f6f6;padding:0 3px}}figure{{display:inline-block;margin:1em}}img{{max-width:640px}}</style></head><body>
+<h1>Sweep report: {html.escape(s['study'])}</h1>
+{lines_to_html(summary_lines(s))}
 <h2>Every trial</h2><p>Click a column to sort.</p><table id="trials"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <h2>Figures</h2>{images}
 <script>
