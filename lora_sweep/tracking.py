@@ -55,13 +55,7 @@ class MLflowTracker(Tracker):
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         mlflow = self._mlflow
-        try:
-            experiment = mlflow.set_experiment(self.cfg.experiment)
-        except Exception as err:  # unwritable folder, bad URI scheme, unreachable server
-            raise ConfigError("tracking.tracking_uri", self.location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
-        if "mlflow.experimentKind" not in experiment.tags:
-            # MLflow 3's UI opens untyped experiments in its GenAI view; ours is model training
-            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        _use_experiment(self.cfg, self.location)
         if self.cfg.system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
         self._run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.cfg.system_metrics)
@@ -90,6 +84,20 @@ class MLflowTracker(Tracker):
             self._mlflow.set_tag("lora_sweep.status", status)
             self._mlflow.end_run(status=self._STATUS.get(status, "FINISHED"))
             self._run = None
+
+
+def _use_experiment(cfg: TrackingConfig, location: str | None):
+    """Make ``cfg.experiment`` the active experiment (created if new) and return it."""
+    import mlflow
+
+    try:
+        experiment = mlflow.set_experiment(cfg.experiment)
+    except Exception as err:  # unwritable folder, bad URI scheme, unreachable server
+        raise ConfigError("tracking.tracking_uri", location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
+    if "mlflow.experimentKind" not in experiment.tags:
+        # MLflow 3's UI opens untyped experiments in its GenAI view; ours is model training
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+    return experiment
 
 
 def _param_value(value: Any) -> str:
@@ -129,14 +137,7 @@ class SweepRun:
             client.update_run(existing_run_id, status="RUNNING")
             self.run_id = existing_run_id
             return existing_run_id
-        try:
-            import mlflow
-
-            experiment = mlflow.set_experiment(self.cfg.experiment)
-        except Exception as err:
-            raise ConfigError("tracking.tracking_uri", self.location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
-        if "mlflow.experimentKind" not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        experiment = _use_experiment(self.cfg, self.location)
         run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         from mlflow.entities import Param
@@ -171,7 +172,3 @@ class SweepRun:
         if self._client is not None and self.run_id:
             self._client.set_tag(self.run_id, "lora_sweep.status", status)
             self._client.set_terminated(self.run_id, status=MLflowTracker._STATUS.get(status, "FINISHED"))
-
-    def url(self, run_id: str | None = None) -> str | None:
-        target = run_id or self.run_id
-        return f"{self.location} run {target}" if target else None

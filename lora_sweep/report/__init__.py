@@ -74,7 +74,7 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
         except LoraSweepError as err:
             extra["forgetting_note"] = f"not measured: {err}"
     if reference:
-        similarity = {key: ck.representation_similarity(record, reference) for key, record in records.items()}
+        similarity = ck.representation_similarity(records, reference)
         extra["forgetting"] = {"reference_texts": len(reference), "cosine_similarity_to_base": similarity}
         roles = {key: "baseline" if key.startswith("full") else "search" for key in similarity}
         figures["forgetting: drift from the base model on out-of-task text"] = fig.forgetting(similarity, roles, out_dir)[0]
@@ -92,7 +92,7 @@ def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERAN
                  replicates: int = 3) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = with_comparisons(trials_table(sweep), sweep.direction)
+    table = with_comparisons(trials_table(sweep.search, sweep.baseline), sweep.direction)
     choice = pick_best(table, sweep.metric, sweep.direction, tolerance)
     figures = {
         f"validation {sweep.metric} vs trainable parameters": fig.metric_vs_params(table, sweep.metric, sweep.direction, out_dir)[0],

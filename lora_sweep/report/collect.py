@@ -16,7 +16,9 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from lora_sweep.config import LoraMethodConfig
 from lora_sweep.errors import LoraSweepError
+from lora_sweep.schema import build
 from lora_sweep.sweep.study import JOURNAL_PREFIX, open_storage
 
 STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
@@ -79,46 +81,54 @@ def _record(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
     return None
 
 
-def trials_table(sweep: Sweep) -> pd.DataFrame:
+def trials_table(search: optuna.Study, baseline: optuna.Study | None = None) -> pd.DataFrame:
     """One row per trial of the search and of the full fine-tuning baseline, retried duplicates left out."""
     rows = []
-    for role, study in (("baseline", sweep.baseline), ("search", sweep.search)):
+    for role, study in (("baseline", baseline), ("search", search)):
         if study is None:
             continue
         trials = study.get_trials(deepcopy=False)
         retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+        maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
         for trial in trials:
             if trial.number in retried and trial.state == TrialState.FAIL:
-                continue
-            rows.append(_row(role, trial, _record(trial)))
+                continue  # its parameters ran again as a later trial
+            rows.append(_row(role, trial, _record(trial), maximize))
     return pd.DataFrame(rows)
 
 
-def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None) -> dict[str, Any]:
-    config = (record or {}).get("config", {})
-    method = config.get("method", {"name": "full" if role == "baseline" else "lora"})
+def _method(record: dict | None, trial: optuna.trial.FrozenTrial, role: str) -> dict[str, Any]:
+    """The trial's method as its record states it (effective alpha and scaling from the config's own
+    rules); for a trial with no record yet, what Optuna sampled."""
+    if record is None:
+        p = trial.params
+        return {"method": "full" if role == "baseline" else "lora", "r": p.get("method.r"), "alpha": p.get("method.alpha"),
+                "scaling": None, "targets": p.get("method.targets"), "variant": p.get("method.variant"),
+                "dropout": p.get("method.dropout"), "lr": p.get("train.lr")}
+    config = record["config"]
+    method = {"method": config["method"]["name"], "r": None, "alpha": None, "scaling": None, "targets": None,
+              "variant": None, "dropout": None, "lr": config["train"]["lr"]}
+    if method["method"] == "lora":
+        lora = build(LoraMethodConfig, config["method"], "method")
+        targets = lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets)
+        method.update(r=lora.r, alpha=lora.effective_alpha, scaling=lora.scaling, targets=targets, variant=lora.variant,
+                      dropout=lora.dropout)
+    return method
+
+
+def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, maximize: bool) -> dict[str, Any]:
     metrics, params, checkpoints = (record or {}).get("metrics", {}), (record or {}).get("params", {}), (record or {}).get("checkpoints", {})
-    lora = method.get("name") == "lora"
-    alpha = None
-    if lora:
-        alpha = method.get("alpha") if method.get("alpha") is not None else (method.get("alpha_ratio") or 0) * method.get("r", 0)
-    scaling = None
-    if lora and alpha:
-        scaling = alpha / (method["r"] ** 0.5 if method.get("variant") == "rslora" else method["r"])
     value = metrics.get("objective")
-    if value is None and trial.intermediate_values:
-        value = max(trial.intermediate_values.values())
+    if value is None and trial.intermediate_values:  # no record yet: the best validation value reported so far
+        value = (max if maximize else min)(trial.intermediate_values.values())
     return {
         "role": role, "trial": trial.number, "state": STATES.get(trial.state, trial.state.name.lower()),
-        "fail_reason": trial.user_attrs.get("fail_reason") or (record or {}).get("error"),
-        "method": method.get("name"), "r": method.get("r"), "alpha": alpha, "scaling": scaling,
-        "targets": (method.get("targets") if isinstance(method.get("targets"), str) else ",".join(method.get("targets") or [])) if lora else None,
-        "variant": method.get("variant"), "dropout": method.get("dropout"), "lr": config.get("train", {}).get("lr", trial.params.get("train.lr")),
+        "fail_reason": trial.user_attrs.get("fail_reason") or (record or {}).get("error"), **_method(record, trial, role),
         "val_metric": value, "trainable_params": params.get("trainable_params"), "total_params": params.get("total_params"),
         "trainable_pct": 100 * params["trainable_ratio"] if "trainable_ratio" in params else None,
         "peak_memory_mb": metrics.get("peak_memory_mb"), "train_seconds": metrics.get("train_seconds"),
         "tokens_per_second": metrics.get("tokens_per_second"), "steps": metrics.get("steps"), "total_steps": metrics.get("total_steps"),
         "checkpoint_mb": checkpoints.get("best_weights_mb"), "checkpoint": checkpoints.get("best"),
         "mlflow_run_id": (record or {}).get("mlflow", {}).get("run_id"), "record": trial.user_attrs.get("record"),
-        "evaluations": (record or {}).get("evaluations", []), "seed": config.get("train", {}).get("seed"),
+        "evaluations": (record or {}).get("evaluations", []), "seed": (record or {}).get("config", {}).get("train", {}).get("seed"),
     }

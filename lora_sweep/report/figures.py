@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers
+matplotlib.rcParams["svg.hashsalt"] = "lora_sweep"  # stable SVG ids: a regenerated report diffs only where it changed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -17,7 +18,7 @@ def _save(fig, folder: Path, name: str) -> list[Path]:
     paths = [folder / f"{name}.png", folder / f"{name}.svg"]
     fig.tight_layout()
     fig.savefig(paths[0], dpi=130)
-    fig.savefig(paths[1])
+    fig.savefig(paths[1], metadata={"Date": None})  # no timestamp: the same figure gives the same file
     plt.close(fig)
     return paths
 

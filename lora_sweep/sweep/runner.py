@@ -46,7 +46,6 @@ class Phase:
     n_trials: int
     objectives: list[str]
     arguments: list[str] = field(default_factory=list)  # the command line's overrides that apply to this phase
-    retried: list[int] = field(default_factory=list)
 
 
 class SweepRunner:
@@ -167,7 +166,7 @@ class SweepRunner:
                 main.set_user_attr("mlflow_parent_run_id", parent_id)
                 self.parent.log_dict(OmegaConf.to_container(self.config.hydra.sweeper, resolve=True), "sweep.yaml")
         for phase in phases:
-            phase.retried = recover_stale_trials(phase.study)
+            recover_stale_trials(phase.study)
             done = counts(phase.study)
             log.info("study %s (%s): %d of %d trials finished, %d failed; storage %s", phase.study.study_name, phase.role,
                      done["complete"] + done["pruned"], phase.n_trials, done["fail"], spec if "://" not in spec else "(url)")
@@ -310,11 +309,11 @@ class SweepRunner:
 
     def _parent_params(self) -> dict[str, Any]:
         s = self.settings
-        from lora_sweep.sweep.study import _redact
+        from lora_sweep.sweep.study import redact_url
 
         params = {"study_name": s["study_name"], "n_trials": s.get("n_trials"), "sampler": (s.get("sampler") or {}).get("name"),
                   "pruner": (s.get("pruner") or {}).get("name"), "objectives": s.get("objectives"),
-                  "storage": _redact(self.storage_spec), "baseline.n_trials": (s.get("baseline") or {}).get("n_trials", 0),
+                  "storage": redact_url(self.storage_spec), "baseline.n_trials": (s.get("baseline") or {}).get("n_trials", 0),
                   "command": " ".join(["python -m lora_sweep --multirun", *self.arguments])}
         params.update({f"space.{k}": v for k, v in (s.get("params") or {}).items()})
         if s.get("alpha"):

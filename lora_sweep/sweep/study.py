@@ -55,10 +55,10 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
         return optuna.storages.RDBStorage(spec, heartbeat_interval=heartbeat_interval, grace_period=None if heartbeat_interval is None else 3 * heartbeat_interval,
                                           engine_kwargs={"pool_pre_ping": True} if not spec.startswith("sqlite") else None)
     except Exception as err:  # bad dialect, unreachable server, wrong password
-        raise ConfigError("hydra.sweeper.storage", _redact(spec), f"cannot open the study storage: {str(err).splitlines()[0]}") from None
+        raise ConfigError("hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {str(err).splitlines()[0]}") from None
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """A storage URL without its password, for messages."""
     from urllib.parse import urlsplit, urlunsplit
 
