@@ -6,11 +6,18 @@ the tokenizer, and ``lora_sweep.json`` (step, metrics). The *last* checkpoint al
 resume needs: ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` (tensors only, read with
 ``torch.load(weights_only=True)``) and ``trainer_state.json`` (step, epoch, data position, best so far).
 Weights are safetensors only; nothing in a checkpoint folder is ever unpickled.
+
+Integrity: ``lora_sweep.json`` is written last and lists every file with its size and SHA-256, so a
+folder cut short by a kill, or damaged later, is told apart from a good one (:func:`verify`). The last
+checkpoint is rotated: the one before it is kept as ``previous`` until the run ends, so a resume that
+finds ``last`` unusable falls back to ``previous`` instead of starting over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 META_FILE = "lora_sweep.json"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -32,8 +41,11 @@ def is_peft_model(model) -> bool:
 
 
 def save_checkpoint(directory: Path, model, tokenizer, meta: dict[str, Any], *, optimizer=None, scheduler=None,
-                    trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoint into a temp folder, then swap it in: a crash never leaves half a checkpoint."""
+                    trainer_state: dict[str, Any] | None = None, keep_previous: Path | None = None) -> Path:
+    """Write the checkpoint into a temp folder, then swap it in: a crash never leaves half a checkpoint.
+
+    With ``keep_previous``, the checkpoint being replaced moves there instead of being deleted.
+    """
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -46,13 +58,81 @@ def save_checkpoint(directory: Path, model, tokenizer, meta: dict[str, Any], *, 
         torch.save(_torch_rng_state(), tmp / "rng_state.pt")
         state = dict(trainer_state or {}, python_rng=_python_rng_state(), numpy_rng=_numpy_rng_state())
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+    meta = dict(meta, files={f.name: _fingerprint(f) for f in sorted(tmp.iterdir()) if f.is_file()})
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))  # written last: marks it complete
+    _fsync_dir(tmp)
     old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-    if directory.exists():
+    if keep_previous is not None and directory.exists():
+        shutil.rmtree(keep_previous, ignore_errors=True)
+        os.replace(directory, keep_previous)
+    elif directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def verify(directory: Path, *, resumable: bool = False) -> str | None:
+    """Why ``directory`` is not a usable checkpoint, or None when every listed file is there and intact."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return "missing"
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {META_FILE} (written last: the save never finished)"
+    except (OSError, ValueError) as err:
+        return f"{META_FILE} unreadable: {err}"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{META_FILE} lists no files"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} were written"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} is corrupt (checksum mismatch)"
+    if resumable and not all(name in files for name in RESUME_FILES):
+        return "holds no training state"
+    return None
+
+
+def resume_point(checkpoint_dir: Path) -> Path | None:
+    """The newest intact resumable checkpoint (``last``, else ``previous``); warns about each unusable one."""
+    skipped = []
+    for name in ("last", "previous"):
+        candidate = Path(checkpoint_dir) / name
+        problem = verify(candidate, resumable=True)
+        if problem is None:
+            for path, reason in skipped:
+                log.warning("checkpoint %s is unusable (%s); resuming from %s", path, reason, candidate)
+            return candidate
+        if problem != "missing":
+            skipped.append((candidate, problem))
+    for path, reason in skipped:
+        log.warning("checkpoint %s is unusable (%s); no earlier one: the run starts over", path, reason)
+    return None
+
+
+def drop_training_state(checkpoint_dir: Path) -> None:
+    """After a run ends: remove what only a resume needs (the rotated checkpoint, optimizer moments, RNG).
+
+    The kept checkpoints stay verifiable: their manifest is rewritten without the removed files.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    shutil.rmtree(checkpoint_dir / "previous", ignore_errors=True)
+    last = checkpoint_dir / "last"
+    meta = read_meta(last)
+    if meta is None:
+        return
+    for name in RESUME_FILES:
+        (last / name).unlink(missing_ok=True)
+        meta.get("files", {}).pop(name, None)
+    tmp = last / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, last / META_FILE)
 
 
 def restore_weights(model, directory: Path) -> None:
@@ -94,6 +174,27 @@ def load_training_state(directory: Path, optimizer, scheduler) -> dict[str, Any]
 def read_meta(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / META_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush the files' data before the rename makes them "the" checkpoint (a power cut must not swap in
+    empty files)."""
+    for file in directory.iterdir():
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _torch_rng_state() -> dict[str, Any]:

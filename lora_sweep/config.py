@@ -157,6 +157,7 @@ class TrainConfig:
     device: str = "auto"
     max_length: int = 64
     num_workers: int = 0
+    resume: bool = True  # an output folder holding an unfinished run of this config resumes from its last checkpoint
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)

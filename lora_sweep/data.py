@@ -213,14 +213,20 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
 
 
 def make_loader(dataset, collator, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                pin_memory: bool = False, num_workers: int = 0):
-    """Batches in a deterministic order: epoch ``e`` of seed ``s`` always shuffles the same way."""
-    import torch
-    from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+                pin_memory: bool = False, num_workers: int = 0, skip_batches: int = 0):
+    """Batches in a deterministic order: epoch ``e`` of seed ``s`` always shuffles the same way.
 
+    The loader draws nothing from the global RNG (DataLoader would, for its worker seed, unless given a
+    generator), so the dropout masks of a run do not depend on when its loaders were made: what an exact
+    resume needs. ``skip_batches`` starts the epoch that many batches in (a resumed run's data position).
+    """
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    epoch_seed = seed * 100_003 + epoch
     if shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = list(RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed)))
     else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
-                      pin_memory=pin_memory, num_workers=num_workers)
+        order = list(range(len(dataset)))
+    return DataLoader(dataset, batch_size=batch_size, sampler=order[skip_batches * batch_size:], collate_fn=collator,
+                      pin_memory=pin_memory, num_workers=num_workers, generator=torch.Generator().manual_seed(epoch_seed))

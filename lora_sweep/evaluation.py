@@ -24,10 +24,10 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> fl
     return float(np.mean(scores)) if scores else 0.0
 
 
-def progress(total: int, desc: str, leave: bool = True):
+def progress(total: int, desc: str, leave: bool = True, initial: int = 0):
     """A progress bar that redraws smoothly on a terminal and rarely in a log file."""
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, mininterval=0.5 if interactive else 30)
+    return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, mininterval=0.5 if interactive else 30, initial=initial)
 
 
 def autocast(device: torch.device, precision: str):

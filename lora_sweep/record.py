@@ -36,6 +36,7 @@ class RunRecord:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, Any] = field(default_factory=dict)
     mlflow: dict[str, Any] = field(default_factory=dict)
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # one entry per restart: when, from which step
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -53,6 +54,14 @@ class RunRecord:
     def finish(self, status: str, error: str | None = None) -> Path:
         self.status, self.error, self.finished_at = status, error, time.time()
         return self.write()
+
+
+def load_run_record(data: dict[str, Any]) -> RunRecord:
+    """A RunRecord from a record.json's contents (keys this version does not know are ignored)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(RunRecord)}
+    return RunRecord(**{k: v for k, v in data.items() if k in known})
 
 
 def read_record(path: str | Path) -> dict[str, Any]:

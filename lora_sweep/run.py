@@ -15,13 +15,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_sweep.checkpoint import RESUME_FILES, is_peft_model, restore_weights
+from lora_sweep.checkpoint import RESUME_FILES, drop_training_state, is_peft_model, restore_weights, resume_point
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader, prepare_data
+from lora_sweep.errors import ConfigError
 from lora_sweep.evaluation import evaluate
 from lora_sweep.models import (ModelSpec, apply_method, count_parameters, inspect_model, load_base_model, load_tokenizer,
                                pick_device, pick_precision)
-from lora_sweep.record import RunRecord
+from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
 from lora_sweep.targets import resolve_targets
@@ -113,6 +114,28 @@ def derived_params(cfg: RunConfig, prepared: Prepared, device: str, precision: s
     return params
 
 
+FINAL_STATES = ("completed", "pruned")
+
+
+def earlier_attempt(cfg: RunConfig, config_tree: dict) -> dict | None:
+    """The record an earlier, interrupted attempt of this very run left in its output folder, if any.
+
+    A sweep relaunches a killed trial into the same folder; a single run resumes when pointed at its old
+    folder (``hydra.run.dir=...``). A folder holding a *different* config is refused, never overwritten.
+    """
+    path = Path(cfg.output_dir) / RECORD_FILE
+    if not cfg.train.resume or not path.is_file():
+        return None
+    previous = json.loads(path.read_text())
+    mine = {k: v for k, v in config_tree.items() if k != "output_dir"}
+    theirs = {k: v for k, v in previous.get("config", {}).items() if k != "output_dir"}
+    if mine != theirs:
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ConfigError("output_dir", str(cfg.output_dir), f"holds a run of another config (differs in {', '.join(changed)}); "
+                          "pick another folder, or set train.resume=false to overwrite it")
+    return previous
+
+
 def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: EvaluationHook | None = None,
         extra_tags: dict[str, str] | None = None, run_name_prefix: str = "") -> RunRecord:
     """Train one configuration end to end. Raises on failure, after recording it as failed."""
@@ -125,9 +148,19 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
     config_tree = to_dict(cfg)
+    previous = earlier_attempt(cfg, config_tree)
+    if previous is not None and previous.get("status") in FINAL_STATES:
+        log.info("%s already holds a %s run of this config: nothing to do", output_dir, previous["status"])
+        make_tracker(cfg.tracking).close_run(previous.get("mlflow", {}).get("run_id"), previous["status"])
+        return load_run_record(previous)
+    resume_from = resume_point(output_dir / "checkpoints") if previous is not None else None
 
     record = RunRecord(output_dir=str(output_dir), config=config_tree, versions=package_versions(), git=git_info(),
                        device=device_description(device), precision=precision)
+    if previous is not None:
+        record.started_at = previous.get("started_at", record.started_at)
+        record.resumes = [*previous.get("resumes", []), {"at": time.time(), "checkpoint": str(resume_from) if resume_from else None,
+                                                         "previous_status": previous.get("status")}]
     record.data = {"sizes": prepared.data.sizes, "label_names": prepared.data.label_names,
                    "cache": str(prepared.data.cache_path), "from_cache": prepared.data.from_cache}
     record.params = {"target_modules": prepared.targets}
@@ -137,8 +170,11 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
     tags = {"lora_sweep.method": cfg.method.name, "lora_sweep.model": cfg.model.name, "lora_sweep.data": cfg.data.name,
             "lora_sweep.output_dir": str(output_dir.resolve()), "mlflow.source.git.commit": record.git.get("commit") or "unknown",
             **{f"version.{k}": v for k, v in record.versions.items()}, **cfg.tags, **(extra_tags or {})}
-    tracker.start(run_name_prefix + run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags)
+    earlier_run = (previous or {}).get("mlflow", {})
+    tracker.start(run_name_prefix + run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags,
+                  resume_run_id=earlier_run.get("run_id") if earlier_run.get("tracking_uri") == tracker.location else None)
     record.mlflow = {"run_id": tracker.run_id, "tracking_uri": tracker.location}
+    record.write()  # the run id on disk at once: a killed attempt is continued in the same MLflow run
     tracker.log_dict(config_tree, "config.yaml")
     model = None
     try:
@@ -154,8 +190,12 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
         record.params.update(counts, setup_seconds=setup_seconds, setup_reused=prepared.reused and reused_model)
         tracker.log_metrics({**counts, "setup_seconds": setup_seconds}, step=0)
 
+        if resume_from is not None:
+            log.info("resuming from %s", resume_from)
         result = fit(model, prepared.tokenizer, prepared.data, cfg, tracker, device=device, precision=precision,
-                     checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation)
+                     checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation, resume_from=resume_from)
+        if record.resumes:
+            record.resumes[-1]["from_step"] = result.resumed_from_step
 
         test: dict[str, float] = {}
         if cfg.evaluate_test and result.status == "completed":
@@ -167,7 +207,8 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
                                       cfg.train.eval_batch_size, shuffle=False)
             test = evaluate(model, test_loader, device, precision, len(prepared.data.label_names), desc="test (best checkpoint)")
 
-        sizes = {name: directory_size(Path(path)) for name, path in result.checkpoints.items()}
+        # what stays on disk once the run ends (the resume state is dropped then)
+        sizes = {name: directory_size(Path(path), skip=RESUME_FILES) for name, path in result.checkpoints.items()}
         weights = {name: weights_size(Path(path)) for name, path in result.checkpoints.items()}
         record.evaluations = result.evaluations
         record.checkpoints = {**result.checkpoints, "best_step": result.best_step, "size_bytes": sizes,
@@ -186,6 +227,7 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
             # the resume state (optimizer moments, RNG) is only useful next to the run; keep it local
             tracker.log_artifacts(Path(result.checkpoints["last"]), "checkpoints/last", skip=RESUME_FILES)
         record.finish(result.status)
+        drop_training_state(output_dir / "checkpoints")  # finished: only a resume needed it
         tracker.log_dict(record.__dict__, "record.json")
         tracker.end(result.status)
         return record

@@ -74,8 +74,8 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def directory_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def directory_size(path: Path, skip: tuple[str, ...] = ()) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name not in skip)
 
 
 def weights_size(path: Path) -> int:

@@ -8,6 +8,7 @@ in the working directory, so a plain ``mlflow ui`` there shows the run).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from lora_sweep.config import TrackingConfig
 from lora_sweep.errors import ConfigError
 
+log = logging.getLogger(__name__)
 MLFLOW_PARAM_LIMIT = 6000  # characters per param value in MLflow 3
 
 
@@ -24,7 +26,11 @@ class Tracker:
     run_id: str | None = None
     location: str | None = None
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None) -> None:
+        """Open the run; with ``resume_run_id``, continue that run (an interrupted attempt of this one)."""
+
+    def close_run(self, run_id: str | None, status: str) -> None:
+        """End a run an earlier process left open (it finished its work but died before saying so)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
@@ -53,14 +59,37 @@ class MLflowTracker(Tracker):
         self.location = mlflow.get_tracking_uri()
         self._run = None
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None) -> None:
         mlflow = self._mlflow
         _use_experiment(self.cfg, self.location)
         if self.cfg.system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
-        self._run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.cfg.system_metrics)
+        logged: dict[str, str] = {}
+        if resume_run_id:
+            try:
+                logged = dict(mlflow.MlflowClient().get_run(resume_run_id).data.params)
+            except Exception as err:  # deleted, or another store: a new run is better than none
+                log.warning("cannot continue MLflow run %s (%s); starting a new one", resume_run_id, str(err).splitlines()[0])
+                resume_run_id = None
+        if resume_run_id:
+            self._run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=self.cfg.system_metrics)
+            mlflow.set_tags({**tags, "lora_sweep.resumed": "true"})
+        else:
+            self._run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.cfg.system_metrics)
         self.run_id = self._run.info.run_id
-        mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+        # MLflow params are write-once: a resumed run logs only what the first attempt did not
+        mlflow.log_params({key: _param_value(value) for key, value in params.items() if key not in logged})
+
+    def close_run(self, run_id: str | None, status: str) -> None:
+        if not run_id:
+            return
+        client = self._mlflow.MlflowClient()
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "lora_sweep.status", status)
+                client.set_terminated(run_id, status=self._STATUS.get(status, "FINISHED"))
+        except Exception as err:  # noqa: BLE001 - a missing run is nothing to close
+            log.warning("cannot close MLflow run %s: %s", run_id, str(err).splitlines()[0])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

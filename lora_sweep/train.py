@@ -2,10 +2,15 @@
 
 It knows nothing of MLflow (it talks to a :class:`~lora_sweep.tracking.Tracker`) nor of Optuna (a sweep
 passes ``on_evaluation``, which may answer "stop" after any validation pass).
+
+Resume is exact: given the last checkpoint (``resume_from``), the loop restores the weights, optimizer,
+scheduler, every RNG and its position in the data, and goes on as if it had never stopped; on CPU the
+final metrics equal those of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -14,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-from lora_sweep.checkpoint import save_checkpoint
+from lora_sweep.checkpoint import load_training_state, restore_weights, save_checkpoint, verify
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import TrainingDiverged
 from lora_sweep.evaluation import autocast, evaluate, progress
 from lora_sweep.system import MemoryMeter
 from lora_sweep.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 # Called after each validation pass with (step, metrics); returning True stops training (a pruned trial).
 EvaluationHook = Callable[[int, dict[str, float]], bool]
@@ -39,6 +46,7 @@ class FitResult:
     tokens_per_second: float
     memory: dict[str, float]
     checkpoints: dict[str, str] = field(default_factory=dict)
+    resumed_from_step: int | None = None
 
 
 def plan_steps(train_size: int, cfg: RunConfig) -> tuple[int, int]:
@@ -64,7 +72,7 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
 
 
 def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, device: torch.device, precision: str,
-        checkpoint_dir: Path, on_evaluation: EvaluationHook | None = None) -> FitResult:
+        checkpoint_dir: Path, on_evaluation: EvaluationHook | None = None, resume_from: Path | None = None) -> FitResult:
     from transformers import DataCollatorWithPadding
 
     train_cfg, objective = cfg.train, cfg.objective
@@ -81,11 +89,30 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     meta = {"method": cfg.method.name, "base_model": cfg.model.name_or_path, "label_names": data.label_names}
 
     step, best_step, best_metrics, evaluations, status = 0, None, {}, [], "completed"
+    start_epoch, skip_batches, seconds_before = 0, 0, 0.0
+    if resume_from is not None:
+        restore_weights(model, resume_from)
+        state = load_training_state(resume_from, optimizer, scheduler)  # also every RNG, as it was at that step
+        if state["total_steps"] != total_steps:
+            raise RuntimeError(f"checkpoint {resume_from} plans {state['total_steps']} steps, this run {total_steps}: not the same run")
+        step, best_step, best_metrics, evaluations = state["step"], state["best_step"], state["best_metrics"], state["evaluations"]
+        start_epoch, skip_batches, seconds_before = state["epoch"], state["batch_in_epoch"], state.get("train_seconds", 0.0)
+        if skip_batches >= math.ceil(len(data.splits["train"]) / train_cfg.batch_size):
+            start_epoch, skip_batches = start_epoch + 1, 0
+        problem = verify(checkpoint_dir / "best") if best_step is not None else None
+        if problem and best_step == step:  # the weights just restored are the best ones: write them again
+            log.warning("checkpoint %s is unusable (%s); rewritten from %s", checkpoint_dir / "best", problem, resume_from)
+            save_checkpoint(checkpoint_dir / "best", model, tokenizer, dict(meta, step=step, metrics=best_metrics))
+        elif problem:
+            log.warning("checkpoint %s is unusable (%s); the best is chosen again from the evaluations still to come",
+                        checkpoint_dir / "best", problem)
+            best_step, best_metrics = None, {}
+    resumed_from_step = step if resume_from is not None else None
     loss_since_log = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device, dtype=torch.int64)
     steps_since_log, tokens_logged, overhead = 0, 0, 0.0
     started = last_log = time.perf_counter()
-    bar = progress(total_steps, f"{cfg.method.name} training")
+    bar = progress(total_steps, f"{cfg.method.name} training", initial=step)
 
     def is_better(metrics: dict[str, float]) -> bool:
         if best_step is None:
@@ -93,10 +120,17 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
         value, best = metrics[objective.metric], best_metrics[objective.metric]
         return value > best if objective.direction == "maximize" else value < best
 
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    if resume_from is not None and on_evaluation is not None and evaluations and evaluations[-1]["step"] == step:
+        # the kill may have come between this evaluation's checkpoint and the pruner's answer: ask again
+        if on_evaluation(step, {k: v for k, v in evaluations[-1].items() if k != "step"}):
+            status = "pruned"
+    batches_per_epoch = math.ceil(len(data.splits["train"]) / train_cfg.batch_size)
+    epochs = range(start_epoch, math.ceil(total_steps / steps_per_epoch)) if status == "completed" and step < total_steps else ()
+    for epoch in epochs:
+        skip = skip_batches if epoch == start_epoch else 0
         loader = make_loader(data.splits["train"], collator, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                             epoch=epoch, pin_memory=pin, num_workers=train_cfg.num_workers)
-        for batch_index, batch in enumerate(loader):
+                             epoch=epoch, pin_memory=pin, num_workers=train_cfg.num_workers, skip_batches=skip)
+        for batch_index, batch in enumerate(loader, start=skip):
             # forward/backward on one micro-batch; the loss is averaged over the accumulation window
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(device, precision):
@@ -104,7 +138,7 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
             scaler.scale(loss).backward()
             loss_since_log += loss.detach().float()
             tokens += batch["attention_mask"].sum()
-            end_of_epoch = batch_index + 1 == len(loader)
+            end_of_epoch = batch_index + 1 == batches_per_epoch
             if (batch_index + 1) % train_cfg.grad_accum and not end_of_epoch:
                 continue
 
@@ -131,7 +165,7 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
                 meter.sample()
                 tracker.log_metrics({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                                      "step_time_s": elapsed / steps_since_log,
-                                     "tokens_per_s": (token_count - tokens_logged) / elapsed, "epoch": epoch + batch_index / len(loader)}, step)
+                                     "tokens_per_s": (token_count - tokens_logged) / elapsed, "epoch": epoch + batch_index / batches_per_epoch}, step)
                 bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
                 loss_since_log.zero_()
                 steps_since_log, tokens_logged, last_log = 0, token_count, time.perf_counter()
@@ -146,9 +180,11 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
                     best_step, best_metrics = step, metrics
                     save_checkpoint(checkpoint_dir / "best", model, tokenizer, dict(meta, step=step, metrics=metrics))
                 trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_index + 1, "total_steps": total_steps,
-                                 "best_step": best_step, "best_metrics": best_metrics, "evaluations": evaluations}
+                                 "best_step": best_step, "best_metrics": best_metrics, "evaluations": evaluations,
+                                 "train_seconds": seconds_before + pause - started - overhead}
                 save_checkpoint(checkpoint_dir / "last", model, tokenizer, dict(meta, step=step, metrics=metrics),
-                                optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state)
+                                optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
+                                keep_previous=checkpoint_dir / "previous")
                 stop = on_evaluation is not None and on_evaluation(step, metrics)
                 overhead += time.perf_counter() - pause
                 last_log += time.perf_counter() - pause  # keep eval time out of the step-time figures
@@ -161,7 +197,8 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
             break
     bar.close()
 
-    train_seconds = time.perf_counter() - started - overhead
+    train_seconds = seconds_before + time.perf_counter() - started - overhead
+    steps_here = step - (resumed_from_step or 0)
     return FitResult(
         status=status,
         steps=step,
@@ -170,8 +207,9 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
         best_metrics=best_metrics,
         evaluations=evaluations,
         train_seconds=train_seconds,
-        seconds_per_step=train_seconds / max(step, 1),
-        tokens_per_second=int(tokens.item()) / max(train_seconds, 1e-9),
+        seconds_per_step=(train_seconds - seconds_before) / max(steps_here, 1),
+        tokens_per_second=int(tokens.item()) / max(train_seconds - seconds_before, 1e-9),
         memory=meter.figures(),
         checkpoints={"best": str(checkpoint_dir / "best"), "last": str(checkpoint_dir / "last")},
+        resumed_from_step=resumed_from_step,
     )

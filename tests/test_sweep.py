@@ -151,15 +151,19 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
     rows = json.loads((tmp_path / "reports" / "resume" / "report.json").read_text())["trials"]
     assert [r["state"] for r in rows if r["trial"] == stale.number] == ["running"]
 
+    stale_record = json.loads((Path(stale.user_attrs["output_dir"]) / "record.json").read_text())
+
     run_sweep(tmp_path, "resume", tiny)
     trials = load(tmp_path, "resume").get_trials()
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 3
-    killed = trials[stale.number]
-    assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == "its worker process died"
-    retry = next(t for t in trials if t.user_attrs.get("retry_of") == stale.number)
-    assert retry.params == killed.params and retry.state == TrialState.COMPLETE  # the same parameters, run again
-    assert trials[0].number == 0 and sum(t.params == trials[0].params and t.state == TrialState.COMPLETE for t in trials) >= 1
+    assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    killed = trials[stale.number]  # the same trial finished, not a failed one plus a retry
+    assert killed.state == TrialState.COMPLETE and killed.user_attrs["interruptions"] == ["its worker process died"]
+    assert killed.params == stale.params and killed.user_attrs["mlflow_run_id"] == stale_record["mlflow"]["run_id"]
+    record = json.loads((Path(stale.user_attrs["output_dir"]) / "record.json").read_text())
+    assert record["status"] == "completed" and len(record["resumes"]) == 1
+    runs = client(tmp_path).search_runs(["1"], filter_string=f"tags.`optuna.trial_number` = '{stale.number}'")
+    assert [r.info.run_id for r in runs] == [stale_record["mlflow"]["run_id"]]  # continued, not a second run
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["lora_sweep.resumed"] == "true"
     assert len(parents(tmp_path, "resume")) == 1  # the parent run was reused, not duplicated
     (parent,) = parents(tmp_path, "resume")
     assert parent.info.status == "FINISHED"

@@ -62,6 +62,7 @@ class LoraOptunaSweeperConf:
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
     baseline: BaselineConf = field(default_factory=BaselineConf)
     max_failure_rate: float = 0.5  # abort once more than this share of n_trials has failed
+    keep_checkpoints: Optional[int] = None  # keep the checkpoints of the k best trials (+ the report's pick); None: all
     heartbeat_interval: Optional[int] = 60  # RDB storages: seconds between a running trial's heartbeats
     report: ReportConf = field(default_factory=ReportConf)
 

@@ -74,7 +74,9 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
         except LoraSweepError as err:
             extra["forgetting_note"] = f"not measured: {err}"
     if reference:
-        similarity = ck.representation_similarity(records, reference)
+        # trials whose checkpoints keep_checkpoints deleted have no weights left to measure
+        kept = {key: record for key, record in records.items() if not record.get("checkpoints", {}).get("deleted")}
+        similarity = ck.representation_similarity(kept, reference)
         extra["forgetting"] = {"reference_texts": len(reference), "cosine_similarity_to_base": similarity}
         roles = {key: "baseline" if key.startswith("full") else "search" for key in similarity}
         figures["forgetting: drift from the base model on out-of-task text"] = fig.forgetting(similarity, roles, out_dir)[0]

@@ -25,8 +25,7 @@ from optuna.trial import TrialState
 from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
 from lora_sweep.sweep.space import SearchSpace, format_value
-from lora_sweep.sweep.study import FINISHED, counts, make_pruner, make_sampler, open_storage, recover_stale_trials, storage_spec
-from lora_sweep.sweep.study import fail_and_retry, retried_numbers, worker_identity
+from lora_sweep.sweep.study import counts, make_pruner, make_sampler, open_storage, requeue, requeue_stale_trials, storage_spec, worker_identity
 from lora_sweep.tracking import SweepRun
 
 log = logging.getLogger(__name__)
@@ -145,6 +144,9 @@ class SweepRunner:
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         settings = self.settings
+        keep = settings.get("keep_checkpoints")
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise ConfigError("hydra.sweeper.keep_checkpoints", keep, "must be an integer >= 1, or null to keep every checkpoint")
         spec = storage_spec(settings.get("storage"), self.sweep_dir)
         storage = open_storage(spec, settings.get("heartbeat_interval"))
         study_name = settings["study_name"]
@@ -157,6 +159,7 @@ class SweepRunner:
                 phases.append(self._phase("baseline", storage, f"{study_name}-baseline", baseline,
                                           list(baseline.get("overrides") or ["method=full"]), ["objective"]))
             phases.append(self._phase("search", storage, study_name, settings, [], list(settings.get("objectives") or ["objective"])))
+            self.phases = phases
             main = phases[-1].study
             tracking = self._tracking_config()
             self.parent = SweepRun(tracking)
@@ -166,7 +169,7 @@ class SweepRunner:
                 main.set_user_attr("mlflow_parent_run_id", parent_id)
                 self.parent.log_dict(OmegaConf.to_container(self.config.hydra.sweeper, resolve=True), "sweep.yaml")
         for phase in phases:
-            recover_stale_trials(phase.study)
+            requeue_stale_trials(phase.study)
             done = counts(phase.study)
             log.info("study %s (%s): %d of %d trials finished, %d failed; storage %s", phase.study.study_name, phase.role,
                      done["complete"] + done["pruned"], phase.n_trials, done["fail"], spec if "://" not in spec else "(url)")
@@ -207,7 +210,7 @@ class SweepRunner:
                 state = counts(phase.study)
                 finished = state["complete"] + state["pruned"]
                 limit = float(self.settings.get("max_failure_rate", 0.5)) * max(phase.n_trials, 1)
-                if state["fail"] - len(retried_numbers(phase.study)) > limit:
+                if state["fail"] > limit:
                     raise SweepAborted(f"hydra.sweeper.max_failure_rate={self.settings.get('max_failure_rate')}: {state['fail']} trials "
                                        f"of {phase.study.study_name} failed; last reason: {self._last_failure(phase.study)}")
                 if finished + state["running"] >= phase.n_trials:
@@ -218,6 +221,10 @@ class SweepRunner:
             self._launch(phase, trial, values, device)
 
     def _launch(self, phase: Phase, trial: optuna.Trial, values: dict[str, Any], device: str | None) -> None:
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        if is_heartbeat_enabled(phase.study._storage):  # a requeued trial's old heartbeat must not read as stale
+            phase.study._storage.record_heartbeat(trial._trial_id)
         subdir = f"{phase.role}-{trial.number:03d}"
         overrides = [*phase.arguments, *phase.overrides, *phase.space.overrides(values),
                      f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
@@ -225,13 +232,14 @@ class SweepRunner:
                      f"sweep.parent_run_id={format_value(self.parent.run_id)}", "evaluate_test=false", f"hydra.sweep.subdir={subdir}"]
         if device:
             overrides.append(f"train.device={device}")
-        trial.set_user_attr("output_dir", str(self.sweep_dir / subdir))
-        log.info("trial %s-%d: %s", phase.role, trial.number, " ".join(phase.space.overrides(values)) or "(defaults)")
+        trial.set_user_attr("output_dir", str((self.sweep_dir / subdir).resolve()))
+        interrupted = phase.study._storage.get_trial(trial._trial_id).user_attrs.get("interruptions")
+        log.info("trial %s-%d%s: %s", phase.role, trial.number, f" resumes ({interrupted[-1]})" if interrupted else "",
+                 " ".join(phase.space.overrides(values)) or "(defaults)")
         try:
             (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
-        except BaseException:  # Ctrl-C or a launcher crash: the trial is run again on resume
-            if phase.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                fail_and_retry(phase.study, trial._trial_id, trial.number, trial.params, "interrupted")
+        except BaseException:  # Ctrl-C or a launcher crash: the same trial resumes when the sweep is rerun
+            requeue(phase.study, trial._trial_id, "interrupted")
             raise
         self._tell(phase, trial, result)
 
@@ -258,6 +266,21 @@ class SweepRunner:
             log.warning("trial %s-%d failed: %s (the sweep goes on)", phase.role, trial.number, reason)
         run_id = (record or {}).get("mlflow", {}).get("run_id")
         self.parent.set_tags({"optuna.state": state}, run_id=run_id)
+        if self.settings.get("keep_checkpoints") is not None:
+            self._retain()
+
+    def _retain(self) -> None:
+        """Delete the checkpoints no report can want any more (see :mod:`lora_sweep.sweep.retention`)."""
+        from lora_sweep.sweep import retention
+
+        keep = int(self.settings["keep_checkpoints"])
+        search, baseline = self.phases[-1].study, self.phases[0].study if len(self.phases) > 1 else None
+        report = dict(self.settings.get("report") or {})
+        chosen = retention.report_choice(search, baseline, OmegaConf.select(self.config, "objective.metric"), self._direction("objective"),
+                                         float(report.get("tolerance", 0.005)), Path(report.get("dir", "reports")) / self.settings["study_name"])
+        retention.enforce(search, keep, retention.top_trials(search, keep) | chosen)
+        if baseline is not None:
+            retention.enforce(baseline, keep, retention.top_trials(baseline, keep))
 
     # --- the end ----------------------------------------------------------------------------------
     def _finish(self, phases: list[Phase]) -> None:

@@ -5,6 +5,9 @@ It survives the process, several worker processes on one machine share it safely
 it needs no database server, and it costs ~6 ms per trial against ~87 ms for SQLite. Any Optuna storage
 URL (``sqlite:///…``, ``postgresql://…``) can be given instead: PostgreSQL for workers on several
 machines; RDB storages also get Optuna's heartbeat, so a dead worker's trial is noticed from anywhere.
+
+A trial whose worker died is not failed and re-run under a new number: it goes back to the queue and
+resumes, as the same trial, from its last checkpoint (:func:`requeue_stale_trials`).
 """
 
 from __future__ import annotations
@@ -123,42 +126,41 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def retried_numbers(study: optuna.Study) -> set[int]:
-    """Trials whose parameters were queued again (their worker died or was interrupted)."""
-    return {t.user_attrs["retry_of"] for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}
+def requeue(study: optuna.Study, trial_id: int, reason: str) -> bool:
+    """Put an unfinished trial back in the queue: the next ``ask()`` of any worker, here or on another
+    machine, pops this same trial (number, parameters, output folder, MLflow run) and it resumes from its
+    last checkpoint. Popping is atomic in every Optuna storage, so two workers never both take it."""
+    storage = study._storage
+    try:
+        if storage.get_trial(trial_id).state != TrialState.RUNNING:
+            return False
+        storage.set_trial_state_values(trial_id, TrialState.WAITING)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker finished it meanwhile
+        return False
+    interruptions = storage.get_trial(trial_id).user_attrs.get("interruptions", [])
+    storage.set_trial_user_attr(trial_id, "interruptions", [*interruptions, reason])
+    return True
 
 
-def fail_and_retry(study: optuna.Study, trial_id: int, number: int, params: dict[str, Any], reason: str) -> None:
-    """Mark a trial that never finished as failed and queue its parameters to run again."""
-    study._storage.set_trial_user_attr(trial_id, "fail_reason", reason)  # Optuna freezes a trial once finished
-    study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    study.enqueue_trial(params, user_attrs={"retry_of": number})
+def requeue_stale_trials(study: optuna.Study) -> list[int]:
+    """Requeue RUNNING trials whose worker is gone; return their numbers.
 
-
-def recover_stale_trials(study: optuna.Study) -> list[int]:
-    """Fail and re-enqueue RUNNING trials whose worker is gone; return their numbers.
-
-    On this machine a dead worker is seen at once (its pid no longer exists). RDB storages also fail
-    trials whose heartbeat stopped, from any machine (Optuna's heartbeat). A trial of a live worker, or of
+    On this machine a dead worker is seen at once (its pid no longer exists). RDB storages also see a
+    trial whose heartbeat stopped, from any machine (Optuna's heartbeat). A trial of a live worker, or of
     another machine without heartbeat, is left alone.
     """
-    from optuna.storages import fail_stale_trials
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
-    recovered = []
-    if is_heartbeat_enabled(study._storage):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-        fail_stale_trials(study)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if trial.number not in before:
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-                recovered.append(trial.number)
+    storage = study._storage
+    stale: dict[int, str] = {}
+    if is_heartbeat_enabled(storage):
+        stale.update({trial_id: "its heartbeat stopped" for trial_id in storage._get_stale_trial_ids(study._study_id)})
     me = worker_identity()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker") or {}
         if worker.get("host") == me["host"] and not _alive(int(worker.get("pid", -1))):
-            fail_and_retry(study, trial._trial_id, trial.number, trial.params, "its worker process died")
-            recovered.append(trial.number)
-    if recovered:
-        log.warning("trials %s were left running by a dead worker: marked failed, their parameters run again", recovered)
-    return recovered
+            stale[trial._trial_id] = "its worker process died"
+    numbers = [storage.get_trial(trial_id).number for trial_id, reason in stale.items() if requeue(study, trial_id, reason)]
+    if numbers:
+        log.warning("trials %s were left running by a dead worker: they resume from their last checkpoint", sorted(numbers))
+    return sorted(numbers)

@@ -35,7 +35,8 @@ class TrialBridge:
     def on_evaluation(self, step: int, metrics: dict[str, float]) -> bool:
         if not self.can_prune:
             return False
-        self.trial.report(metrics[self.cfg.objective.metric], step)
+        if step not in self.study._storage.get_trial(self.trial._trial_id).intermediate_values:  # a resumed trial
+            self.trial.report(metrics[self.cfg.objective.metric], step)
         if self.trial.should_prune():
             log.info("trial %d pruned at step %d (%s %.4f)", self.trial.number, step, self.cfg.objective.metric,
                      metrics[self.cfg.objective.metric])
