@@ -133,3 +133,16 @@ def postgres():
 
     with postgres_server() as urls:
         yield urls
+
+
+@pytest.fixture
+def fresh_database(postgres):
+    """``fresh_database(name)``: the URL of a new, empty database on the session's PostgreSQL server."""
+    import psycopg
+
+    def create(name: str) -> str:
+        with psycopg.connect(postgres["optuna"], autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return postgres["optuna"].rsplit("/", 1)[0] + f"/{name}"
+
+    return create

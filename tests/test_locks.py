@@ -78,6 +78,30 @@ def test_postgres_workers_start_exactly_n_trials(postgres):
     check_exact(*run_workers(postgres["optuna"]))
 
 
+def _open(url: str, start_at: float, out) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        optuna.create_study(study_name="opened", storage=open_storage(url), load_if_exists=True)
+        out.put("ok")
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        out.put(str(err))
+
+
+def test_workers_opening_an_empty_postgres_database_together_create_it_once(fresh_database):
+    """Without the schema lock, 3 of 4 such workers failed: duplicate key ... "pg_type_typname_nsp_index"."""
+    url = fresh_database("opened_together")
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    start_at = time.time() + 8
+    processes = [context.Process(target=_open, args=(url, start_at, out)) for _ in range(WORKERS)]
+    for process in processes:
+        process.start()
+    results = [out.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    assert results == ["ok"] * WORKERS
+
+
 def test_postgres_lock_excludes_another_connection(postgres):
     """While one worker holds the advisory lock, another connection cannot take it; after, it can."""
     from sqlalchemy import create_engine, text

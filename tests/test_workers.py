@@ -85,19 +85,6 @@ def test_two_terminals_share_the_default_journal_and_mlflow_sqlite(tmp_path, tin
     assert sorted((r["trial"], r["state"]) for r in rows if r.get("method") != "full") == [(n, "complete") for n in range(4)]
 
 
-@pytest.fixture
-def fresh_database(postgres):
-    """A database of its own on the session's PostgreSQL server, so a test starts from an empty one."""
-    import psycopg
-
-    def create(name: str) -> str:
-        with psycopg.connect(postgres["optuna"], autocommit=True) as connection:
-            connection.execute(f"CREATE DATABASE {name}")
-        return postgres["optuna"].rsplit("/", 1)[0] + f"/{name}"
-
-    return create
-
-
 @pytest.mark.slow
 def test_two_workers_on_postgres_and_an_mlflow_server(tmp_path, tiny, fresh_database):
     storage, tracking = fresh_database("duo_optuna"), fresh_database("duo_mlflow")

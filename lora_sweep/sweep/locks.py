@@ -30,6 +30,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from lora_sweep.sweep.study import JOURNAL_PREFIX
@@ -109,7 +110,7 @@ def closes_the_sweep(studies: list, spec: str, me: dict) -> bool:
     main = studies[-1]
     with study_lock(main._storage, spec, f"{main.study_name}/finish"):
         trials = [t for study in studies for t in study.get_trials(deepcopy=False)]
-        if any(t.state.name == "RUNNING" for t in trials):
+        if any(t.state == TrialState.RUNNING for t in trials):
             return False  # another worker is still training: it closes the sweep when it is done
         if not any(t.user_attrs.get("sweeper") == me for t in trials):
             return True  # this process ran nothing (a rerun of a finished sweep): it closes the sweep again
