@@ -7,7 +7,6 @@ import multiprocessing
 import time
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from lora_sweep.sweep.locks import advisory_key, lock_file, study_lock

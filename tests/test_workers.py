@@ -6,7 +6,6 @@ an `mlflow server` process holding the runs. Plus the storage URLs that cannot w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -24,10 +23,10 @@ SEARCH = {"n_trials": 4, "sampler": {"name": "random", "seed": 0}, "pruner": {"n
           "baseline": {"n_trials": 1, "params": {"train.lr": "tag(log, interval(1e-4, 1e-3))"}}}
 
 
-def start_workers(root: Path, name: str, tiny: list[str], *extra: str, count: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
+def start_workers(root: Path, name: str, tiny: list[str], *extra: str, count: int = 2) -> list[subprocess.Popen]:
     """`count` terminals running the same command at the same moment."""
     command = sweep_command(root, name, tiny, *extra)
-    return [subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return [subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(count)]
 
 
