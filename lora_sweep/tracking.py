@@ -15,6 +15,7 @@ from typing import Any
 
 from lora_sweep.config import TrackingConfig
 from lora_sweep.errors import ConfigError
+from lora_sweep.redact import redact_tree, redact_url
 
 log = logging.getLogger(__name__)
 MLFLOW_PARAM_LIMIT = 6000  # characters per param value in MLflow 3
@@ -106,7 +107,7 @@ class MLflowTracker(Tracker):
                 self._mlflow.log_artifact(str(file), artifact_path if relative == "." else f"{artifact_path}/{relative}")
 
     def log_dict(self, data: dict, filename: str) -> None:
-        self._mlflow.log_dict(json.loads(json.dumps(data, default=str)), filename)  # .json or .yaml by name
+        self._mlflow.log_dict(redact_tree(json.loads(json.dumps(data, default=str))), filename)  # .json or .yaml by name
 
     def end(self, status: str) -> None:
         if self._run is not None:
@@ -122,7 +123,7 @@ def _use_experiment(cfg: TrackingConfig, location: str | None):
     try:
         experiment = mlflow.set_experiment(cfg.experiment)
     except Exception as err:  # unwritable folder, bad URI scheme, unreachable server
-        raise ConfigError("tracking.tracking_uri", location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
+        raise ConfigError("tracking.tracking_uri", redact_url(str(location)), f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
     if "mlflow.experimentKind" not in experiment.tags:
         # MLflow 3's UI opens untyped experiments in its GenAI view; ours is model training
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
@@ -130,6 +131,7 @@ def _use_experiment(cfg: TrackingConfig, location: str | None):
 
 
 def _param_value(value: Any) -> str:
+    value = redact_tree(value)  # a storage or tracking URL's password never reaches the tracking server
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text if len(text) <= MLFLOW_PARAM_LIMIT else text[: MLFLOW_PARAM_LIMIT - 3] + "..."
 
@@ -176,7 +178,7 @@ class SweepRun:
 
     def log_dict(self, data: dict, filename: str) -> None:
         if self._client is not None and self.run_id:
-            self._client.log_dict(self.run_id, json.loads(json.dumps(data, default=str)), filename)
+            self._client.log_dict(self.run_id, redact_tree(json.loads(json.dumps(data, default=str))), filename)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         """The files directly in ``local_dir`` (not its sub-folders: exported models stay where they are)."""

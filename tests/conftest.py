@@ -122,3 +122,27 @@ def tiny(tiny_overrides):
     """Sweep trials on the tiny BERT: two epochs of 21 steps, validation every 7 (reports for the pruner)."""
     return [o for o in tiny_overrides if not o.startswith(("train.epochs", "train.eval_every"))] + [
         "train.epochs=2", "train.eval_every=7", "method.targets=all_linear"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's binaries): URLs of databases ``optuna`` and
+    ``mlflow`` owned by a password user. Skipped where PostgreSQL is not installed, unless
+    LORA_SWEEP_REQUIRE_POSTGRES=1 (CI), where that is a failure."""
+    from tests.servers import postgres_server
+
+    with postgres_server() as urls:
+        yield urls
+
+
+@pytest.fixture
+def fresh_database(postgres):
+    """``fresh_database(name)``: the URL of a new, empty database on the session's PostgreSQL server."""
+    import psycopg
+
+    def create(name: str) -> str:
+        with psycopg.connect(postgres["optuna"], autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return postgres["optuna"].rsplit("/", 1)[0] + f"/{name}"
+
+    return create

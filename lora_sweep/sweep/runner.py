@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
+from lora_sweep.sweep.locks import closes_the_sweep, study_lock
 from lora_sweep.sweep.space import SearchSpace, format_value
 from lora_sweep.sweep.study import counts, make_pruner, make_sampler, open_storage, requeue, requeue_stale_trials, storage_spec, worker_identity
 from lora_sweep.tracking import SweepRun
@@ -153,7 +154,8 @@ class SweepRunner:
         baseline = dict(settings.get("baseline") or {})
         self.storage_spec = spec
 
-        with FileLock(str(self.sweep_dir / ".setup.lock")):  # one creator of the study and its parent run
+        # one creator of the study and its parent run (the study lock reaches workers on other machines)
+        with FileLock(str(self.sweep_dir / ".setup.lock")), study_lock(storage, spec, f"{study_name}/setup"):
             phases = []
             if int(baseline.get("n_trials", 0)) > 0:
                 phases.append(self._phase("baseline", storage, f"{study_name}-baseline", baseline,
@@ -206,7 +208,8 @@ class SweepRunner:
     def _worker(self, phase: Phase, index: int) -> None:
         device = self._device_for(index)
         while True:
-            with self._lock:
+            # threads of this process, then every other worker of the study: count and ask as one step
+            with self._lock, study_lock(phase.study._storage, self.storage_spec, phase.study.study_name):
                 state = counts(phase.study)
                 finished = state["complete"] + state["pruned"]
                 limit = float(self.settings.get("max_failure_rate", 0.5)) * max(phase.n_trials, 1)
@@ -217,6 +220,7 @@ class SweepRunner:
                     return
                 trial = phase.study.ask()
                 trial.set_user_attr("worker", worker_identity())
+                trial.set_user_attr("sweeper", worker_identity())  # "worker" becomes the training process's (joblib)
                 values = phase.space.sample(trial, {k: OmegaConf.select(self.config, k) for k in _condition_keys(phase.space)})
             self._launch(phase, trial, values, device)
 
@@ -289,6 +293,9 @@ class SweepRunner:
         summary = summarize(phases, self.parent)
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print_summary(phases, self.parent, OmegaConf.select(self.config, "objective.metric"))
+        if not closes_the_sweep([phase.study for phase in phases], self.storage_spec, worker_identity()):
+            log.info("other workers of this study are still at work: the last one out writes the report and closes the parent run")
+            return
         report = dict(self.settings.get("report") or {})
         if report.get("enabled", True):
             self._report(report)

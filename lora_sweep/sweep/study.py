@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lora_sweep.errors import ConfigError
+from lora_sweep.redact import redact_text, redact_url  # noqa: F401 - redact_url is used through this module too
 
 log = logging.getLogger(__name__)
 # TPE's group/constant_liar options are "experimental" in Optuna 5 but stable in practice; the warnings
@@ -34,6 +35,7 @@ SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 JOURNAL_PREFIX = "journal:"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CONNECT_TIMEOUT = 10  # seconds to reach a database server
 
 
 def storage_spec(storage: str | None, sweep_dir: Path) -> str:
@@ -52,24 +54,20 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
         path = Path(spec[len(JOURNAL_PREFIX):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    from lora_sweep.sweep.locks import schema_lock
+
     if "://" not in spec:
-        raise ConfigError("hydra.sweeper.storage", spec, "not a storage URL (sqlite:///path.db, postgresql://user@host/db) nor journal:<file>")
+        raise ConfigError("hydra.sweeper.storage", redact_url(spec), "not a storage URL (sqlite:///path.db, postgresql://user@host/db) nor journal:<file>")
+    engine_kwargs = None
+    if not spec.startswith("sqlite"):  # a dead server fails in seconds, not after the OS's TCP timeout
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT} if spec.startswith("postgres") else {}}
     try:
-        return optuna.storages.RDBStorage(spec, heartbeat_interval=heartbeat_interval, grace_period=None if heartbeat_interval is None else 3 * heartbeat_interval,
-                                          engine_kwargs={"pool_pre_ping": True} if not spec.startswith("sqlite") else None)
-    except Exception as err:  # bad dialect, unreachable server, wrong password
-        raise ConfigError("hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {str(err).splitlines()[0]}") from None
-
-
-def redact_url(url: str) -> str:
-    """A storage URL without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        with schema_lock(spec, CONNECT_TIMEOUT):  # workers starting together on an empty database create its tables once
+            return optuna.storages.RDBStorage(spec, heartbeat_interval=heartbeat_interval, engine_kwargs=engine_kwargs,
+                                              grace_period=None if heartbeat_interval is None else 3 * heartbeat_interval)
+    except Exception as err:  # malformed URL, unknown dialect, unreachable server, wrong password
+        problem = redact_text(str(err).splitlines()[0] if str(err) else type(err).__name__, spec)
+        raise ConfigError("hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {problem}") from None
 
 
 def make_sampler(cfg: dict[str, Any], grid: dict[str, list] | None, multi_objective: bool) -> optuna.samplers.BaseSampler:
