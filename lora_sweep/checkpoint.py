@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_sweep.weights import require_safetensors
+
 META_FILE = "lora_sweep.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt", TRAINER_STATE_FILE)
@@ -57,7 +59,7 @@ def save_checkpoint(directory: Path, model, tokenizer, meta: dict[str, Any], *, 
 
 def restore_weights(model, directory: Path) -> None:
     """Load a checkpoint's trained weights into ``model`` (same method and architecture) in place."""
-    directory = Path(directory)
+    directory = require_safetensors(directory)  # PEFT would fall back to unpickling adapter_model.bin
     if is_peft_model(model):
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights

@@ -21,6 +21,7 @@ from lora_sweep.data import TaskData, make_loader, prepare_data
 from lora_sweep.evaluation import evaluate
 from lora_sweep.models import (ModelSpec, apply_method, count_parameters, inspect_model, load_base_model, load_tokenizer,
                                pick_device, pick_precision)
+from lora_sweep.oom import guard_memory
 from lora_sweep.record import RunRecord
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
@@ -133,11 +134,15 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
     record.params = {"target_modules": prepared.targets}
     record.write()
 
-    tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
     tags = {"lora_sweep.method": cfg.method.name, "lora_sweep.model": cfg.model.name, "lora_sweep.data": cfg.data.name,
             "lora_sweep.output_dir": str(output_dir.resolve()), "mlflow.source.git.commit": record.git.get("commit") or "unknown",
             **{f"version.{k}": v for k, v in record.versions.items()}, **cfg.tags, **(extra_tags or {})}
-    tracker.start(run_name_prefix + run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags)
+    try:
+        tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
+        tracker.start(run_name_prefix + run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags)
+    except BaseException as err:  # an unusable tracking store: the record must not stay "running"
+        record.finish("failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        raise
     record.mlflow = {"run_id": tracker.run_id, "tracking_uri": tracker.location}
     tracker.log_dict(config_tree, "config.yaml")
     model = None
@@ -154,8 +159,8 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
         record.params.update(counts, setup_seconds=setup_seconds, setup_reused=prepared.reused and reused_model)
         tracker.log_metrics({**counts, "setup_seconds": setup_seconds}, step=0)
 
-        result = fit(model, prepared.tokenizer, prepared.data, cfg, tracker, device=device, precision=precision,
-                     checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation)
+        result = guard_memory(cfg, device, lambda: fit(model, prepared.tokenizer, prepared.data, cfg, tracker, device=device, precision=precision,
+                                                       checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation), model)
 
         test: dict[str, float] = {}
         if cfg.evaluate_test and result.status == "completed":

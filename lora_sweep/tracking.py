@@ -14,6 +14,7 @@ from typing import Any
 
 from lora_sweep.config import TrackingConfig
 from lora_sweep.errors import ConfigError
+from lora_sweep.secrets import redact
 
 MLFLOW_PARAM_LIMIT = 6000  # characters per param value in MLflow 3
 
@@ -58,9 +59,13 @@ class MLflowTracker(Tracker):
         _use_experiment(self.cfg, self.location)
         if self.cfg.system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
-        self._run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.cfg.system_metrics)
+        self._run = mlflow.start_run(run_name=redact(run_name), tags=redact(tags), log_system_metrics=self.cfg.system_metrics)
         self.run_id = self._run.info.run_id
-        mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+        try:
+            mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+        except BaseException:  # never leave a half-made run RUNNING
+            self.end("failed")
+            raise
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -68,7 +73,7 @@ class MLflowTracker(Tracker):
             self._mlflow.log_metrics(finite, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._mlflow.set_tags(redact({k: str(v) for k, v in tags.items()}))
 
     def log_artifacts(self, local_dir: Path, artifact_path: str, skip: tuple[str, ...] = ()) -> None:
         for file in sorted(Path(local_dir).rglob("*")):
@@ -77,7 +82,7 @@ class MLflowTracker(Tracker):
                 self._mlflow.log_artifact(str(file), artifact_path if relative == "." else f"{artifact_path}/{relative}")
 
     def log_dict(self, data: dict, filename: str) -> None:
-        self._mlflow.log_dict(json.loads(json.dumps(data, default=str)), filename)  # .json or .yaml by name
+        self._mlflow.log_dict(redact(json.loads(json.dumps(data, default=str))), filename)  # .json or .yaml by name
 
     def end(self, status: str) -> None:
         if self._run is not None:
@@ -101,7 +106,7 @@ def _use_experiment(cfg: TrackingConfig, location: str | None):
 
 
 def _param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    text = redact(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
     return text if len(text) <= MLFLOW_PARAM_LIMIT else text[: MLFLOW_PARAM_LIMIT - 3] + "..."
 
 
@@ -138,7 +143,7 @@ class SweepRun:
             self.run_id = existing_run_id
             return existing_run_id
         experiment = _use_experiment(self.cfg, self.location)
-        run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
+        run = client.create_run(experiment.experiment_id, run_name=redact(name), tags=redact(tags))
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -147,7 +152,7 @@ class SweepRun:
 
     def log_dict(self, data: dict, filename: str) -> None:
         if self._client is not None and self.run_id:
-            self._client.log_dict(self.run_id, json.loads(json.dumps(data, default=str)), filename)
+            self._client.log_dict(self.run_id, redact(json.loads(json.dumps(data, default=str))), filename)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         """The files directly in ``local_dir`` (not its sub-folders: exported models stay where they are)."""
@@ -166,7 +171,7 @@ class SweepRun:
         target = run_id or self.run_id
         if self._client is not None and target:
             for key, value in tags.items():
-                self._client.set_tag(target, key, str(value))
+                self._client.set_tag(target, redact(key), redact(str(value)))
 
     def finish(self, status: str) -> None:
         if self._client is not None and self.run_id:

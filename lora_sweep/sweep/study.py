@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lora_sweep.errors import ConfigError
+from lora_sweep.secrets import redact_url
 
 log = logging.getLogger(__name__)
 # TPE's group/constant_liar options are "experimental" in Optuna 5 but stable in practice; the warnings
@@ -56,17 +57,6 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
                                           engine_kwargs={"pool_pre_ping": True} if not spec.startswith("sqlite") else None)
     except Exception as err:  # bad dialect, unreachable server, wrong password
         raise ConfigError("hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {str(err).splitlines()[0]}") from None
-
-
-def redact_url(url: str) -> str:
-    """A storage URL without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def make_sampler(cfg: dict[str, Any], grid: dict[str, list] | None, multi_objective: bool) -> optuna.samplers.BaseSampler:
