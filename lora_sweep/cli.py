@@ -83,8 +83,12 @@ def main(cfg: DictConfig) -> float:
     except LoraSweepError as err:
         if not single_run:
             raise  # a sweep records the trial as failed and goes on
+        from tqdm import tqdm
+
         from lora_sweep.secrets import redact
 
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open by the failure: end its line first
+            bar.close()
         print(f"error: {redact(str(err))}", file=sys.stderr)
         sys.exit(2)
     print(summary(record))

@@ -132,7 +132,10 @@ class SweepRun:
             if cfg.tracking_uri:
                 mlflow.set_tracking_uri(cfg.tracking_uri)
             self.location = mlflow.get_tracking_uri()
-            self._client = mlflow.MlflowClient()
+            try:
+                self._client = mlflow.MlflowClient()  # opens (creates) the store now
+            except Exception as err:
+                raise ConfigError("tracking.tracking_uri", self.location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
 
     def open(self, existing_run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         if self._client is None:
