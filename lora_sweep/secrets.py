@@ -68,3 +68,30 @@ def redact(obj: Any, values: list[str] | None = None) -> Any:
     if isinstance(obj, tuple):
         return tuple(redact(v, values) for v in obj)
     return obj
+
+
+def install_log_redaction() -> None:
+    """Mask secrets in every log record of this process, whichever logger or handler writes it.
+
+    A record factory rather than a handler filter: Hydra reconfigures the handlers for every job, and its
+    launcher logs each job's overrides (a storage URL or a token given on the command line).
+    """
+    import logging
+
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "lora_sweep_redacts", False):
+        return
+
+    def make_record(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's own problem, leave it as it is
+            return record
+        masked = redact_text(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return record
+
+    make_record.lora_sweep_redacts = True
+    logging.setLogRecordFactory(make_record)

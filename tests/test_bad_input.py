@@ -133,8 +133,7 @@ def test_trial_with_a_diverging_value_fails_and_the_sweep_goes_on(swept, tiny):
     trials, runs, disk = optuna_snapshot(root, "intact"), mlflow_snapshot(root), records(root)
     (parent_id,) = [k for k, r in runs.items() if r["tags"].get("lora_sweep.role") == "sweep"]
     # what a user does to try one more value by hand: enqueue it in the study
-    with pytest.warns(UserWarning, match="out of range"):
-        load(root, "intact").enqueue_trial({"method.r": 2, "train.lr": float(DIVERGING_LR)})
+    load(root, "intact").enqueue_trial({"method.r": 2, "train.lr": float(DIVERGING_LR)})
     result = run_sweep(root, "intact", tiny, "train.epochs=1", "hydra.sweeper.n_trials=3")
     assert "the sweep goes on" in result.stdout + result.stderr
 
