@@ -122,3 +122,15 @@ def tiny(tiny_overrides):
     """Sweep trials on the tiny BERT: two epochs of 21 steps, validation every 7 (reports for the pruner)."""
     return [o for o in tiny_overrides if not o.startswith(("train.epochs", "train.eval_every"))] + [
         "train.epochs=2", "train.eval_every=7", "method.targets=all_linear"]
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_stays_in_its_test():
+    """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which every later subprocess (a sweep under
+    test) would inherit and write its runs to: restore the variable after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
