@@ -3,8 +3,10 @@
 import hydra
 
 from lora_sweep import cli
+from lora_sweep.secrets import install_log_redaction
 
 cli.register_resolvers()
+install_log_redaction()  # before Hydra logs the first override
 
 
 @hydra.main(version_base="1.3", config_path=str(cli.CONF_DIR), config_name="config")

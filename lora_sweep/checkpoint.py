@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_sweep.weights import require_safetensors
+
 log = logging.getLogger(__name__)
 
 META_FILE = "lora_sweep.json"
@@ -137,7 +139,7 @@ def drop_training_state(checkpoint_dir: Path) -> None:
 
 def restore_weights(model, directory: Path) -> None:
     """Load a checkpoint's trained weights into ``model`` (same method and architecture) in place."""
-    directory = Path(directory)
+    directory = require_safetensors(directory)  # PEFT would fall back to unpickling adapter_model.bin
     if is_peft_model(model):
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights

@@ -52,7 +52,9 @@ def summary(record) -> str:
     ]
     if record.mlflow.get("run_id"):
         lines.append(f"  mlflow: run {record.mlflow['run_id']} in {record.mlflow['tracking_uri']} (see it: mlflow ui)")
-    return "\n".join(lines)
+    from lora_sweep.secrets import redact
+
+    return redact("\n".join(lines))  # the tracking URI may carry a password
 
 
 def main(cfg: DictConfig) -> float:
@@ -81,7 +83,13 @@ def main(cfg: DictConfig) -> float:
     except LoraSweepError as err:
         if not single_run:
             raise  # a sweep records the trial as failed and goes on
-        print(f"error: {err}", file=sys.stderr)
+        from tqdm import tqdm
+
+        from lora_sweep.secrets import redact
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open by the failure: end its line first
+            bar.close()
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         sys.exit(2)
     print(summary(record))
     return float(record.metrics["objective"])

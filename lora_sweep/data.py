@@ -115,6 +115,18 @@ def _label_names(raw, column: str) -> list[str]:
     return sorted(str(v) for v in values)
 
 
+def _check_labels_seen_in_train(cfg: DataConfig, raw) -> None:
+    """A class that only validation or test has is one the model is scored on but never taught."""
+    if "train" not in raw:
+        return
+    taught = {str(v) for v in raw["train"][cfg.label_column]}
+    for name, split in raw.items():
+        unseen = sorted({str(v) for v in split[cfg.label_column]} - taught)
+        if unseen:
+            raise ConfigError("data.label_column", cfg.label_column, f"the {name} split has label(s) {', '.join(unseen[:5])} that the "
+                              f"train split never has (train labels: {', '.join(sorted(taught)[:10])})")
+
+
 def _split(cfg: DataConfig, raw):
     """train/validation/test, cutting whatever is missing out of train (seeded, stratified by label)."""
     import datasets
@@ -186,6 +198,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
         raise ConfigError("data.label_column", cfg.label_column, f"holds {len(label_names)} distinct label(s); a classifier needs at least 2")
     if num_labels is not None and len(label_names) > num_labels:
         raise ConfigError("data.label_column", cfg.label_column, f"holds {len(label_names)} labels ({', '.join(label_names[:10])}) but model.num_labels={num_labels}")
+    _check_labels_seen_in_train(cfg, raw)
     index = {name: i for i, name in enumerate(label_names)}
     class_label = datasets.ClassLabel(names=label_names)
 

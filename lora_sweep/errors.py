@@ -22,7 +22,9 @@ class ConfigError(LoraSweepError):
         value = self.value
         if isinstance(value, str) and len(value) > 200:
             value = value[:200] + "..."
-        return f"{self.key}={value!r}: {self.problem}"
+        from lora_sweep.secrets import redact
+
+        return redact(f"{self.key}={value!r}: {self.problem}")  # a storage URL or token in a value never reaches the screen
 
     def under(self, prefix: str) -> "ConfigError":
         """The same error with its key placed under a parent key (``r`` -> ``method.r``)."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_sweep.secrets import redact
+
 RECORD_FILE = "record.json"
 SCHEMA_VERSION = 1
 
@@ -47,7 +49,7 @@ class RunRecord:
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{RECORD_FILE}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.__dict__, indent=2, default=str))
+        tmp.write_text(json.dumps(redact(self.__dict__), indent=2, default=str))  # no password or token on disk
         os.replace(tmp, path)
         return path
 

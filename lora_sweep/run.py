@@ -22,6 +22,7 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.evaluation import evaluate
 from lora_sweep.models import (ModelSpec, apply_method, count_parameters, inspect_model, load_base_model, load_tokenizer,
                                pick_device, pick_precision)
+from lora_sweep.oom import guard_memory
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
@@ -166,13 +167,17 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
     record.params = {"target_modules": prepared.targets}
     record.write()
 
-    tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
     tags = {"lora_sweep.method": cfg.method.name, "lora_sweep.model": cfg.model.name, "lora_sweep.data": cfg.data.name,
             "lora_sweep.output_dir": str(output_dir.resolve()), "mlflow.source.git.commit": record.git.get("commit") or "unknown",
             **{f"version.{k}": v for k, v in record.versions.items()}, **cfg.tags, **(extra_tags or {})}
     earlier_run = (previous or {}).get("mlflow", {})
-    tracker.start(run_name_prefix + run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags,
-                  resume_run_id=earlier_run.get("run_id") if earlier_run.get("tracking_uri") == tracker.location else None)
+    try:
+        tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
+        tracker.start(run_name_prefix + run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags,
+                      resume_run_id=earlier_run.get("run_id") if earlier_run.get("tracking_uri") == tracker.location else None)
+    except BaseException as err:  # an unusable tracking store: the record must not stay "running"
+        record.finish("failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        raise
     record.mlflow = {"run_id": tracker.run_id, "tracking_uri": tracker.location}
     record.write()  # the run id on disk at once: a killed attempt is continued in the same MLflow run
     tracker.log_dict(config_tree, "config.yaml")
@@ -192,8 +197,9 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
 
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
-        result = fit(model, prepared.tokenizer, prepared.data, cfg, tracker, device=device, precision=precision,
-                     checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation, resume_from=resume_from)
+        result = guard_memory(cfg, device, lambda: fit(model, prepared.tokenizer, prepared.data, cfg, tracker, device=device, precision=precision,
+                                                       checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation,
+                                                       resume_from=resume_from), model)
         if record.resumes:
             record.resumes[-1]["from_step"] = result.resumed_from_step
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from lora_sweep.config import TrackingConfig
 from lora_sweep.errors import ConfigError
-from lora_sweep.redact import redact_tree, redact_url
+from lora_sweep.secrets import redact, redact_url
 
 log = logging.getLogger(__name__)
 MLFLOW_PARAM_LIMIT = 6000  # characters per param value in MLflow 3
@@ -74,12 +74,15 @@ class MLflowTracker(Tracker):
                 resume_run_id = None
         if resume_run_id:
             self._run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=self.cfg.system_metrics)
-            mlflow.set_tags({**tags, "lora_sweep.resumed": "true"})
+            mlflow.set_tags(redact({**tags, "lora_sweep.resumed": "true"}))
         else:
-            self._run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.cfg.system_metrics)
+            self._run = mlflow.start_run(run_name=redact(run_name), tags=redact(tags), log_system_metrics=self.cfg.system_metrics)
         self.run_id = self._run.info.run_id
-        # MLflow params are write-once: a resumed run logs only what the first attempt did not
-        mlflow.log_params({key: _param_value(value) for key, value in params.items() if key not in logged})
+        try:  # MLflow params are write-once: a resumed run logs only what the first attempt did not
+            mlflow.log_params({key: _param_value(value) for key, value in params.items() if key not in logged})
+        except BaseException:  # never leave a half-made run RUNNING
+            self.end("failed")
+            raise
 
     def close_run(self, run_id: str | None, status: str) -> None:
         if not run_id:
@@ -98,7 +101,7 @@ class MLflowTracker(Tracker):
             self._mlflow.log_metrics(finite, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._mlflow.set_tags(redact({k: str(v) for k, v in tags.items()}))
 
     def log_artifacts(self, local_dir: Path, artifact_path: str, skip: tuple[str, ...] = ()) -> None:
         for file in sorted(Path(local_dir).rglob("*")):
@@ -107,7 +110,7 @@ class MLflowTracker(Tracker):
                 self._mlflow.log_artifact(str(file), artifact_path if relative == "." else f"{artifact_path}/{relative}")
 
     def log_dict(self, data: dict, filename: str) -> None:
-        self._mlflow.log_dict(redact_tree(json.loads(json.dumps(data, default=str))), filename)  # .json or .yaml by name
+        self._mlflow.log_dict(redact(json.loads(json.dumps(data, default=str))), filename)  # .json or .yaml by name
 
     def end(self, status: str) -> None:
         if self._run is not None:
@@ -131,8 +134,7 @@ def _use_experiment(cfg: TrackingConfig, location: str | None):
 
 
 def _param_value(value: Any) -> str:
-    value = redact_tree(value)  # a storage or tracking URL's password never reaches the tracking server
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    text = redact(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
     return text if len(text) <= MLFLOW_PARAM_LIMIT else text[: MLFLOW_PARAM_LIMIT - 3] + "..."
 
 
@@ -158,7 +160,10 @@ class SweepRun:
             if cfg.tracking_uri:
                 mlflow.set_tracking_uri(cfg.tracking_uri)
             self.location = mlflow.get_tracking_uri()
-            self._client = mlflow.MlflowClient()
+            try:
+                self._client = mlflow.MlflowClient()  # opens (creates) the store now
+            except Exception as err:
+                raise ConfigError("tracking.tracking_uri", self.location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
 
     def open(self, existing_run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         if self._client is None:
@@ -169,7 +174,7 @@ class SweepRun:
             self.run_id = existing_run_id
             return existing_run_id
         experiment = _use_experiment(self.cfg, self.location)
-        run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
+        run = client.create_run(experiment.experiment_id, run_name=redact(name), tags=redact(tags))
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -178,7 +183,7 @@ class SweepRun:
 
     def log_dict(self, data: dict, filename: str) -> None:
         if self._client is not None and self.run_id:
-            self._client.log_dict(self.run_id, redact_tree(json.loads(json.dumps(data, default=str))), filename)
+            self._client.log_dict(self.run_id, redact(json.loads(json.dumps(data, default=str))), filename)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         """The files directly in ``local_dir`` (not its sub-folders: exported models stay where they are)."""
@@ -197,7 +202,7 @@ class SweepRun:
         target = run_id or self.run_id
         if self._client is not None and target:
             for key, value in tags.items():
-                self._client.set_tag(target, key, str(value))
+                self._client.set_tag(target, redact(key), redact(str(value)))
 
     def finish(self, status: str) -> None:
         if self._client is not None and self.run_id:

@@ -146,3 +146,15 @@ def fresh_database(postgres):
         return postgres["optuna"].rsplit("/", 1)[0] + f"/{name}"
 
     return create
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_stays_in_its_test():
+    """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which every later subprocess (a sweep under
+    test) would inherit and write its runs to: restore the variable after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

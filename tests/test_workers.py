@@ -149,13 +149,14 @@ def test_bad_storage_urls_fail_in_one_line_and_lose_nothing(tmp_path, tiny):
 
 
 def test_storage_urls_are_redacted_everywhere():
-    from lora_sweep.redact import redact_text, redact_tree, redact_url
+    from lora_sweep.secrets import password_of, redact, redact_text, redact_url
 
     assert redact_url("postgresql://u:p%40ss@db:5432/optuna") == "postgresql://u:***@db:5432/optuna"
     assert redact_url("postgresql+psycopg://u:pw@db/optuna") == "postgresql+psycopg://u:***@db/optuna"
     assert redact_url("postgresql:/u:pw@db/optuna") == "postgresql:/u:***@db/optuna"  # malformed, still hidden
     assert redact_url("postgresql://u@db/optuna") == "postgresql://u@db/optuna"  # no password: PGPASSWORD or ~/.pgpass
     assert redact_url("journal:/a/b:c@d.journal") == "journal:/a/b:c@d.journal"
-    assert redact_text('password authentication failed for "u" (pw)', "postgresql://u:pw@db/x") == 'password authentication failed for "u" (***)'
-    assert redact_tree({"sweep": {"storage": "postgresql://u:pw@db/x", "n": 1}, "l": ["http://a:b@c"]}) == {
+    assert redact_text('password authentication failed for "u" (pw)', [password_of("postgresql://u:pw@db/x")]) == \
+        'password authentication failed for "u" (***)'
+    assert redact({"sweep": {"storage": "postgresql://u:pw@db/x", "n": 1}, "l": ["http://a:b@c"]}) == {
         "sweep": {"storage": "postgresql://u:***@db/x", "n": 1}, "l": ["http://a:***@c"]}

@@ -40,5 +40,7 @@ class LoraOptunaSweeper(Sweeper):
         try:
             return SweepRunner(self.settings, self.config, self.launcher, self.hydra_context.config_loader, arguments).run()
         except LoraSweepError as err:
-            print(f"error: {err}", file=sys.stderr)
+            from lora_sweep.secrets import redact
+
+            print(f"error: {redact(str(err))}", file=sys.stderr)
             sys.exit(2)

@@ -118,7 +118,9 @@ def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERAN
     summary = {"study": sweep.study_name, "metric": sweep.metric, "direction": sweep.direction, "tolerance": tolerance,
                "rule": choice.rule, "best_value": choice.best_value, "within_tolerance": choice.candidates, "chosen": chosen,
                "headline": headline(table, sweep.metric, sweep.direction), "parent_run_id": sweep.parent_run_id, **extra}
-    (out_dir / "report.json").write_text(to_json(summary, table))
-    (out_dir / "report.md").write_text(to_markdown(summary, table, figures))
-    (out_dir / "report.html").write_text(to_html(summary, table, figures))
+    from lora_sweep.secrets import redact
+
+    (out_dir / "report.json").write_text(redact(to_json(summary, table)))
+    (out_dir / "report.md").write_text(redact(to_markdown(summary, table, figures)))
+    (out_dir / "report.html").write_text(redact(to_html(summary, table, figures)))
     return summary

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = build_report(sweep, out, DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, replicates=args.replicates,
                                register_as=None if args.no_register else sweep.study_name, tracking_uri=args.tracking_uri)
     except LoraSweepError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from lora_sweep.secrets import redact
+
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
     print(summary["headline"])
     if summary["chosen"]:

@@ -15,6 +15,7 @@ import torch
 
 from lora_sweep.config import RunConfig
 from lora_sweep.offline import hutto_snippets
+from lora_sweep.weights import require_safetensors
 
 REFERENCE_SIZE = 256
 
@@ -39,14 +40,14 @@ def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
     """(config, prepared data, model) with the checkpoint's trained weights, in eval mode on CPU."""
     from transformers import AutoModelForSequenceClassification
 
-    checkpoint = Path(checkpoint or record["checkpoints"]["best"])
+    checkpoint = require_safetensors(checkpoint or record["checkpoints"]["best"])  # never the .bin fallback
     cfg, prepared, base = _setup(record)
     if cfg.is_lora:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base, str(checkpoint))
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint))
+        model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), use_safetensors=True)
     return cfg, prepared, model.eval()
 
 
@@ -109,7 +110,7 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     # reload both from disk, as a user would, and compare
     _, _, base = _setup(record)
     reloaded_adapter = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    reloaded_merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir)).eval()
+    reloaded_merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), use_safetensors=True).eval()
     with torch.no_grad():
         a, m = reloaded_adapter(**batch).logits, reloaded_merged(**batch).logits
     difference = float(max((a - m).abs().max(), (a - adapter_logits).abs().max()))

@@ -86,15 +86,19 @@ class SweepRunner:
         first = {p.name: _first(p.distribution) for p in space.params}
         variants = [first] + [{**first, p.name: c} for p in space.params if hasattr(p.distribution, "choices")
                               for c in p.distribution.choices[1:]]
-        spec = None
+        spec = first_cfg = None
         for values in variants:
             try:
                 cfg = self._task_config(self._arguments_for(overrides) + overrides + space.overrides(values))
             except ConfigError as err:
                 raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
+            first_cfg = first_cfg or cfg
             if cfg.is_lora:
                 spec = spec or inspect_model(cfg.model)
                 resolve_targets(cfg.method.targets, spec.linear_names, key=f"{where} -> method.targets")
+        from lora_sweep.run import prepare
+
+        prepare(first_cfg)  # the data (path, columns, splits, labels) is the same for every trial: check it once, now
 
     def _phase(self, role: str, storage, study_name: str, block: dict[str, Any], overrides: list[str], objectives: list[str]) -> Phase:
         where = "hydra.sweeper" if role == "search" else "hydra.sweeper.baseline"
@@ -264,7 +268,10 @@ class SweepRunner:
             state = "pruned"
         else:
             reason = (record or {}).get("error") or f"{type(result._return_value).__name__}: {result._return_value}"
-            trial.set_user_attr("fail_reason", str(reason).splitlines()[0][:500])
+            from lora_sweep.secrets import redact
+
+            reason = redact(str(reason).splitlines()[0][:500] if str(reason) else "")
+            trial.set_user_attr("fail_reason", reason)
             phase.study.tell(trial, state=TrialState.FAIL)
             state = "failed"
             log.warning("trial %s-%d failed: %s (the sweep goes on)", phase.role, trial.number, reason)
@@ -291,7 +298,9 @@ class SweepRunner:
         from lora_sweep.sweep.summary import print_summary
 
         summary = summarize(phases, self.parent)
-        (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        from lora_sweep.secrets import redact
+
+        (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(redact(summary), indent=2, default=str))
         print_summary(phases, self.parent, OmegaConf.select(self.config, "objective.metric"))
         if not closes_the_sweep([phase.study for phase in phases], self.storage_spec, worker_identity()):
             log.info("other workers of this study are still at work: the last one out writes the report and closes the parent run")

@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lora_sweep.errors import ConfigError
-from lora_sweep.redact import redact_text, redact_url  # noqa: F401 - redact_url is used through this module too
+from lora_sweep.secrets import password_of, redact_text, redact_url, secret_values
 
 log = logging.getLogger(__name__)
 # TPE's group/constant_liar options are "experimental" in Optuna 5 but stable in practice; the warnings
@@ -66,7 +66,8 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
             return optuna.storages.RDBStorage(spec, heartbeat_interval=heartbeat_interval, engine_kwargs=engine_kwargs,
                                               grace_period=None if heartbeat_interval is None else 3 * heartbeat_interval)
     except Exception as err:  # malformed URL, unknown dialect, unreachable server, wrong password
-        problem = redact_text(str(err).splitlines()[0] if str(err) else type(err).__name__, spec)
+        problem = redact_text(str(err).splitlines()[0] if str(err) else type(err).__name__,
+                              [p for p in [password_of(spec)] if p] + secret_values())  # drivers quote the password
         raise ConfigError("hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {problem}") from None
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from lora_sweep.secrets import redact
+
+
 def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The best trial first (one objective), or the Pareto front sorted by the first objective."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -49,6 +52,6 @@ def print_summary(phases, parent, metric: str) -> None:
         console.print(f"{label} {top.number}: val {metric} {top.values[0]:.4f}")
         console.print(f"  checkpoint: {top.user_attrs.get('checkpoint')}")
         if top.user_attrs.get("mlflow_run_id"):
-            console.print(f"  mlflow run: {top.user_attrs['mlflow_run_id']} (parent {parent.run_id}) in {parent.location}")
+            console.print(f"  mlflow run: {top.user_attrs['mlflow_run_id']} (parent {parent.run_id}) in {redact(str(parent.location))}")
     else:
         console.print("no trial completed yet")
