@@ -36,6 +36,7 @@ class RunRecord:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, Any] = field(default_factory=dict)
     mlflow: dict[str, Any] = field(default_factory=dict)
+    generations: list[dict[str, str]] = field(default_factory=list)  # causal LMs: fixed prompts, greedy answers
     schema_version: int = SCHEMA_VERSION
 
     @property
