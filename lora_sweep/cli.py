@@ -17,9 +17,14 @@ CONF_DIR = REPO_ROOT / "conf"
 
 
 def register_resolvers() -> None:
-    """``${pkg_dir:module,sub,folder}``: a folder inside an installed package, found without importing it."""
+    """``${pkg_dir:module,sub,folder}``: a folder inside an installed package, found without importing it;
+    ``${task_metric:kind}``: the default validation metric of a data kind."""
     if not OmegaConf.has_resolver("pkg_dir"):
         OmegaConf.register_new_resolver("pkg_dir", lambda module, *parts: package_dir(module, *parts))
+    if not OmegaConf.has_resolver("task_metric"):  # objective.metric's default follows data.kind
+        from lora_sweep.config import default_metric
+
+        OmegaConf.register_new_resolver("task_metric", default_metric)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -44,10 +49,15 @@ def summary(record) -> str:
         f"lora_sweep: {record.status} {record.config['method']['name']} on {record.config['model']['name']} / {record.config['data']['name']}",
         f"  validation {m['objective_metric']}: {m['objective']:.4f} (best at step {record.checkpoints['best_step']}/{m['total_steps']})"
         + (f"   test {m['objective_metric']}: {m['test_' + m['objective_metric']]:.4f}" if 'test_' + m['objective_metric'] in m else ""),
+        *([f"  perplexity: validation {m['best_val_perplexity']:.2f}" + (f", test {m['test_perplexity']:.2f}" if "test_perplexity" in m else "")]
+          if "best_val_perplexity" in m else []),
         f"  trainable: {p['trainable_params']:,} of {p['total_params']:,} parameters ({100 * p['trainable_ratio']:.2f}%)",
         f"  time: {m['train_seconds']:.0f} s training, {m['seconds_per_step']:.2f} s/step, {m['tokens_per_second']:.0f} tokens/s;"
         f" peak memory {m['peak_memory_mb']:.0f} MB",
         f"  best checkpoint: {record.checkpoints['best']} ({record.checkpoints['best_size_mb']:.1f} MB)",
+        *([f"  forgetting: perplexity on out-of-task text {m['reference_perplexity_before']:.2f} before, "
+           f"{m['reference_perplexity_after']:.2f} after"] if "reference_perplexity_after" in m else []),
+        *[f"  generated: {g['prompt']!r} -> {g['response'][:100]!r}" for g in record.generations[:2]],
         f"  record: {Path(record.output_dir) / 'record.json'}",
     ]
     if record.mlflow.get("run_id"):

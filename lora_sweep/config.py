@@ -20,7 +20,11 @@ LORA_VARIANTS = ("lora", "rslora", "dora")
 LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
-METRICS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize"}
+METRICS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize", "perplexity": "minimize"}
+# data.kind -> the task it trains, and the validation metric a run reports by default (objective.metric)
+DATA_KINDS = {"classification": ("sequence_classification", "accuracy"), "instruction": ("causal_lm", "loss"),
+              "text": ("causal_lm", "loss")}
+TASK_METRICS = {"sequence_classification": ("accuracy", "macro_f1", "loss"), "causal_lm": ("loss", "perplexity")}
 
 
 def _positive(key: str, value: float | int | None, allow_none: bool = False) -> None:
@@ -39,16 +43,20 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 class ModelConfig:
     name: str
     name_or_path: str
-    task: Literal["sequence_classification"] = "sequence_classification"
+    task: Literal["auto", "sequence_classification", "causal_lm"] = "auto"  # auto: from data.kind
     num_labels: int | None = None  # None: as many as the data has
     revision: str | None = None
     trust_remote_code: bool = False
+    gguf_file: str | None = None  # a GGUF file in name_or_path: dequantized once into cache_dir, loaded from there
+    cache_dir: str = "~/.cache/lora_sweep"
 
     def __post_init__(self) -> None:
         if not self.name_or_path.strip():
             raise ConfigError("name_or_path", self.name_or_path, "must name a model folder or hub id")
         if self.num_labels is not None and self.num_labels < 2:
             raise ConfigError("num_labels", self.num_labels, "a classifier needs at least 2 labels")
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            raise ConfigError("gguf_file", self.gguf_file, "must name a .gguf file inside name_or_path")
 
 
 @dataclass
@@ -73,8 +81,9 @@ class SplitConfig:
 class DataConfig:
     name: str
     source: Literal["builtin", "local", "hub"]
+    kind: Literal["classification", "instruction", "text"] = "classification"  # what the rows are: picks the task
     path: str | None = None  # builtin: dataset name; local: file or folder; hub: dataset id
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"] = "auto"
     hub_config: str | None = None
     text_column: str = "text"
     text_pair_column: str | None = None
@@ -83,10 +92,20 @@ class DataConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     cache_dir: str = "~/.cache/lora_sweep"
+    # causal LMs: instruction rows are prompt/response columns or a list of chat messages, rendered with the
+    # tokenizer's chat template (loss on the assistant's tokens only); text rows are continued pre-training
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"  # used instead of prompt/response when the data has it
+    system_prompt: str | None = None  # null: the chat template's own default
+    packing: bool = False  # text: concatenate documents and cut blocks of train.max_length tokens
+    prompts: list[str] = field(default_factory=list)  # generated greedily at the end; empty: the first test prompts
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("path", self.path, f"data.source={self.source} needs a path")
+        if self.packing and self.kind != "text":
+            raise ConfigError("packing", self.packing, f"packing applies to data.kind=text (this is {self.kind})")
         _positive("max_train_samples", self.max_train_samples, allow_none=True)
         _positive("max_eval_samples", self.max_eval_samples, allow_none=True)
 
@@ -158,6 +177,7 @@ class TrainConfig:
     max_length: int = 64
     num_workers: int = 0
     resume: bool = True  # an output folder holding an unfinished run of this config resumes from its last checkpoint
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -201,6 +221,21 @@ class ObjectiveConfig:
 
 
 @dataclass
+class LMEvalConfig:
+    """Causal LMs only: what a run generates at the end, and the out-of-task text forgetting is measured on."""
+
+    max_new_tokens: int = 48
+    num_prompts: int = 4  # generated prompts when data.prompts is empty (the first test prompts)
+    reference_texts: int = 64  # NYT editorial snippets scored for perplexity before and after; 0 skips
+
+    def __post_init__(self) -> None:
+        _positive("max_new_tokens", self.max_new_tokens)
+        for name in ("num_prompts", "reference_texts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+
+
+@dataclass
 class SweepContext:
     """Set by the Optuna sweeper for each trial (``sweep.*`` keys); empty for a single run."""
 
@@ -228,6 +263,16 @@ class RunConfig:
     tags: dict[str, str] = field(default_factory=dict)
     evaluate_test: bool = True  # sweeps leave the test split to the chosen checkpoint only
     sweep: SweepContext = field(default_factory=SweepContext)
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+
+    def __post_init__(self) -> None:
+        task = DATA_KINDS[self.data.kind][0]
+        if self.model.task == "auto":
+            self.model.task = task
+        elif self.model.task != task:
+            raise ConfigError("model.task", self.model.task, f"does not fit data.kind={self.data.kind} (which trains {task})")
+        if self.objective.metric not in TASK_METRICS[task]:
+            raise ConfigError("objective.metric", self.objective.metric, f"a {task} run reports {', '.join(TASK_METRICS[task])}")
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":
@@ -243,3 +288,14 @@ class RunConfig:
     @property
     def is_lora(self) -> bool:
         return self.method.name == "lora"
+
+    @property
+    def is_causal(self) -> bool:
+        return self.model.task == "causal_lm"
+
+
+def default_metric(kind: str) -> str:
+    """The validation metric a run of this data kind reports unless objective.metric says otherwise."""
+    if kind not in DATA_KINDS:
+        raise ConfigError("data.kind", kind, f"must be one of {', '.join(DATA_KINDS)}")
+    return DATA_KINDS[kind][1]

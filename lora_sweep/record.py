@@ -39,6 +39,7 @@ class RunRecord:
     checkpoints: dict[str, Any] = field(default_factory=dict)
     mlflow: dict[str, Any] = field(default_factory=dict)
     resumes: list[dict[str, Any]] = field(default_factory=list)  # one entry per restart: when, from which step
+    generations: list[dict[str, str]] = field(default_factory=list)  # causal LMs: fixed prompts, greedy answers
     schema_version: int = SCHEMA_VERSION
 
     @property

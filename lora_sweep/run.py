@@ -17,16 +17,16 @@ from pathlib import Path
 
 from lora_sweep.checkpoint import RESUME_FILES, drop_training_state, is_peft_model, restore_weights, resume_point
 from lora_sweep.config import RunConfig
-from lora_sweep.data import TaskData, make_loader, prepare_data
+from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import ConfigError
-from lora_sweep.evaluation import evaluate
 from lora_sweep.models import (ModelSpec, apply_method, count_parameters, inspect_model, load_base_model, load_tokenizer,
-                               pick_device, pick_precision)
+                               pick_device, pick_precision, set_gradient_checkpointing)
 from lora_sweep.oom import guard_memory
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
 from lora_sweep.targets import resolve_targets
+from lora_sweep.tasks import after_training, before_training, collator, evaluator, prepare_task_data
 from lora_sweep.tracking import Tracker, make_tracker
 from lora_sweep.train import EvaluationHook, fit
 
@@ -65,7 +65,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cached is None:
         spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
         tokenizer = load_tokenizer(spec, cfg.model)
-        data = prepare_data(cfg.data, tokenizer, cfg.train.max_length, cfg.model.num_labels)
+        data = prepare_task_data(cfg, tokenizer)
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
     targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.is_lora else None
     return dataclasses.replace(cached, targets=targets, setup_seconds=time.perf_counter() - started, reused=reused)
@@ -186,6 +186,8 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
         from transformers import set_seed
 
         model, reused_model = base_model(cfg, prepared)
+        set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
+        forgetting = before_training(model, prepared.tokenizer, cfg, prepared.spec.source, device, precision)  # causal LMs
         set_seed(cfg.train.seed)  # LoRA's A matrices come from the RNG: same state whether the base was reused or not
         model = apply_method(model, cfg.method, prepared.spec)
         setup_seconds = time.perf_counter() - setup_started
@@ -204,14 +206,19 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
             record.resumes[-1]["from_step"] = result.resumed_from_step
 
         test: dict[str, float] = {}
+        if result.status == "completed" and (cfg.evaluate_test or cfg.is_causal):
+            restore_weights(model, Path(result.checkpoints["best"]))
         if cfg.evaluate_test and result.status == "completed":
             # The held-out test split is touched once, by the checkpoint that validation chose.
-            restore_weights(model, Path(result.checkpoints["best"]))
-            from transformers import DataCollatorWithPadding
-
-            test_loader = make_loader(prepared.data.splits["test"], DataCollatorWithPadding(prepared.tokenizer),
+            test_loader = make_loader(prepared.data.splits["test"], collator(cfg.model.task, prepared.tokenizer),
                                       cfg.train.eval_batch_size, shuffle=False)
-            test = evaluate(model, test_loader, device, precision, len(prepared.data.label_names), desc="test (best checkpoint)")
+            test = evaluator(cfg.model.task)(model, test_loader, device, precision, len(prepared.data.label_names),
+                                             desc="test (best checkpoint)")
+        if result.status == "completed":  # causal LMs: forgetting after training, and what the model now says
+            after, record.generations = after_training(model, prepared.tokenizer, cfg, prepared.data.prompts, device, precision, output_dir)
+            forgetting.update(after)
+            if record.generations:
+                tracker.log_table(record.generations, "generations.json")
 
         # what stays on disk once the run ends (the resume state is dropped then)
         sizes = {name: directory_size(Path(path), skip=RESUME_FILES) for name, path in result.checkpoints.items()}
@@ -225,6 +232,7 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
             **{f"test_{k}": v for k, v in test.items() if k != "samples"},
             "steps": result.steps, "total_steps": result.total_steps, "train_seconds": result.train_seconds,
             "seconds_per_step": result.seconds_per_step, "tokens_per_second": result.tokens_per_second, **result.memory,
+            **forgetting,
         }
         tracker.log_metrics({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
                             | {"checkpoint_best_mb": sizes["best"] / 2**20, "checkpoint_weights_mb": weights["best"] / 2**20})

@@ -42,6 +42,9 @@ class Tracker:
     def log_dict(self, data: dict, filename: str) -> None:
         """Store ``data`` as a JSON or YAML artifact (chosen by the file name)."""
 
+    def log_table(self, rows: list[dict[str, Any]], filename: str) -> None:
+        """Store rows of the same keys as a table artifact (e.g. prompts and generated answers)."""
+
     def end(self, status: str) -> None:
         """status: completed, failed, pruned or killed."""
 
@@ -111,6 +114,11 @@ class MLflowTracker(Tracker):
 
     def log_dict(self, data: dict, filename: str) -> None:
         self._mlflow.log_dict(redact(json.loads(json.dumps(data, default=str))), filename)  # .json or .yaml by name
+
+    def log_table(self, rows: list[dict[str, Any]], filename: str) -> None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        # MLflow's table artifact: the run's Artifacts tab shows it as a table, mlflow.load_table reads it back
+        self._mlflow.log_table({c: [str(row.get(c, "")) for row in rows] for c in columns}, artifact_file=filename)
 
     def end(self, status: str) -> None:
         if self._run is not None:

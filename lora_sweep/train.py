@@ -23,8 +23,10 @@ from lora_sweep.checkpoint import load_training_state, restore_weights, save_che
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import TrainingDiverged
-from lora_sweep.evaluation import autocast, evaluate, progress
+from lora_sweep.evaluation import autocast, progress
 from lora_sweep.system import MemoryMeter
+from lora_sweep.tasks import collator as task_collator
+from lora_sweep.tasks import evaluator
 from lora_sweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,12 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
 
 def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, device: torch.device, precision: str,
         checkpoint_dir: Path, on_evaluation: EvaluationHook | None = None, resume_from: Path | None = None) -> FitResult:
-    from transformers import DataCollatorWithPadding
-
     train_cfg, objective = cfg.train, cfg.objective
     num_labels = len(data.label_names)
     torch.manual_seed(train_cfg.seed)
     model.to(device).train()
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    collator = task_collator(cfg.model.task, tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    evaluate = evaluator(cfg.model.task)  # classifier: loss/accuracy/macro-F1; causal LM: loss/perplexity
     pin = device.type == "cuda"
     val_loader = make_loader(data.splits["validation"], collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
     steps_per_epoch, total_steps = plan_steps(len(data.splits["train"]), cfg)

@@ -82,6 +82,69 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
+CHAT_WORDS = ["user", "assistant", "system", "question", "answer", "say", "what", "is"]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory) -> Path:
+    """A Llama-like causal LM whose tokenizer has real chat special tokens and a ChatML-like template
+    (like SmolLM2's, with a default system message), built in-process."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_chat_llama")
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + WORDS + CHAT_WORDS + ["?", ".", ","]))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+                                        pad_token="<pad>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system say answer<|im_end|>{% endif %}"
+        "<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=vocab["<pad>"], bos_token_id=1, eos_token_id=vocab["<|im_end|>"], tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Questions whose answer is the sentiment words they contain: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        cue = rng.sample(POSITIVE if rng.random() < 0.5 else NEGATIVE, 2)
+        words = rng.sample(NEUTRAL, 3) + cue
+        rng.shuffle(words)
+        rows.append({"prompt": "what is " + " ".join(words) + " ?", "response": " ".join(sorted(cue)) + " ."})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_jsonl(tmp_path_factory) -> Path:
+    import json
+
+    path = tmp_path_factory.mktemp("instruction") / "qa.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in qa_rows(320)))
+    return path
+
+
+@pytest.fixture
+def tiny_causal(tiny_chat_llama_dir, tiny_jsonl):
+    """Overrides for a fast causal-LM run of the tiny chat Llama on the tiny instruction data."""
+    return [
+        "model=local", f"model.name_or_path={tiny_chat_llama_dir}", "data=instruction", f"data.path={tiny_jsonl}",
+        "train.batch_size=16", "train.eval_batch_size=32", "train.epochs=2", "train.eval_every=8", "train.log_every=2",
+        "train.max_length=48", "tracking.system_metrics=false", "lm_eval.reference_texts=16", "lm_eval.max_new_tokens=8",
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory) -> Path:
     return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", sentiment_rows(480))  # 336 train rows: 21 steps per epoch at batch 16

@@ -68,18 +68,31 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
     if not full.empty:
         picks["full fine-tuning"] = f"full #{full.iloc[0]['trial']}"
     extra["test"] = {label: {"trial": key, **ck.test_metrics(records[key])} for label, key in picks.items()}
+    causal = any(r["config"]["model"].get("task") == "causal_lm" for r in records.values())
+    if causal:  # each run measured its perplexity on the reference text before and after: read, do not recompute
+        perplexity = ck.perplexity_forgetting(records)
+        if perplexity:
+            texts = next(r["metrics"]["reference_texts"] for k, r in records.items() if k in perplexity)
+            extra["forgetting"] = {"measure": "perplexity", "reference_texts": texts, "perplexity": perplexity}
+            roles = {key: "baseline" if key.startswith("full") else "search" for key in perplexity}
+            figures["forgetting: perplexity on out-of-task text, after / before"] = fig.forgetting_perplexity(perplexity, roles, out_dir)[0]
+        else:
+            extra["forgetting_note"] = "not measured: the runs were made with lm_eval.reference_texts=0"
     if reference is None:
         try:
             reference = ck.reference_texts()
         except LoraSweepError as err:
             extra["forgetting_note"] = f"not measured: {err}"
-    if reference:
+    if reference and not causal:
         # trials whose checkpoints keep_checkpoints deleted have no weights left to measure
         kept = {key: record for key, record in records.items() if not record.get("checkpoints", {}).get("deleted")}
         similarity = ck.representation_similarity(kept, reference)
         extra["forgetting"] = {"reference_texts": len(reference), "cosine_similarity_to_base": similarity}
         roles = {key: "baseline" if key.startswith("full") else "search" for key in similarity}
         figures["forgetting: drift from the base model on out-of-task text"] = fig.forgetting(similarity, roles, out_dir)[0]
+    generations = {label: records[key].get("generations") for label, key in picks.items() if records[key].get("generations")}
+    if generations:
+        extra["generations"] = generations
     if choice.row is not None:
         record = records[f"lora #{choice.row['trial']}"]
         samples = list(reference or [])[:16] or ["a short check sentence"]

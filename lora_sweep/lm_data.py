@@ -1,0 +1,162 @@
+"""Causal-LM data: instruction rows rendered with the chat template (loss on the responses only), or plain
+text for continued pre-training (optionally packed into fixed-length blocks); split, tokenized, cached.
+
+Prompt masking works on characters, then tokens: the chat template renders the conversation up to each
+assistant turn (with the generation prompt) and through it; the characters between the two renders are
+that turn's answer, end-of-turn marker included, so the model learns to stop. The whole conversation is
+tokenized once, and a token is trained on (label = its id) only when it starts inside an answer; every
+other label is -100, which the loss ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lora_sweep.config import DataConfig
+from lora_sweep.data import TaskData, _split, _tokenizer_fingerprint, load_raw, source_files
+from lora_sweep.errors import ConfigError, LoraSweepError
+
+CACHE_VERSION = 1  # bump when the prepared format changes
+IGNORE = -100  # the label torch's cross entropy skips
+STORED_PROMPTS = 16  # test prompts kept for the end-of-run generations
+
+
+def conversation(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
+    """A row as chat messages: its ``messages`` list, or one user prompt and one assistant response."""
+    if cfg.messages_column in row and row[cfg.messages_column] is not None:
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row[cfg.messages_column]]
+    else:
+        messages = [{"role": "user", "content": str(row[cfg.prompt_column])},
+                    {"role": "assistant", "content": str(row[cfg.response_column])}]
+    if cfg.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+    return messages
+
+
+def encode_conversation(tokenizer, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
+    """input_ids, attention_mask and labels of one conversation; labels are -100 outside the answers."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(prefix) and text.startswith(through)):
+            raise LoraSweepError("the chat template renders a conversation's beginning differently from the whole "
+                                 "conversation, so the answers cannot be located for prompt masking")
+        spans.append((len(prefix), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    labels = [token if any(start <= offset[0] < end for start, end in spans) else IGNORE
+              for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
+
+
+def prompt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation up to its first answer: what the model is asked at generation time."""
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    return messages[:first_answer]
+
+
+def pack(split, block: int, eos_id: int | None):
+    """Concatenate the documents (EOS between them) and cut blocks of ``block`` tokens; the last block may
+    be shorter. Attention crosses document boundaries inside a block, as in standard packing."""
+    import datasets
+
+    stream: list[int] = []
+    for ids in split["input_ids"]:
+        stream.extend(ids + ([eos_id] if eos_id is not None else []))
+    blocks = [stream[i:i + block] for i in range(0, len(stream), block)]
+    blocks = [b for b in blocks if len(b) > 1]  # one token predicts nothing
+    return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks],
+                                       "labels": [list(b) for b in blocks]})
+
+
+def cache_key(cfg: DataConfig, files: list[Path], tokenizer, max_length: int) -> str:
+    identity = {
+        "version": CACHE_VERSION, "kind": cfg.kind, "source": cfg.source, "path": cfg.path, "format": cfg.format,
+        "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        "columns": [cfg.prompt_column, cfg.response_column, cfg.messages_column, cfg.text_column],
+        "system_prompt": cfg.system_prompt, "packing": cfg.packing,
+        "split": [cfg.split.validation, cfg.split.test, cfg.split.seed], "limits": [cfg.max_train_samples, cfg.max_eval_samples],
+        "tokenizer": _tokenizer_fingerprint(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None),
+        "max_length": max_length,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _check_columns(cfg: DataConfig, raw) -> None:
+    for split_name, split in raw.items():
+        columns = split.column_names
+        if cfg.kind == "text":
+            needed = [("data.text_column", cfg.text_column)]
+        elif cfg.messages_column in columns:
+            continue
+        else:
+            needed = [("data.prompt_column", cfg.prompt_column), ("data.response_column", cfg.response_column)]
+        for key, column in needed:
+            if column not in columns:
+                raise ConfigError(key, column, f"no such column in the {split_name} split (columns: {', '.join(columns)})")
+
+
+def _tokenize(cfg: DataConfig, raw, tokenizer, max_length: int):
+    import datasets
+
+    if cfg.kind == "instruction":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("data.kind", cfg.kind, "instruction data needs a tokenizer with a chat template; use data=text")
+
+        def encode(row):
+            messages = conversation(row, cfg)
+            return {**encode_conversation(tokenizer, messages, max_length), "prompt": json.dumps(prompt_messages(messages))}
+    else:
+        def encode(row):
+            text = str(row[cfg.text_column])
+            encoded = tokenizer(text, truncation=not cfg.packing, max_length=None if cfg.packing else max_length)
+            return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                    "labels": list(encoded["input_ids"]), "prompt": json.dumps(" ".join(text.split()[:8]))}
+
+    encoded = {}
+    for name, split in raw.items():
+        split = split.filter(lambda row: cfg.kind != "text" or bool(str(row[cfg.text_column] or "").strip()))
+        split = split.map(encode, remove_columns=split.column_names, desc=f"tokenizing {name}")
+        # a prompt that fills max_length leaves no answer to learn from
+        least = 1 if cfg.kind == "text" else 0  # a text's first token is never predicted
+        encoded[name] = split.filter(lambda row: sum(label != IGNORE for label in row["labels"]) > least)
+    return datasets.DatasetDict(encoded)
+
+
+def prepare_lm_data(cfg: DataConfig, tokenizer, max_length: int) -> TaskData:
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = source_files(cfg)
+    cache_path = Path(cfg.cache_dir).expanduser() / "tokenized" / f"{cfg.name}-{cache_key(cfg, files, tokenizer, max_length)}"
+    meta_file = cache_path / "lora_sweep_data.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        return TaskData(datasets.load_from_disk(str(cache_path / "splits")), [], cache_path, True, meta["prompts"])
+
+    raw = load_raw(cfg, files)
+    _check_columns(cfg, raw)
+    tokenized = _tokenize(cfg, raw, tokenizer, max_length)
+    # no labels to stratify by; documents are split before packing, so none straddles two splits
+    splits = _split(dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, stratify=False)), tokenized)
+    prompts = [json.loads(p) for p in splits["test"]["prompt"][:STORED_PROMPTS]]
+    splits = splits.remove_columns("prompt")
+    if cfg.packing:
+        splits = datasets.DatasetDict({name: pack(split, max_length, tokenizer.eos_token_id) for name, split in splits.items()})
+    tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits.save_to_disk(str(tmp / "splits"))
+    (tmp / "lora_sweep_data.json").write_text(json.dumps({"prompts": prompts, "sizes": {n: len(s) for n, s in splits.items()}}))
+    try:
+        os.replace(tmp, cache_path)  # atomic: a concurrent worker may have won the race, which is fine
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TaskData(datasets.load_from_disk(str(cache_path / "splits")), [], cache_path, False, prompts)
