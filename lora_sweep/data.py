@@ -218,15 +218,23 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
         for name, split in raw.items()
     })
     splits = _split(cfg, encoded)
+    return TaskData(save_to_cache(splits, cache_path, {"label_names": label_names}), label_names, cache_path, False)
+
+
+def save_to_cache(splits, cache_path: Path, meta: dict):
+    """Write tokenized splits (and what else their loader needs, ``meta``) into the cache, atomically;
+    return them as loaded back from there (memory-mapped)."""
+    import datasets
+
     tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     splits.save_to_disk(str(tmp / "splits"))
-    (tmp / "lora_sweep_data.json").write_text(json.dumps({"label_names": label_names, "sizes": {n: len(s) for n, s in splits.items()}}))
+    (tmp / "lora_sweep_data.json").write_text(json.dumps({**meta, "sizes": {n: len(s) for n, s in splits.items()}}))
     try:
         os.replace(tmp, cache_path)  # atomic: a concurrent worker may have won the race, which is fine
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    return TaskData(datasets.load_from_disk(str(cache_path / "splits")), label_names, cache_path, False)
+    return datasets.load_from_disk(str(cache_path / "splits"))
 
 
 def make_loader(dataset, collator, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,

@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 from lora_sweep.config import DataConfig
-from lora_sweep.data import TaskData, _split, _tokenizer_fingerprint, load_raw, source_files
+from lora_sweep.data import TaskData, _split, _tokenizer_fingerprint, load_raw, save_to_cache, source_files
 from lora_sweep.errors import ConfigError, LoraSweepError
 
 CACHE_VERSION = 1  # bump when the prepared format changes
@@ -151,12 +149,4 @@ def prepare_lm_data(cfg: DataConfig, tokenizer, max_length: int) -> TaskData:
     splits = splits.remove_columns("prompt")
     if cfg.packing:
         splits = datasets.DatasetDict({name: pack(split, max_length, tokenizer.eos_token_id) for name, split in splits.items()})
-    tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    splits.save_to_disk(str(tmp / "splits"))
-    (tmp / "lora_sweep_data.json").write_text(json.dumps({"prompts": prompts, "sizes": {n: len(s) for n, s in splits.items()}}))
-    try:
-        os.replace(tmp, cache_path)  # atomic: a concurrent worker may have won the race, which is fine
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return TaskData(datasets.load_from_disk(str(cache_path / "splits")), [], cache_path, False, prompts)
+    return TaskData(save_to_cache(splits, cache_path, {"prompts": prompts}), [], cache_path, False, prompts)

@@ -122,6 +122,18 @@ def test_bad_trial_is_pruned_in_optuna_and_mlflow(tmp_path, tiny):
     assert [m.step for m in history] == sorted(bad.intermediate_values)  # its partial metrics are kept
 
 
+def _training(root: Path) -> bool:
+    """The running trial has started its MLflow run (its record names it): a kill now cuts a trial mid-run."""
+    for trial in load(root, "resume").get_trials(states=(TrialState.RUNNING,)):
+        record = Path(trial.user_attrs.get("output_dir", "/nonexistent")) / "record.json"
+        try:
+            if json.loads(record.read_text()).get("mlflow", {}).get("run_id"):
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
 def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
     write_sweep(tmp_path, "resume", {
         "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": {"name": "none"},
@@ -136,7 +148,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
             states = [t.state for t in load(tmp_path, "resume").get_trials()] if journal.exists() else []
         except KeyError:  # the journal exists, the study is not in it yet
             states = []
-        if TrialState.COMPLETE in states and TrialState.RUNNING in states:
+        if TrialState.COMPLETE in states and TrialState.RUNNING in states and _training(tmp_path):
             break
         time.sleep(0.3)
     else:
@@ -153,7 +165,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
 
     stale_record = json.loads((Path(stale.user_attrs["output_dir"]) / "record.json").read_text())
 
-    run_sweep(tmp_path, "resume", tiny)
+    run_sweep(tmp_path, "resume", tiny, "train.epochs=4")  # the same command: the killed trial resumes
     trials = load(tmp_path, "resume").get_trials()
     assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     killed = trials[stale.number]  # the same trial finished, not a failed one plus a retry

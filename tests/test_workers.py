@@ -72,7 +72,8 @@ def test_two_terminals_share_the_default_journal_and_mlflow_sqlite(tmp_path, tin
     # the report (without its checkpoint work and replicates) shows who closes the sweep
     write_sweep(tmp_path, "duo", {**SEARCH, "report": {"enabled": True, "checkpoints": False, "replicates": 0}})
     started = time.perf_counter()
-    workers = start_workers(tmp_path, "duo", tiny, "train.epochs=1")
+    # trials long enough that the second terminal, still starting up, finds some left to take
+    workers = start_workers(tmp_path, "duo", tiny, "train.epochs=6")
     outputs = wait_all(workers)
     print(f"two workers, journal + mlflow sqlite: {time.perf_counter() - started:.1f} s")
     trials = check_study(load(tmp_path, "duo"), load(tmp_path, "duo-baseline", folder="duo"), workers)
@@ -93,7 +94,7 @@ def test_two_workers_on_postgres_and_an_mlflow_server(tmp_path, tiny, fresh_data
         # as on two machines: each worker its own folder, nothing shared but the two servers
         for folder in ("a", "b"):
             (tmp_path / folder).mkdir()
-        command = sweep_command(tmp_path, "duo_pg", tiny, "train.epochs=1", f"tracking.tracking_uri={url}")
+        command = sweep_command(tmp_path, "duo_pg", tiny, "train.epochs=6", f"tracking.tracking_uri={url}")
         workers = [subprocess.Popen(command, cwd=tmp_path / folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for folder in ("a", "b")]
         wait_all(workers)
