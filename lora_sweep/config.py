@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra config tree (conf/method/*.yaml, ...)
 TARGET_PRESETS = ("attention_qv", "attention_all", "mlp", "all_linear")
 LORA_VARIANTS = ("lora", "rslora", "dora")
 # PEFT's init_lora_weights that need no extra data pass or quantization config. "default" stands for
@@ -111,50 +113,92 @@ class DataConfig:
 
 
 @dataclass
-class LoraMethodConfig:
-    name: Literal["lora"] = "lora"
-    r: int = 8
+class MethodConfig:
+    """A fine-tuning method: a PEFT adapter (``peft``: PEFT's own method type) or full fine-tuning (null).
+
+    Each method is one file in ``conf/method/``. The keys below are lora_sweep's shorthands shared by many
+    PEFT methods (rank, alpha, dropout, init, targets as a preset); ``options`` holds any other field of
+    PEFT's config class under PEFT's own name. :mod:`lora_sweep.methods` maps both onto that class. Only
+    what needs no PEFT import is checked here, so a bad value fails before torch loads.
+    """
+
+    name: str
+    peft: str | None = None  # PeftType name: LORA, LOHA, LOKR, IA3, ADALORA, VERA, BOFT, ...; null: full FT
+    targets: str | list[str] | None = None  # a preset name or module names, resolved against the model
+    r: int | None = None
     alpha: float | None = None  # explicit alpha wins over alpha_ratio
-    alpha_ratio: float | None = 2.0  # alpha = alpha_ratio * r when alpha is null
-    dropout: float = 0.1
-    targets: str | list[str] = "attention_qv"  # a preset name, or explicit module names
-    variant: str = "lora"
-    init: str = "default"
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] = field(default_factory=list)  # trained in full besides the head
+    alpha_ratio: float | None = None  # alpha = alpha_ratio * r when alpha is null
+    dropout: float | None = None
+    variant: str | None = None  # LoRA-family: lora | rslora (alpha/sqrt(r)) | dora
+    init: str | None = None  # PEFT's init_lora_weights / init_weights; "default": PEFT's own default
+    bias: Literal["none", "all", "lora_only"] | None = None
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full besides the task head
+    options: dict[str, Any] = field(default_factory=dict)  # other fields of PEFT's config class, by name
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
+        if self.peft is None:
+            used = [k for k in ADAPTER_KEYS if getattr(self, k) not in (None, [], {})]
+            if used:
+                raise ConfigError(used[0], getattr(self, used[0]), "full fine-tuning has no adapter to configure")
+            return
+        if self.r is not None and self.r <= 0:
             raise ConfigError("r", self.r, "must be a positive integer")
-        if self.alpha is None and self.alpha_ratio is None:
-            raise ConfigError("alpha", None, "set alpha, or alpha_ratio to tie it to r")
         if self.alpha is not None:
             _positive("alpha", self.alpha)
-        else:
+        elif self.alpha_ratio is not None:
             _positive("alpha_ratio", self.alpha_ratio)
-        if not 0 <= self.dropout < 1:
+        if self.alpha_ratio is not None and self.r is None and self.alpha is None:
+            raise ConfigError("alpha_ratio", self.alpha_ratio, "ties alpha to method.r, which this method has not")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError("dropout", self.dropout, "must be in [0, 1)")
+        if self.targets is None:
+            raise ConfigError("targets", None, f"an adapter needs targets: a preset ({', '.join(TARGET_PRESETS)}) "
+                              "or module names")
         if isinstance(self.targets, str):
             _choice("targets", self.targets, TARGET_PRESETS)
         elif not self.targets:
-            raise ConfigError("targets", self.targets, f"an empty list adapts nothing; use a preset ({', '.join(TARGET_PRESETS)}) or module names")
-        _choice("variant", self.variant, LORA_VARIANTS)
-        if not (self.init in LORA_INITS or self.init.startswith("pissa_niter_")):
-            raise ConfigError("init", self.init, f"must be one of {', '.join(LORA_INITS)}")
+            raise ConfigError("targets", self.targets, "an empty list adapts nothing; use a preset "
+                              f"({', '.join(TARGET_PRESETS)}) or module names")
+        if self.variant is not None:
+            _choice("variant", self.variant, LORA_VARIANTS)
+        if self.init is not None and self.peft in ("LORA", "ADALORA"):
+            if not (self.init in LORA_INITS or self.init.startswith("pissa_niter_")):
+                raise ConfigError("init", self.init, f"must be one of {', '.join(LORA_INITS)}")
 
     @property
-    def effective_alpha(self) -> float:
-        return self.alpha if self.alpha is not None else self.alpha_ratio * self.r
+    def adapter(self) -> bool:
+        """Whether the method trains a PEFT adapter (else every weight trains)."""
+        return self.peft is not None
 
     @property
-    def scaling(self) -> float:
-        """The factor on B·A: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+    def effective_alpha(self) -> float | None:
+        if self.alpha is not None:
+            return self.alpha
+        return self.alpha_ratio * self.r if self.alpha_ratio is not None and self.r is not None else None
+
+    @property
+    def scaling(self) -> float | None:
+        """The factor on the low-rank update: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+        if self.effective_alpha is None or self.r is None:
+            return None
         return self.effective_alpha / (math.sqrt(self.r) if self.variant == "rslora" else self.r)
 
 
-@dataclass
-class FullMethodConfig:
-    name: Literal["full"] = "full"
+# the shorthand keys an adapter may set; full fine-tuning sets none of them
+ADAPTER_KEYS = ("targets", "r", "alpha", "alpha_ratio", "dropout", "variant", "init", "bias", "modules_to_save",
+                "options")
+
+
+def method_config(name: str, conf_dir: Path | None = None, **overrides: Any) -> MethodConfig:
+    """The method of ``conf/method/<name>.yaml`` (its defaults, the one place they are written), with
+    ``overrides`` applied: what ``method=<name> method.<key>=<value>`` composes, without Hydra."""
+    from omegaconf import OmegaConf
+
+    path = Path(conf_dir or CONF_DIR) / "method" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError("method", name, f"no such method file ({path})")
+    block = OmegaConf.to_container(OmegaConf.load(path).get("method"), resolve=True)
+    return build(MethodConfig, {**block, **overrides}, "method")
 
 
 @dataclass
@@ -255,7 +299,7 @@ class SweepContext:
 class RunConfig:
     model: ModelConfig
     data: DataConfig
-    method: LoraMethodConfig | FullMethodConfig
+    method: MethodConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -276,18 +320,7 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":
-        mapping = dict(mapping)
-        method = mapping.get("method")
-        name = method.get("name") if isinstance(method, dict) else None
-        method_cls = {"lora": LoraMethodConfig, "full": FullMethodConfig}.get(name)
-        if method_cls is None:
-            raise ConfigError("method.name", name, "must be lora or full")
-        mapping["method"] = build(method_cls, method, "method")
-        return build(cls, mapping)
-
-    @property
-    def is_lora(self) -> bool:
-        return self.method.name == "lora"
+        return build(cls, dict(mapping))
 
     @property
     def is_causal(self) -> bool:

@@ -1,7 +1,5 @@
-"""Load the pretrained model and turn it into what the method trains: a PEFT LoRA model, or itself.
-
-Full fine-tuning and LoRA differ only in :func:`apply_method`; everything downstream (the loop,
-checkpoints, tracking) sees a ``torch.nn.Module`` with some parameters requiring grad.
+"""Describe and load the pretrained model: its module names on the meta device, its tokenizer, its weights,
+and where and in which precision it trains. What the method makes of it is :mod:`lora_sweep.methods`.
 """
 
 from __future__ import annotations
@@ -11,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_sweep.config import FullMethodConfig, LoraMethodConfig, ModelConfig
+from lora_sweep.config import ModelConfig
 from lora_sweep.hub import locate_model
-from lora_sweep.targets import detect_family, linear_module_names, resolve_targets
+from lora_sweep.targets import detect_family, linear_module_names
 
 
 @dataclass
@@ -110,36 +108,6 @@ def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], p
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last token by it
     return model
-
-
-def peft_lora_config(method: LoraMethodConfig, target_names: list[str], task: str = "sequence_classification"):
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(
-        # SEQ_CLS also trains and saves the new classifier head (modules_to_save); a causal LM keeps its own head
-        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
-        r=method.r,
-        lora_alpha=method.effective_alpha,
-        lora_dropout=method.dropout,
-        target_modules=list(target_names),
-        use_rslora=method.variant == "rslora",
-        use_dora=method.variant == "dora",
-        init_lora_weights=True if method.init == "default" else method.init,
-        bias=method.bias,
-        modules_to_save=list(method.modules_to_save) or None,
-    )
-
-
-def apply_method(model, method: LoraMethodConfig | FullMethodConfig, spec: ModelSpec):
-    """LoRA: wrap in a PeftModel whose only trainable parameters are adapters and the head. Full: all."""
-    if isinstance(method, FullMethodConfig):
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
-        return model
-    from peft import get_peft_model
-
-    targets = resolve_targets(method.targets, spec.linear_names)
-    return get_peft_model(model, peft_lora_config(method, targets, spec.task))
 
 
 def set_gradient_checkpointing(model, enabled: bool) -> None:

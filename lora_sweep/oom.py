@@ -59,7 +59,7 @@ def describe(err: BaseException, cfg: RunConfig, device: torch.device, evaluatin
 
     train = cfg.train
     context = f"train.max_length={train.max_length}, precision {pick_precision(train.precision, device)}"
-    if cfg.is_lora:
+    if cfg.method.r is not None:
         context += f", method.r={cfg.method.r}"
     where = f"out of memory on {device}{_size(str(err))}"
     if evaluating:

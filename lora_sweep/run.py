@@ -19,7 +19,10 @@ from lora_sweep.checkpoint import RESUME_FILES, drop_training_state, is_peft_mod
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import ConfigError
-from lora_sweep.models import (ModelSpec, apply_method, count_parameters, inspect_model, load_base_model, load_tokenizer,
+from lora_sweep.methods import apply_method, is_mergeable, peft_config
+from lora_sweep.methods import derived_params as method_params
+from lora_sweep.methods import run_name as method_run_name
+from lora_sweep.models import (ModelSpec, count_parameters, inspect_model, load_base_model, load_tokenizer,
                                pick_device, pick_precision, set_gradient_checkpointing)
 from lora_sweep.oom import guard_memory
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
@@ -28,7 +31,7 @@ from lora_sweep.system import device_description, directory_size, git_info, pack
 from lora_sweep.targets import resolve_targets
 from lora_sweep.tasks import after_training, before_training, collator, evaluator, prepare_task_data
 from lora_sweep.tracking import Tracker, make_tracker
-from lora_sweep.train import EvaluationHook, fit
+from lora_sweep.train import EvaluationHook, fit, plan_steps
 
 log = logging.getLogger(__name__)
 # PEFT still calls a transformers property deprecated for v6; nothing for a user to act on.
@@ -67,7 +70,10 @@ def prepare(cfg: RunConfig) -> Prepared:
         tokenizer = load_tokenizer(spec, cfg.model)
         data = prepare_task_data(cfg, tokenizer)
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
-    targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.is_lora else None
+    targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.method.adapter else None
+    if cfg.method.adapter:  # PEFT's own checks of the method's values, before any weight loads
+        peft_config(cfg.method, targets, cached.spec.task, list(getattr(cached.spec, "head_names", None) or []),
+                    total_steps=plan_steps(len(cached.data.splits["train"]), cfg)[1])
     return dataclasses.replace(cached, targets=targets, setup_seconds=time.perf_counter() - started, reused=reused)
 
 
@@ -83,8 +89,8 @@ def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
     key = _key(prepared.spec.source, cfg.model.revision, prepared.data.label_names, cfg.train.seed)
     if key in _MODELS:
         model, pristine = _MODELS[key]
-        if any("lora_" in name for name, _ in model.named_parameters()):
-            raise RuntimeError("the cached base model still carries LoRA layers: the last run did not unload them")
+        if set(model.state_dict()) != set(pristine):
+            raise RuntimeError("the cached base model still carries adapter layers: the last run did not unload them")
         model.load_state_dict(pristine)
         return model, True
     _MODELS.clear()  # one base model per process: a new one replaces the old
@@ -95,23 +101,14 @@ def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
 
 
 def run_name(cfg: RunConfig) -> str:
-    if cfg.tracking.run_name:
-        return cfg.tracking.run_name
-    if cfg.is_lora:
-        m = cfg.method
-        targets = m.targets if isinstance(m.targets, str) else "custom"
-        variant = "" if m.variant == "lora" else f"-{m.variant}"
-        return f"lora{variant}-r{m.r}-a{m.effective_alpha:g}-{targets}-lr{cfg.train.lr:g}"
-    return f"full-lr{cfg.train.lr:g}"
+    return cfg.tracking.run_name or method_run_name(cfg.method, cfg.train.lr)
 
 
 def derived_params(cfg: RunConfig, prepared: Prepared, device: str, precision: str) -> dict[str, object]:
     params: dict[str, object] = {"run.device": device, "run.precision": precision, "model.model_type": prepared.spec.model_type,
                                  "data.num_labels": len(prepared.data.label_names)}
     params.update({f"data.size.{name}": size for name, size in prepared.data.sizes.items()})
-    if cfg.is_lora:
-        params.update({"lora.effective_alpha": cfg.method.effective_alpha, "lora.scaling": cfg.method.scaling,
-                       "lora.num_target_modules": len(prepared.targets)})
+    params.update(method_params(cfg.method, prepared.targets))
     return params
 
 
@@ -189,12 +186,14 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
         set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
         forgetting = before_training(model, prepared.tokenizer, cfg, prepared.spec.source, device, precision)  # causal LMs
         set_seed(cfg.train.seed)  # LoRA's A matrices come from the RNG: same state whether the base was reused or not
-        model = apply_method(model, cfg.method, prepared.spec)
+        total_steps = plan_steps(len(prepared.data.splits["train"]), cfg)[1]
+        model = apply_method(model, cfg.method, prepared.spec, prepared.targets, total_steps)
         setup_seconds = time.perf_counter() - setup_started
         reused = "reused the loaded model and tokenized data" if prepared.reused and reused_model else "loaded model and data"
         log.info("setup %.1f s (%s)", setup_seconds, reused)
         counts = count_parameters(model)
-        record.params.update(counts, setup_seconds=setup_seconds, setup_reused=prepared.reused and reused_model)
+        record.params.update(counts, setup_seconds=setup_seconds, setup_reused=prepared.reused and reused_model,
+                             mergeable=is_mergeable(model) if cfg.method.adapter else None)
         tracker.log_metrics({**counts, "setup_seconds": setup_seconds}, step=0)
 
         if resume_from is not None:

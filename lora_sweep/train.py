@@ -24,6 +24,7 @@ from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import TrainingDiverged
 from lora_sweep.evaluation import autocast, progress
+from lora_sweep.methods import after_optimizer_step
 from lora_sweep.system import MemoryMeter
 from lora_sweep.tasks import collator as task_collator
 from lora_sweep.tasks import evaluator
@@ -150,6 +151,7 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            after_optimizer_step(model, step)  # AdaLoRA re-allocates ranks from the gradients: before zero_grad
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_since_log += 1

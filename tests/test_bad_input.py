@@ -199,8 +199,8 @@ def out_of_memory(monkeypatch):
     def arm(kind: str, during: str):
         real = run_module.apply_method
 
-        def apply_method(model, method, spec):
-            model = real(model, method, spec)
+        def apply_method(model, *args, **kwargs):
+            model = real(model, *args, **kwargs)
 
             def hook(module, args, kwargs):
                 if module.training == (during == "training"):
@@ -257,8 +257,8 @@ def test_out_of_memory_fails_one_trial_and_the_sweep_goes_on(tmp_path, tiny):
 import sys, torch
 import lora_sweep.run as run_module
 real = run_module.apply_method
-def apply_method(model, method, spec):
-    model = real(model, method, spec)
+def apply_method(model, *args, **kwargs):
+    model = real(model, *args, **kwargs)
     def hook(module, args, kwargs):
         if module.training and kwargs["input_ids"].shape[0] == 24:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")

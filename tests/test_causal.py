@@ -159,7 +159,7 @@ def test_the_untrained_lora_model_gives_the_base_models_reference_perplexity(tmp
     model, _ = base_model(cfg, prepared)
     before = tasks.before_training(model, prepared.tokenizer, cfg, prepared.spec.source, torch.device("cpu"), "fp32")
     texts = tasks.reference_texts(16)
-    from lora_sweep.models import apply_method
+    from lora_sweep.methods import apply_method
 
     lora = apply_method(model, cfg.method, prepared.spec)
     after = tasks._reference_ppl(lora, prepared.tokenizer, cfg, torch.device("cpu"), "fp32", texts)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_sweep.config import LoraMethodConfig, RunConfig
+from lora_sweep.config import RunConfig, method_config
 from lora_sweep.errors import ConfigError
 from lora_sweep.run import prepare
 
@@ -53,7 +53,7 @@ def test_bad_value_names_key_and_value(compose, override, key, fragment):
 
 def test_defaults_compose_and_tie_alpha_to_rank(compose):
     cfg = compose()
-    assert isinstance(cfg, RunConfig) and cfg.is_lora
+    assert isinstance(cfg, RunConfig) and cfg.method.name == "lora" and cfg.method.adapter
     assert cfg.method.r == 8 and cfg.method.effective_alpha == 16 and cfg.method.scaling == 2
     assert cfg.train.lr == pytest.approx(2e-3)  # LoRA's own default, not full FT's
     cfg = compose("method.r=64")
@@ -64,13 +64,13 @@ def test_defaults_compose_and_tie_alpha_to_rank(compose):
 
 def test_full_method_has_its_own_learning_rate(compose):
     cfg = compose("method=full")
-    assert cfg.method.name == "full" and not cfg.is_lora
+    assert cfg.method.name == "full" and not cfg.method.adapter
     assert cfg.train.lr == pytest.approx(1e-4)
     assert compose("method=full", "train.lr=3e-5").train.lr == pytest.approx(3e-5)
 
 
 def test_rslora_scaling_uses_sqrt_rank():
-    method = LoraMethodConfig(r=16, alpha=32, alpha_ratio=None, variant="rslora")
+    method = method_config("lora", r=16, alpha=32, alpha_ratio=None, variant="rslora")
     assert method.scaling == pytest.approx(32 / 4)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_sweep.config import FullMethodConfig, LoraMethodConfig, ModelConfig
+from lora_sweep.config import ModelConfig, method_config
 from lora_sweep.errors import ConfigError
-from lora_sweep.models import apply_method, count_parameters, inspect_model, load_base_model, load_tokenizer
+from lora_sweep.methods import apply_method
+from lora_sweep.models import count_parameters, inspect_model, load_base_model, load_tokenizer
 from lora_sweep.targets import resolve_targets
 
 
@@ -64,7 +65,7 @@ def _model(folder, method):
 
 @pytest.mark.parametrize("folder_fixture", ["tiny_bert_dir", "tiny_llama_dir"])
 def test_lora_starts_as_a_no_op_and_freezes_the_base(request, folder_fixture):
-    model, batch, base_logits = _model(request.getfixturevalue(folder_fixture), LoraMethodConfig(r=4, targets="all_linear"))
+    model, batch, base_logits = _model(request.getfixturevalue(folder_fixture), method_config("lora", r=4, targets="all_linear"))
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, base_logits)  # B = 0: exactly the base model
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -75,7 +76,7 @@ def test_lora_starts_as_a_no_op_and_freezes_the_base(request, folder_fixture):
 
 
 def test_merged_weights_give_the_adapter_logits(tiny_bert_dir):
-    model, batch, base_logits = _model(tiny_bert_dir, LoraMethodConfig(r=4, targets="attention_all"))
+    model, batch, base_logits = _model(tiny_bert_dir, method_config("lora", r=4, targets="attention_all"))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -88,14 +89,14 @@ def test_merged_weights_give_the_adapter_logits(tiny_bert_dir):
 
 
 def test_variants_reach_peft(tiny_bert_dir):
-    model, _, _ = _model(tiny_bert_dir, LoraMethodConfig(r=16, alpha=32, alpha_ratio=None, variant="rslora"))
+    model, _, _ = _model(tiny_bert_dir, method_config("lora", r=16, alpha=32, alpha_ratio=None, variant="rslora"))
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert layer.scaling["default"] == pytest.approx(32 / 4)
-    model, _, _ = _model(tiny_bert_dir, LoraMethodConfig(r=4, variant="dora"))
+    model, _, _ = _model(tiny_bert_dir, method_config("lora", r=4, variant="dora"))
     assert any("lora_magnitude_vector" in name for name, p in model.named_parameters() if p.requires_grad)
 
 
 def test_full_method_trains_everything(tiny_bert_dir):
-    model, _, _ = _model(tiny_bert_dir, FullMethodConfig())
+    model, _, _ = _model(tiny_bert_dir, method_config("full"))
     assert all(p.requires_grad for p in model.parameters())
     assert count_parameters(model)["trainable_ratio"] == 1.0

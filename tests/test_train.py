@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from lora_sweep.checkpoint import RESUME_FILES, load_training_state
 from lora_sweep.data import make_loader
 from lora_sweep.evaluation import evaluate
-from lora_sweep.models import apply_method, load_base_model
+from lora_sweep.methods import apply_method
+from lora_sweep.models import load_base_model
 from lora_sweep.record import read_record
 from lora_sweep.run import prepare, run
 from lora_sweep.tracking import Tracker

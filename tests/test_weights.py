@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lora_sweep.checkpoint import load_training_state, restore_weights, save_checkpoint
-from lora_sweep.models import apply_method, load_base_model
+from lora_sweep.methods import apply_method
+from lora_sweep.models import load_base_model
 from lora_sweep.run import prepare
 from lora_sweep.schema import to_dict
 from lora_sweep.train import build_optimizer

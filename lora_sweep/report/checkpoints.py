@@ -37,7 +37,7 @@ def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
 
     checkpoint = require_safetensors(checkpoint or record["checkpoints"]["best"])  # never the .bin fallback
     cfg, prepared, base = _setup(record)
-    if cfg.is_lora:
+    if cfg.method.adapter:  # PEFT reads the adapter's own type from adapter_config.json
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base, str(checkpoint))
@@ -106,6 +106,15 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     batch = prepared.tokenizer(sample_texts, truncation=True, max_length=cfg.train.max_length, padding=True, return_tensors="pt")
     with torch.no_grad():
         adapter_logits = model(**batch).logits
+    from lora_sweep.methods import is_mergeable
+
+    if not is_mergeable(model):  # e.g. prompt-learning methods: the adapter is what ships
+        _, _, base = _setup(record)
+        reloaded = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        with torch.no_grad():
+            difference = float((reloaded(**batch).logits - adapter_logits).abs().max())
+        return {"adapter": str(adapter_dir), "merged": None, "mergeable": False, "max_logit_difference": difference,
+                "logits_agree": difference < 1e-4, "samples_checked": len(sample_texts)}
     merged = model.merge_and_unload()
     merged.save_pretrained(merged_dir, safe_serialization=True)
     prepared.tokenizer.save_pretrained(merged_dir)
@@ -117,7 +126,7 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     with torch.no_grad():
         a, m = reloaded_adapter(**batch).logits, reloaded_merged(**batch).logits
     difference = float(max((a - m).abs().max(), (a - adapter_logits).abs().max()))
-    return {"adapter": str(adapter_dir), "merged": str(merged_dir), "max_logit_difference": difference,
+    return {"adapter": str(adapter_dir), "merged": str(merged_dir), "mergeable": True, "max_logit_difference": difference,
             "logits_agree": difference < 1e-4, "samples_checked": len(sample_texts)}
 
 
@@ -131,7 +140,8 @@ def register(record: dict[str, Any], export_info: dict[str, Any], name: str, tra
     except Exception:  # not there yet
         client.create_registered_model(name, description="LoRA checkpoint chosen by lora_sweep's report")
     run_id = record.get("mlflow", {}).get("run_id")
-    version = client.create_model_version(name, source=str(Path(export_info["merged"]).resolve()), run_id=run_id,
+    shipped = export_info["merged"] or export_info["adapter"]  # an unmergeable method ships its adapter
+    version = client.create_model_version(name, source=str(Path(shipped).resolve()), run_id=run_id,
                                           tags={"lora_sweep.adapter": export_info["adapter"]})
     client.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": version.version, "alias": alias}

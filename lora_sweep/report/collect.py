@@ -16,7 +16,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from lora_sweep.config import LoraMethodConfig
+from lora_sweep.config import MethodConfig
 from lora_sweep.errors import LoraSweepError
 from lora_sweep.schema import build
 from lora_sweep.sweep.study import JOURNAL_PREFIX, open_storage
@@ -102,18 +102,16 @@ def _method(record: dict | None, trial: optuna.trial.FrozenTrial, role: str) -> 
     rules); for a trial with no record yet, what Optuna sampled."""
     if record is None:
         p = trial.params
-        return {"method": "full" if role == "baseline" else "lora", "r": p.get("method.r"), "alpha": p.get("method.alpha"),
-                "scaling": None, "targets": p.get("method.targets"), "variant": p.get("method.variant"),
-                "dropout": p.get("method.dropout"), "lr": p.get("train.lr")}
+        name = "full" if role == "baseline" else p.get("method", "lora")
+        return {"method": name, "r": p.get("method.r"), "alpha": p.get("method.alpha"), "scaling": None,
+                "targets": p.get("method.targets"), "variant": p.get("method.variant"),
+                "dropout": p.get("method.dropout"), "lr": p.get("train.lr"), "mergeable": None}
     config = record["config"]
-    method = {"method": config["method"]["name"], "r": None, "alpha": None, "scaling": None, "targets": None,
-              "variant": None, "dropout": None, "lr": config["train"]["lr"]}
-    if method["method"] == "lora":
-        lora = build(LoraMethodConfig, config["method"], "method")
-        targets = lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets)
-        method.update(r=lora.r, alpha=lora.effective_alpha, scaling=lora.scaling, targets=targets, variant=lora.variant,
-                      dropout=lora.dropout)
-    return method
+    method = build(MethodConfig, config["method"], "method")
+    targets = method.targets if isinstance(method.targets, str) or method.targets is None else ",".join(method.targets)
+    return {"method": method.name, "r": method.r, "alpha": method.effective_alpha, "scaling": method.scaling,
+            "targets": targets, "variant": method.variant, "dropout": method.dropout, "lr": config["train"]["lr"],
+            "mergeable": record.get("params", {}).get("mergeable")}
 
 
 def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, maximize: bool) -> dict[str, Any]:

@@ -57,14 +57,15 @@ def metric_vs_params(table: pd.DataFrame, metric: str, direction: str, folder: P
 def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lora = table[(table["role"] == "search") & (table["state"] == "complete") & table["r"].notna()]
-    for targets, group in lora.groupby("targets"):
+    several_methods = lora["method"].nunique() > 1
+    for (method, targets), group in lora.groupby(["method", "targets"]):
         best = group.groupby("r")["val_metric"].max().sort_index()
-        ax.plot(best.index, best.values, marker="o", label=str(targets))
+        ax.plot(best.index, best.values, marker="o", label=f"{method} {targets}" if several_methods else str(targets))
     full = table[(table["role"] == "baseline") & (table["state"] == "complete")]["val_metric"]
     if not full.empty:
         ax.axhline(full.max(), color=FULL_COLOR, linestyle="--", label="full fine-tuning (best)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("LoRA rank r (log2)")
+    ax.set_xlabel("adapter rank r (log2)")
     ax.set_ylabel(f"best validation {metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="targets")
@@ -82,7 +83,7 @@ def learning_curves(table: pd.DataFrame, metric: str, direction: str, folder: Pa
             curve = pd.DataFrame(row["evaluations"])
             if curve.empty:
                 continue
-            label = f"{row['method']} #{row['trial']}" + (f" r={int(row['r'])} {row['targets']}" if row["method"] == "lora" else "")
+            label = f"{row['method']} #{row['trial']}" + (f" r={int(row['r'])} {row['targets']}" if row["r"] == row["r"] and row["r"] is not None else "")
             ax.plot(curve["step"], curve[metric], marker=".", color=color, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"validation {metric}")

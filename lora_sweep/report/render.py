@@ -16,6 +16,7 @@ import pandas as pd
 COLUMNS = [  # (column, header, format)
     ("role", "role", "{}"), ("trial", "trial", "{}"), ("method", "method", "{}"), ("r", "rank", "{:.0f}"),
     ("alpha", "alpha", "{:g}"), ("scaling", "scaling", "{:.3g}"), ("targets", "targets", "{}"), ("variant", "variant", "{}"),
+    ("mergeable", "merges into W", "{}"),
     ("lr", "lr", "{:.2e}"), ("state", "state", "{}"), ("val_metric", "val {metric}", "{:.4f}"),
     ("gap_to_full", "gap to full FT", "{:+.4f}"), ("trainable_params", "trainable", "{:,.0f}"), ("trainable_pct", "trainable %", "{:.2f}"),
     ("metric_per_m_params", "{metric} / M params", "{:.3g}"), ("peak_memory_mb", "peak MB", "{:.0f}"),
@@ -134,8 +135,10 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
             lines.append("")
     if summary.get("export"):
         e = summary["export"]
-        lines += ["## Export", "", f"- PEFT adapter: `{e['adapter']}`", f"- merged model: `{e['merged']}`",
-                  f"- both reloaded from disk agree on {e['samples_checked']} sentences: max logit difference "
+        merged = (f"- merged model: `{e['merged']}`" if e.get("merged") else
+                  "- not mergeable: this method's adapter does not fold into W; ship it with its base model")
+        lines += ["## Export", "", f"- PEFT adapter: `{e['adapter']}`", merged,
+                  f"- reloaded from disk, they agree on {e['samples_checked']} sentences: max logit difference "
                   f"{e['max_logit_difference']:.2e} ({'ok' if e['logits_agree'] else 'MISMATCH'})"]
         if summary.get("registry"):
             r = summary["registry"]

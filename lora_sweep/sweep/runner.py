@@ -83,19 +83,27 @@ class SweepRunner:
         from lora_sweep.models import inspect_model
         from lora_sweep.targets import resolve_targets
 
+        from lora_sweep.methods import peft_kwargs
+
         first = {p.name: _first(p.distribution) for p in space.params}
         variants = [first] + [{**first, p.name: c} for p in space.params if hasattr(p.distribution, "choices")
                               for c in p.distribution.choices[1:]]
+        fixed = self._condition_values(space)
         spec = first_cfg = None
         for values in variants:
+            values = space.applicable(values, fixed)  # a method's own keys only where that method is chosen
             try:
                 cfg = self._task_config(self._arguments_for(overrides) + overrides + space.overrides(values))
             except ConfigError as err:
                 raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
             first_cfg = first_cfg or cfg
-            if cfg.is_lora:
+            if cfg.method.adapter:
                 spec = spec or inspect_model(cfg.model)
-                resolve_targets(cfg.method.targets, spec.linear_names, key=f"{where} -> method.targets")
+                targets = resolve_targets(cfg.method.targets, spec.linear_names, key=f"{where} -> method.targets")
+                try:
+                    peft_kwargs(cfg.method, targets, list(getattr(spec, "head_names", None) or []))
+                except ConfigError as err:
+                    raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
         from lora_sweep.run import prepare
 
         prepare(first_cfg)  # the data (path, columns, splits, labels) is the same for every trial: check it once, now
@@ -107,7 +115,10 @@ class SweepRunner:
         for i, entry in enumerate(block.get("enqueue") or []):
             space.check_enqueued(dict(entry), f"{where}.enqueue[{i}]")
         missing = object()
+        searches_method = "method" in (block.get("params") or {})
         for key, text in (block.get("params") or {}).items():
+            if searches_method and key.startswith("method."):
+                continue  # a key of another method's file: composing each choice in _validate checks it
             if OmegaConf.select(self.config, key, default=missing) is missing:
                 raise ConfigError(f"{where}.params.{key}", text, "no such config key")
         self._validate(space, overrides, f"{where}.params")
@@ -225,7 +236,7 @@ class SweepRunner:
                 trial = phase.study.ask()
                 trial.set_user_attr("worker", worker_identity())
                 trial.set_user_attr("sweeper", worker_identity())  # "worker" becomes the training process's (joblib)
-                values = phase.space.sample(trial, {k: OmegaConf.select(self.config, k) for k in _condition_keys(phase.space)})
+                values = phase.space.sample(trial, self._condition_values(phase.space))
             self._launch(phase, trial, values, device)
 
     def _launch(self, phase: Phase, trial: optuna.Trial, values: dict[str, Any], device: str | None) -> None:
@@ -358,6 +369,14 @@ class SweepRunner:
         if s.get("alpha"):
             params["space.alpha"] = s["alpha"]
         return params
+
+    def _condition_values(self, space: SearchSpace) -> dict[str, Any]:
+        """The config's own values of the keys conditions look at; a config group (``method``) by its name."""
+        values = {}
+        for key in _condition_keys(space):
+            value = OmegaConf.select(self.config, key)
+            values[key] = value.get("name") if OmegaConf.is_config(value) else value
+        return values
 
     @staticmethod
     def _last_failure(study: optuna.Study) -> str:

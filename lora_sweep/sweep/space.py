@@ -89,7 +89,7 @@ class SearchSpace:
             choices = ratios + ([FREE] if free else [])
             if not choices:
                 raise ConfigError(f"{prefix}.alpha", alpha, "give ratio: [...] and/or free: <interval>")
-            self.params.append(Param(ALPHA_RATIO, CategoricalDistribution(choices)))
+            self.params.append(Param(ALPHA_RATIO, CategoricalDistribution(choices), conditions.pop(ALPHA_RATIO, None)))
             if free:
                 self.params.append(Param(ALPHA, _parse(ALPHA, str(free), f"{prefix}.alpha.free"), {ALPHA_RATIO: [FREE]}))
         if conditions:
@@ -110,11 +110,23 @@ class SearchSpace:
     def names(self) -> list[str]:
         return [p.name for p in self.params]
 
+    @staticmethod
+    def _applies(param: Param, known: dict[str, Any]) -> bool:
+        return not param.when or all(known.get(k) in allowed for k, allowed in param.when.items())
+
+    def applicable(self, values: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
+        """``values`` without the parameters whose condition fails (what a trial would sample)."""
+        chosen: dict[str, Any] = {}
+        for param in self.params:
+            if param.name in values and self._applies(param, {**fixed, **chosen}):
+                chosen[param.name] = values[param.name]
+        return chosen
+
     def sample(self, trial: optuna.Trial, fixed: dict[str, Any]) -> dict[str, Any]:
         """Sample every parameter whose condition holds, in order (Optuna's define-by-run)."""
         chosen: dict[str, Any] = {}
         for param in self.params:
-            if param.when and not all({**fixed, **chosen}.get(k) in allowed for k, allowed in param.when.items()):
+            if not self._applies(param, {**fixed, **chosen}):
                 continue
             dist = param.distribution
             if isinstance(dist, CategoricalDistribution):
