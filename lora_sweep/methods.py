@@ -30,6 +30,9 @@ SHORTHANDS: dict[str, tuple[str, ...]] = {
 VARIANT_FIELDS = {"lora": (), "rslora": ("use_rslora",), "dora": ("use_dora",)}
 # fields PEFT needs from the run itself, filled when the method file leaves them null
 RUN_FIELDS = ("total_step",)
+# fields naming a subset of the targets (IA3: layers whose input, not output, is scaled): resolved to the
+# same full names as target_modules, because PEFT compares the two lists literally when an adapter reloads
+SUBSET_FIELDS = ("feedforward_modules",)
 
 
 def config_class(method: MethodConfig):
@@ -76,6 +79,10 @@ def peft_kwargs(method: MethodConfig, target_names: list[str], head_names: list[
         if name not in fields or name in ("peft_type", "task_type", "target_modules"):
             raise ConfigError(f"method.options.{name}", value, f"not a field of peft.{cls.__name__}")
         kwargs[name] = value
+    for name in SUBSET_FIELDS:
+        if name in fields:
+            wanted = kwargs.get(name) or []
+            kwargs[name] = [t for t in target_names if any(t == w or t.endswith("." + w) for w in wanted)]
     for name in RUN_FIELDS:
         if name in fields and kwargs.get(name) is None and total_steps is not None:
             kwargs[name] = total_steps
@@ -153,3 +160,12 @@ def derived_params(method: MethodConfig, targets: list[str] | None) -> dict[str,
     if method.scaling is not None:
         params["lora.scaling"] = method.scaling
     return params
+
+
+def load_adapter(base, folder):
+    """A saved adapter on its base model, as PEFT loads it (the adapter's type comes from its own
+    adapter_config.json), in eval mode. Loaded as trainable because AdaLoRA's forward reads the settings of
+    its trainable adapter even when it only evaluates; under ``torch.no_grad`` that costs nothing."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(folder), is_trainable=True).eval()

@@ -35,14 +35,16 @@ def _importances(sweep: Sweep) -> dict[str, float]:
 def headline(table, metric: str, direction: str) -> str:
     lora, full = table[table["role"] == "search"], table[table["role"] == "baseline"]
     states = lora["state"].value_counts().to_dict()
-    text = (f"{len(lora)} LoRA trials ({', '.join(f'{n} {s}' for s, n in states.items())}) and {len(full)} full fine-tuning "
+    methods = lora["method"].dropna().value_counts().to_dict() if "method" in lora else {}
+    kind = "LoRA" if set(methods) <= {"lora"} else "PEFT (" + ", ".join(f"{m} {n}" for m, n in methods.items()) + ")"
+    text = (f"{len(lora)} {kind} trials ({', '.join(f'{n} {s}' for s, n in states.items())}) and {len(full)} full fine-tuning "
             f"trial{'s' if len(full) != 1 else ''}.")
     done_lora = lora[lora["state"] == "complete"]["val_metric"].dropna()
     done_full = full[full["state"] == "complete"]["val_metric"].dropna()
     if len(done_lora) and len(done_full):
         best_lora = done_lora.max() if direction == "maximize" else done_lora.min()
         best_full = done_full.max() if direction == "maximize" else done_full.min()
-        text += f" Best validation {metric}: LoRA {best_lora:.4f}, full fine-tuning {best_full:.4f} (gap {best_lora - best_full:+.4f})."
+        text += f" Best validation {metric}: {'LoRA' if kind == 'LoRA' else 'PEFT'} {best_lora:.4f}, full fine-tuning {best_full:.4f} (gap {best_lora - best_full:+.4f})."
     return text
 
 

@@ -37,10 +37,10 @@ def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
 
     checkpoint = require_safetensors(checkpoint or record["checkpoints"]["best"])  # never the .bin fallback
     cfg, prepared, base = _setup(record)
-    if cfg.method.adapter:  # PEFT reads the adapter's own type from adapter_config.json
-        from peft import PeftModel
+    if cfg.method.adapter:
+        from lora_sweep.methods import load_adapter
 
-        model = PeftModel.from_pretrained(base, str(checkpoint))
+        model = load_adapter(base, checkpoint)
     else:
         model = auto_class(prepared.spec.task).from_pretrained(str(checkpoint), use_safetensors=True)
     return cfg, prepared, model.eval()
@@ -94,7 +94,6 @@ def representation_similarity(records: dict[str, dict[str, Any]], texts: list[st
 
 def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> dict[str, Any]:
     """The chosen LoRA checkpoint as a PEFT adapter and as a merged model, checked to give the same logits."""
-    from peft import PeftModel
 
     from lora_sweep.models import auto_class
 
@@ -106,11 +105,11 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     batch = prepared.tokenizer(sample_texts, truncation=True, max_length=cfg.train.max_length, padding=True, return_tensors="pt")
     with torch.no_grad():
         adapter_logits = model(**batch).logits
-    from lora_sweep.methods import is_mergeable
+    from lora_sweep.methods import is_mergeable, load_adapter
 
     if not is_mergeable(model):  # e.g. prompt-learning methods: the adapter is what ships
         _, _, base = _setup(record)
-        reloaded = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        reloaded = load_adapter(base, adapter_dir)
         with torch.no_grad():
             difference = float((reloaded(**batch).logits - adapter_logits).abs().max())
         return {"adapter": str(adapter_dir), "merged": None, "mergeable": False, "max_logit_difference": difference,
@@ -121,7 +120,7 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
 
     # reload both from disk, as a user would, and compare
     _, _, base = _setup(record)
-    reloaded_adapter = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    reloaded_adapter = load_adapter(base, adapter_dir)
     reloaded_merged = auto_class(prepared.spec.task).from_pretrained(str(merged_dir), use_safetensors=True).eval()
     with torch.no_grad():
         a, m = reloaded_adapter(**batch).logits, reloaded_merged(**batch).logits

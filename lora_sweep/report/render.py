@@ -69,13 +69,23 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     chosen = summary.get("chosen") or {}
     lines = [summary["headline"], "", "## The chosen checkpoint", "", f"Rule: {summary['rule']}.", ""]
     if chosen:
-        lines += [f"- trial {chosen['trial']}: LoRA r={chosen['r']:.0f}, alpha={chosen['alpha']:g}, targets {chosen['targets']}, "
-                  f"variant {chosen['variant']}, lr {chosen['lr']:.2e}",
+        lines += [f"- trial {chosen['trial']}: {describe_method(chosen)}, lr {chosen['lr']:.2e}",
                   f"- validation {metric} {chosen['val_metric']:.4f}; {chosen['trainable_params']:,.0f} trainable parameters "
                   f"({chosen['trainable_pct']:.2f}%); checkpoint `{chosen['checkpoint']}`", ""]
     else:
         lines += ["No LoRA trial has completed yet.", ""]
     return lines + checkpoint_lines(summary)
+
+
+def describe_method(row: dict[str, Any]) -> str:
+    """``LoRA r=8, alpha=16, targets attention_qv, variant lora``; only the settings the method has."""
+    name = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "adalora": "AdaLoRA", "vera": "VeRA"}
+    parts = [name.get(row["method"], row["method"])]
+    settings = [("r", "r={:.0f}"), ("alpha", "alpha={:g}"), ("targets", "targets {}"), ("variant", "variant {}")]
+    details = [f.format(row[key]) for key, f in settings if row.get(key) is not None and row.get(key) == row.get(key)]
+    if row.get("mergeable") is False:
+        details.append("not mergeable into W")
+    return " ".join(parts) + (" " + ", ".join(details) if details else "")
 
 
 def to_markdown(summary: dict[str, Any], table: pd.DataFrame, figures: dict[str, Path]) -> str:
