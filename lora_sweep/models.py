@@ -7,13 +7,13 @@ checkpoints, tracking) sees a ``torch.nn.Module`` with some parameters requiring
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lora_sweep.config import FullMethodConfig, LoraMethodConfig, ModelConfig
 from lora_sweep.hub import locate_model
-from lora_sweep.targets import detect_family, linear_module_names, resolve_targets
+from lora_sweep.targets import head_module_names, linear_module_names, resolve_targets
 
 
 @dataclass
@@ -26,6 +26,9 @@ class ModelSpec:
     family: str | None
     linear_names: list[str]
     total_params: int
+    # top-level modules the task class adds to the bare model (the new classifier, or lm_head): never LoRA
+    # targets; a sequence classifier trains and saves them in full (modules_to_save)
+    head_names: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -66,15 +69,29 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
     config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
     with torch.device("meta"), _quiet_transformers():
         skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
-    names = linear_module_names(skeleton)
+    heads = _head_names(skeleton, config, cfg.trust_remote_code)
     return ModelSpec(
         source=source,
         task=task,
         model_type=config.model_type,
-        family=detect_family(names),
-        linear_names=names,
+        family=config.model_type,
+        linear_names=linear_module_names(skeleton, heads),
         total_params=sum(p.numel() for p in skeleton.parameters()),
+        head_names=heads,
     )
+
+
+def _head_names(skeleton, config, trust_remote_code: bool) -> list[str]:
+    """The task model's modules that the bare model (AutoModel, on meta) lacks; the task model's own body
+    stands in where no AutoModel exists for the config."""
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"), _quiet_transformers():
+            base = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError):
+        base = None
+    return head_module_names(skeleton, base)
 
 
 def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):
@@ -112,9 +129,13 @@ def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], p
     return model
 
 
-def peft_lora_config(method: LoraMethodConfig, target_names: list[str], task: str = "sequence_classification"):
+def peft_lora_config(method: LoraMethodConfig, target_names: list[str], task: str = "sequence_classification",
+                     head_names: tuple[str, ...] | list[str] = ()):
     from peft import LoraConfig, TaskType
 
+    # the new head trains in full and is saved with the adapter, whatever the family calls it
+    # (PEFT's SEQ_CLS default only knows classifier and score)
+    to_save = list(dict.fromkeys((list(head_names) if task != "causal_lm" else []) + list(method.modules_to_save)))
     return LoraConfig(
         # SEQ_CLS also trains and saves the new classifier head (modules_to_save); a causal LM keeps its own head
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
@@ -126,7 +147,7 @@ def peft_lora_config(method: LoraMethodConfig, target_names: list[str], task: st
         use_dora=method.variant == "dora",
         init_lora_weights=True if method.init == "default" else method.init,
         bias=method.bias,
-        modules_to_save=list(method.modules_to_save) or None,
+        modules_to_save=to_save or None,
     )
 
 
@@ -139,7 +160,7 @@ def apply_method(model, method: LoraMethodConfig | FullMethodConfig, spec: Model
     from peft import get_peft_model
 
     targets = resolve_targets(method.targets, spec.linear_names)
-    return get_peft_model(model, peft_lora_config(method, targets, spec.task))
+    return get_peft_model(model, peft_lora_config(method, targets, spec.task, spec.head_names))
 
 
 def set_gradient_checkpointing(model, enabled: bool) -> None:
