@@ -42,7 +42,7 @@ def _configs() -> dict[str, object]:
         "gemma": t.GemmaConfig(**decoder, head_dim=8),
         "bart": t.BartConfig(**ids, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                              decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                             decoder_start_token_id=EOS, forced_eos_token_id=None),
+                             decoder_start_token_id=EOS, forced_eos_token_id=None, num_labels=2),
         "t5": t.T5Config(**ids, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=PAD),
     }
 
@@ -218,3 +218,41 @@ def test_head_of_a_bare_model_is_empty_and_names_default_to_its_body(family_dirs
     assert head_module_names(bare) == []
     assert head_module_names(task) == head_module_names(task, bare) == ["pooler", "classifier"]
     assert not any(n.startswith(("pooler", "classifier")) for n in linear_module_names(task))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A two-layer GPT-2 (Conv1D layers) with a word-level tokenizer over the tiny sentiment words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+    from .conftest import WORDS
+
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<|endoftext|>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>",
+                            pad_token="<pad>").save_pretrained(folder)
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=2)).save_pretrained(folder)
+    return folder
+
+
+def test_gpt2_run_trains_conv1d_adapters_and_records_them(compose, tiny_overrides, tiny_gpt2_dir):
+    from safetensors.torch import load_file
+
+    from lora_sweep.record import read_record
+    from lora_sweep.run import run
+
+    cfg = compose(*tiny_overrides, f"model.name_or_path={tiny_gpt2_dir}", "method.targets=all_linear", "train.lr=5e-3",
+                  "tracking=none")
+    record = run(cfg)
+    on_disk = read_record(cfg.output_dir)
+    assert record.status == on_disk["status"] == "completed"
+    assert on_disk["params"]["target_modules"] == sorted(
+        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert on_disk["metrics"]["best_val_accuracy"] >= 0.75  # the task is learnable: the adapters really train
+    saved = load_file(Path(on_disk["checkpoints"]["best"]) / "adapter_model.safetensors")
+    assert any(".c_attn.lora_A." in key for key in saved) and any(key.startswith("base_model.model.score.") for key in saved)
