@@ -135,7 +135,8 @@ def peft_lora_config(method: LoraMethodConfig, target_names: list[str], task: st
 
     # the new head trains in full and is saved with the adapter, whatever the family calls it
     # (PEFT's SEQ_CLS default only knows classifier and score)
-    to_save = list(dict.fromkeys((list(head_names) if task != "causal_lm" else []) + list(method.modules_to_save)))
+    heads = list(head_names) if task != "causal_lm" else []
+    to_save = list(dict.fromkeys(heads + list(method.modules_to_save)))
     return LoraConfig(
         # SEQ_CLS also trains and saves the new classifier head (modules_to_save); a causal LM keeps its own head
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,

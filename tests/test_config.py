@@ -95,7 +95,7 @@ def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
 
     from .conftest import WORDS
 
-    folder = tmp_path / "tiny_fnet"  # FNet mixes tokens by a Fourier transform: no attention projection at all
+    folder = tmp_path / "tiny_fnet"  # FNet mixes tokens by a Fourier transform: it has no attention layer
     FNetModel(FNetConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
                          max_position_embeddings=32)).save_pretrained(folder)
     cfg = compose("model=local", f"model.name_or_path={folder}", "data=local", f"data.path={tiny_csv}")

@@ -24,14 +24,29 @@ def _configs() -> dict[str, object]:
     import transformers as t
 
     ids = {"vocab_size": VOCAB, "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": 1}
-    decoder = {**ids, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "max_position_embeddings": 64}
-    encoder = {**ids, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64,
-               "max_position_embeddings": 64}
+    decoder = {
+        **ids,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    encoder = {
+        **ids,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
     return {
         "bert": t.BertConfig(**encoder),
         "roberta": t.RobertaConfig(**encoder),
-        "distilbert": t.DistilBertConfig(**ids, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=64),
+        "distilbert": t.DistilBertConfig(
+            **ids, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=64
+        ),
         "deberta-v2": t.DebertaV2Config(**encoder),
         "albert": t.AlbertConfig(**encoder, embedding_size=16),
         "gpt2": t.GPT2Config(**ids, n_embd=32, n_layer=1, n_head=4, n_positions=64),
@@ -40,17 +55,34 @@ def _configs() -> dict[str, object]:
         "mistral": t.MistralConfig(**decoder),
         "phi3": t.Phi3Config(**decoder),
         "gemma": t.GemmaConfig(**decoder, head_dim=8),
-        "bart": t.BartConfig(**ids, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                             decoder_start_token_id=EOS, forced_eos_token_id=None, num_labels=2),
-        "t5": t.T5Config(**ids, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=PAD),
+        "bart": t.BartConfig(
+            **ids,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            decoder_start_token_id=EOS,
+            forced_eos_token_id=None,
+            num_labels=2,
+        ),
+        "t5": t.T5Config(
+            **ids, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=PAD
+        ),
     }
 
 
 FAMILIES = list(_configs())
 # what each family's new sequence-classification head is called: found by the code, stated here by hand
-HEADS = {"distilbert": ["pre_classifier", "classifier"], "deberta-v2": ["pooler", "classifier"],
-         "bart": ["classification_head"], "t5": ["classification_head"]}
+HEADS = {
+    "distilbert": ["pre_classifier", "classifier"],
+    "deberta-v2": ["pooler", "classifier"],
+    "bart": ["classification_head"],
+    "t5": ["classification_head"],
+}
 DECODERS = {"gpt2", "llama", "qwen2", "mistral", "phi3", "gemma"}
 
 
@@ -161,18 +193,25 @@ def test_presets_pick_roles_from_leaf_and_parent(loaded):
     gpt2, _ = loaded("gpt2")
     assert _leaves(resolve_targets("attention_qv", gpt2.linear_names)) == {"attn.c_attn"}  # fused qkv
     assert _leaves(resolve_targets("attention_all", gpt2.linear_names)) == {"attn.c_attn", "attn.c_proj"}
-    assert _leaves(resolve_targets("mlp", gpt2.linear_names)) == {"mlp.c_fc", "mlp.c_proj"}  # c_proj by its parent
+    assert _leaves(resolve_targets("mlp", gpt2.linear_names)) == {
+        "mlp.c_fc",
+        "mlp.c_proj",
+    }  # c_proj by its parent
     phi3, _ = loaded("phi3")
     assert _leaves(resolve_targets("attention_qv", phi3.linear_names)) == {"self_attn.qkv_proj"}
     assert _leaves(resolve_targets("mlp", phi3.linear_names)) == {"mlp.gate_up_proj", "mlp.down_proj"}
     bart, _ = loaded("bart")
     attention = resolve_targets("attention_all", bart.linear_names)
-    assert len(attention) == 12 and any("encoder_attn.out_proj" in n for n in attention)  # cross-attention too
+    assert len(attention) == 12 and any(
+        "encoder_attn.out_proj" in n for n in attention
+    )  # cross-attention too
     assert _leaves(resolve_targets("mlp", bart.linear_names)) == {"0.fc1", "0.fc2"}
     assert len(resolve_targets("all_linear", bart.linear_names)) == 16
     t5, _ = loaded("t5")
     assert {n.rsplit(".", 2)[-2] for n in resolve_targets("attention_qv", t5.linear_names)} == {
-        "SelfAttention", "EncDecAttention"}
+        "SelfAttention",
+        "EncDecAttention",
+    }
     assert _leaves(resolve_targets("mlp", t5.linear_names)) == {"DenseReluDense.wi", "DenseReluDense.wo"}
     bert, _ = loaded("bert")
     assert module_role("bert.encoder.layer.0.attention.output.dense") == "o"
@@ -184,19 +223,27 @@ def test_presets_pick_roles_from_leaf_and_parent(loaded):
 def test_conv1d_layers_can_be_named_explicitly(loaded):
     spec, _ = loaded("gpt2")
     assert resolve_targets(["c_attn"], spec.linear_names) == ["transformer.h.0.attn.c_attn"]
-    with pytest.raises(ConfigError, match=r"^method.targets\[1\]='q_proj': no Linear module of the model has this name "
-                                          r"\(names end in: c_attn, c_fc, c_proj\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^method.targets\[1\]='q_proj': no Linear module of the model has this name "
+        r"\(names end in: c_attn, c_fc, c_proj\)$",
+    ):
         resolve_targets(["c_attn", "q_proj"], spec.linear_names)
 
 
 def test_a_preset_that_cannot_apply_lists_the_targetable_names(tmp_path):
     from transformers import FNetConfig, FNetModel
 
-    FNetModel(FNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, intermediate_size=64)).save_pretrained(tmp_path)
+    FNetModel(
+        FNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    ).save_pretrained(tmp_path)
     spec = inspect_model(ModelConfig(name="fnet", name_or_path=str(tmp_path)))
     assert len(resolve_targets("mlp", spec.linear_names)) == 2
-    with pytest.raises(ConfigError, match=r"^method.targets='attention_all': the preset matches no module of this model "
-                                          r"\(targetable modules end in: dense, projection\); give module names instead$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^method.targets='attention_all': the preset matches no module of this model "
+        r"\(targetable modules end in: dense, projection\); give module names instead$",
+    ):
         resolve_targets("attention_all", spec.linear_names)
 
 
@@ -204,7 +251,9 @@ def test_causal_lm_head_is_found_and_stays_frozen(family_dirs):
     cfg = ModelConfig(name="gpt2", name_or_path=str(family_dirs["gpt2"]), task="causal_lm")
     spec = inspect_model(cfg)
     assert spec.head_names == ["lm_head"] and "lm_head" not in spec.linear_names
-    model = apply_method(load_base_model(spec, cfg, [], PAD), LoraMethodConfig(r=2, targets="all_linear"), spec)
+    model = apply_method(
+        load_base_model(spec, cfg, [], PAD), LoraMethodConfig(r=2, targets="all_linear"), spec
+    )
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
 
@@ -232,11 +281,22 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<|endoftext|>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>",
-                            pad_token="<pad>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<pad>"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
-    GPT2Model(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
-                         bos_token_id=2, eos_token_id=2)).save_pretrained(folder)
+    GPT2Model(
+        GPT2Config(
+            vocab_size=len(vocab),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=2,
+        )
+    ).save_pretrained(folder)
     return folder
 
 
@@ -246,13 +306,23 @@ def test_gpt2_run_trains_conv1d_adapters_and_records_them(compose, tiny_override
     from lora_sweep.record import read_record
     from lora_sweep.run import run
 
-    cfg = compose(*tiny_overrides, f"model.name_or_path={tiny_gpt2_dir}", "method.targets=all_linear", "train.lr=5e-3",
-                  "tracking=none")
+    cfg = compose(
+        *tiny_overrides,
+        f"model.name_or_path={tiny_gpt2_dir}",
+        "method.targets=all_linear",
+        "train.lr=5e-3",
+        "tracking=none",
+    )
     record = run(cfg)
     on_disk = read_record(cfg.output_dir)
     assert record.status == on_disk["status"] == "completed"
     assert on_disk["params"]["target_modules"] == sorted(
-        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+        f"transformer.h.{i}.{m}"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    )
     assert on_disk["metrics"]["best_val_accuracy"] >= 0.75  # the task is learnable: the adapters really train
     saved = load_file(Path(on_disk["checkpoints"]["best"]) / "adapter_model.safetensors")
-    assert any(".c_attn.lora_A." in key for key in saved) and any(key.startswith("base_model.model.score.") for key in saved)
+    assert any(".c_attn.lora_A." in key for key in saved) and any(
+        key.startswith("base_model.model.score.") for key in saved
+    )
