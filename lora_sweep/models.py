@@ -89,7 +89,7 @@ def _head_names(skeleton, config, trust_remote_code: bool) -> list[str]:
     try:
         with torch.device("meta"), _quiet_transformers():
             base = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - no bare model for this config (remote code, composite): use the body
         base = None
     return head_module_names(skeleton, base)
 
