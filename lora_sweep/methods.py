@@ -119,8 +119,13 @@ def apply_method(model, method: MethodConfig, spec, targets: list[str] | None = 
     if targets is None:
         targets = resolve_targets(method.targets, spec.linear_names)
 
-    head = list(getattr(spec, "head_names", None) or [])
-    return get_peft_model(model, peft_config(method, list(targets or []), spec.task, head, total_steps))
+    return get_peft_model(model, peft_config(method, list(targets or []), spec.task, trained_head(spec), total_steps))
+
+
+def trained_head(spec) -> list[str]:
+    """The modules the task adds (a new classifier) train in full and are saved with the adapter, whatever
+    the family calls them; a causal LM's own pretrained head stays frozen."""
+    return [] if spec.task == "causal_lm" else list(spec.head_names)
 
 
 def after_optimizer_step(model, step: int) -> None:

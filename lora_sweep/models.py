@@ -5,13 +5,13 @@ and where and in which precision it trains. What the method makes of it is :mod:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lora_sweep.config import ModelConfig
 from lora_sweep.hub import locate_model
-from lora_sweep.targets import detect_family, linear_module_names
+from lora_sweep.targets import head_module_names, linear_module_names
 
 
 @dataclass
@@ -24,6 +24,9 @@ class ModelSpec:
     family: str | None
     linear_names: list[str]
     total_params: int
+    # top-level modules the task class adds to the bare model (the new classifier, or lm_head): never LoRA
+    # targets; a sequence classifier trains and saves them in full (modules_to_save)
+    head_names: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -64,15 +67,29 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
     config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
     with torch.device("meta"), _quiet_transformers():
         skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
-    names = linear_module_names(skeleton)
+    heads = _head_names(skeleton, config, cfg.trust_remote_code)
     return ModelSpec(
         source=source,
         task=task,
         model_type=config.model_type,
-        family=detect_family(names),
-        linear_names=names,
+        family=config.model_type,
+        linear_names=linear_module_names(skeleton, heads),
         total_params=sum(p.numel() for p in skeleton.parameters()),
+        head_names=heads,
     )
+
+
+def _head_names(skeleton, config, trust_remote_code: bool) -> list[str]:
+    """The task model's modules that the bare model (AutoModel, on meta) lacks; the task model's own body
+    stands in where no AutoModel exists for the config."""
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"), _quiet_transformers():
+            base = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - no bare model for this config (remote code, composite): use the body
+        base = None
+    return head_module_names(skeleton, base)
 
 
 def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):

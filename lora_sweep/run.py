@@ -19,7 +19,7 @@ from lora_sweep.checkpoint import RESUME_FILES, drop_training_state, is_peft_mod
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import ConfigError
-from lora_sweep.methods import apply_method, is_mergeable, peft_config
+from lora_sweep.methods import apply_method, is_mergeable, peft_config, trained_head
 from lora_sweep.methods import derived_params as method_params
 from lora_sweep.methods import run_name as method_run_name
 from lora_sweep.models import (ModelSpec, count_parameters, inspect_model, load_base_model, load_tokenizer,
@@ -72,7 +72,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
     targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.method.adapter else None
     if cfg.method.adapter:  # PEFT's own checks of the method's values, before any weight loads
-        peft_config(cfg.method, targets, cached.spec.task, list(getattr(cached.spec, "head_names", None) or []),
+        peft_config(cfg.method, targets, cached.spec.task, trained_head(cached.spec),
                     total_steps=plan_steps(len(cached.data.splits["train"]), cfg)[1])
     return dataclasses.replace(cached, targets=targets, setup_seconds=time.perf_counter() - started, reused=reused)
 

@@ -91,12 +91,13 @@ def test_every_config_file_composes(compose, tiny_bert_dir, tiny_csv):
 # Problems that need the model's or the data's own description: still caught before any weight loads.
 
 def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
-    from transformers import GPT2Config, GPT2Model
+    from transformers import FNetConfig, FNetModel
 
     from .conftest import WORDS
 
-    folder = tmp_path / "tiny_gpt2"  # GPT-2 uses Conv1D, not Linear: no preset can match it
-    GPT2Model(GPT2Config(vocab_size=len(WORDS) + 5, n_embd=32, n_layer=1, n_head=4, n_positions=32)).save_pretrained(folder)
+    folder = tmp_path / "tiny_fnet"  # FNet mixes tokens by a Fourier transform: it has no attention layer
+    FNetModel(FNetConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                         max_position_embeddings=32)).save_pretrained(folder)
     cfg = compose("model=local", f"model.name_or_path={folder}", "data=local", f"data.path={tiny_csv}")
     with pytest.raises(ConfigError, match=r"^method.targets='attention_qv': the preset matches no module"):
         prepare(cfg)

@@ -26,8 +26,9 @@ def test_presets_on_bert_like_names(tiny_bert_dir):
     mlp = resolve_targets("mlp", spec.linear_names)
     assert sorted(n.split(".", 4)[-1] for n in mlp) == sorted(["intermediate.dense", "output.dense"] * 2)
     everything = resolve_targets("all_linear", spec.linear_names)
-    assert set(everything) == set(attention) | set(mlp)
-    assert not any("pooler" in n or "classifier" in n for n in everything)  # head and pooler are not blocks
+    # PEFT's all-linear: the pretrained pooler is in, the new task head is out
+    assert set(everything) == set(attention) | set(mlp) | {"bert.pooler.dense"}
+    assert not any("classifier" in n for n in everything) and spec.head_names == ["classifier"]
 
 
 def test_presets_on_llama_like_names(tiny_llama_dir):

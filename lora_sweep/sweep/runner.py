@@ -83,7 +83,7 @@ class SweepRunner:
         from lora_sweep.models import inspect_model
         from lora_sweep.targets import resolve_targets
 
-        from lora_sweep.methods import peft_kwargs
+        from lora_sweep.methods import peft_kwargs, trained_head
 
         first = {p.name: _first(p.distribution) for p in space.params}
         variants = [first] + [{**first, p.name: c} for p in space.params if hasattr(p.distribution, "choices")
@@ -101,7 +101,7 @@ class SweepRunner:
                 spec = spec or inspect_model(cfg.model)
                 targets = resolve_targets(cfg.method.targets, spec.linear_names, key=f"{where} -> method.targets")
                 try:
-                    peft_kwargs(cfg.method, targets, list(getattr(spec, "head_names", None) or []))
+                    peft_kwargs(cfg.method, targets, trained_head(spec))
                 except ConfigError as err:
                     raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
         from lora_sweep.run import prepare
