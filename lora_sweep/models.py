@@ -51,10 +51,10 @@ def model_source(cfg: ModelConfig) -> str:
 
 
 def auto_class(task: str):
-    """The transformers auto class of a task: a new classification head, or the model's own LM head."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The transformers auto class of a task (its name): a new classification head, or the model's own LM head."""
+    from lora_sweep.tasks import get_task
 
-    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    return get_task(task).auto_class()
 
 
 def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
@@ -62,7 +62,7 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
     from transformers import AutoConfig
 
     source = model_source(cfg)
-    task = "causal_lm" if cfg.task == "causal_lm" else "sequence_classification"
+    task = cfg.task if cfg.task != "auto" else "sequence_classification"  # RunConfig resolves auto from data.kind
     config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
     with torch.device("meta"), _quiet_transformers():
         skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
