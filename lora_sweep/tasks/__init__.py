@@ -31,6 +31,8 @@ class Task:
     # what the report shows as forgetting: "perplexity" (each run measured it, read from its record) or
     # "representation_similarity" (the report compares the checkpoint's hidden states with the base model's)
     forgetting_measure: ClassVar[str]
+    # the report's test table: the objective metric, then the first of these that is not the objective
+    report_companions: ClassVar[tuple[str, ...]]
     # after_training uses the model: the best checkpoint is loaded back even when the test split is skipped
     after_training_needs_best: ClassVar[bool] = False
 
@@ -62,10 +64,10 @@ class Task:
         """For ``forgetting_measure == "perplexity"``: before/after/ratio from a record's metrics."""
         return None
 
-    @property
-    def test_metric_names(self) -> list[str]:
-        """The record's test metric keys (``test_<metric>``), in the order the report shows them."""
-        return [f"test_{metric}" for metric in self.metrics]
+    def test_columns(self, objective_metric: str) -> list[str]:
+        """The test metrics the report shows for a sweep optimising ``objective_metric``, in order."""
+        companion = next(m for m in (*self.report_companions, *self.metrics) if m != objective_metric)
+        return [objective_metric, companion]
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

@@ -30,6 +30,7 @@ class CausalLMTask(Task):
     data_kinds = ("instruction", "text")
     metrics = {"loss": "minimize", "perplexity": "minimize"}
     default_metric = "loss"
+    report_companions = ("perplexity", "loss")
     forgetting_measure = "perplexity"
     after_training_needs_best = True  # the generations and the perplexity after come from the best checkpoint
 

@@ -17,6 +17,7 @@ class ClassificationTask(Task):
     data_kinds = ("classification",)
     metrics = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize"}
     default_metric = "accuracy"
+    report_companions = ("loss", "accuracy")
     forgetting_measure = "representation_similarity"
 
     def auto_class(self):
