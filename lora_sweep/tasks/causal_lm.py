@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_sweep.tasks import Task, reference_texts
 
@@ -28,7 +28,7 @@ def reference_ppl(model, tokenizer, cfg: RunConfig, device, precision, texts) ->
 class CausalLMTask(Task):
     name = "causal_lm"
     data_kinds = ("instruction", "text")
-    metrics = {"loss": "minimize", "perplexity": "minimize"}
+    metrics: ClassVar[dict[str, str]] = {"loss": "minimize", "perplexity": "minimize"}
     default_metric = "loss"
     report_companions = ("perplexity", "loss")
     forgetting_measure = "perplexity"

@@ -4,7 +4,7 @@ Torch and transformers are imported inside the methods only."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from lora_sweep.tasks import Task
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 class ClassificationTask(Task):
     name = "sequence_classification"
     data_kinds = ("classification",)
-    metrics = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize"}
+    metrics: ClassVar[dict[str, str]] = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize"}
     default_metric = "accuracy"
     report_companions = ("loss", "accuracy")
     forgetting_measure = "representation_similarity"
