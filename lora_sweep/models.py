@@ -89,16 +89,16 @@ def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):
 def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], pad_token_id: int | None):
     """The pretrained encoder/decoder with a freshly initialised classification head, in fp32; or, for a
     causal LM, the pretrained model with its own LM head."""
-    from transformers import AutoModelForSequenceClassification
+    from lora_sweep.tasks import get_task
 
-    if spec.task == "causal_lm":
+    if not get_task(spec.task).new_head:  # e.g. a causal LM keeps its own LM head
         model = auto_class(spec.task).from_pretrained(spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                                       dtype=torch.float32)
         if model.generation_config.pad_token_id is None and pad_token_id is not None:
             model.generation_config.pad_token_id = pad_token_id  # generate() warns on every call otherwise
         return model
     with _quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = auto_class(spec.task).from_pretrained(
             spec.source,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
@@ -115,9 +115,11 @@ def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], p
 def peft_lora_config(method: LoraMethodConfig, target_names: list[str], task: str = "sequence_classification"):
     from peft import LoraConfig, TaskType
 
+    from lora_sweep.tasks import get_task
+
     return LoraConfig(
         # SEQ_CLS also trains and saves the new classifier head (modules_to_save); a causal LM keeps its own head
-        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
+        task_type=TaskType[get_task(task).peft_task_type],
         r=method.r,
         lora_alpha=method.effective_alpha,
         lora_dropout=method.dropout,

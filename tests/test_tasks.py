@@ -26,6 +26,8 @@ def test_each_task_states_its_metrics_directions_and_defaults():
     assert (classifier.default_metric, causal.default_metric) == ("accuracy", "loss")
     assert (classifier.forgetting_measure, causal.forgetting_measure) == ("representation_similarity", "perplexity")
     assert not classifier.after_training_needs_best and causal.after_training_needs_best
+    assert (classifier.new_head, causal.new_head) == (True, False)
+    assert (classifier.peft_task_type, causal.peft_task_type) == ("SEQ_CLS", "CAUSAL_LM")
     for task in tasks.TASKS.values():
         assert isinstance(task, Task) and task.default_metric in task.metrics
         assert set(task.metrics.values()) <= set(ranking.DIRECTIONS)

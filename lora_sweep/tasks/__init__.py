@@ -33,6 +33,8 @@ class Task:
     forgetting_measure: ClassVar[str]
     # the report's test table: the objective metric, then the first of these that is not the objective
     report_companions: ClassVar[tuple[str, ...]]
+    new_head: ClassVar[bool]  # a freshly initialised head sized by the data's labels (else the model's own head)
+    peft_task_type: ClassVar[str]  # the name of PEFT's TaskType member (what PEFT trains and saves besides adapters)
     # after_training uses the model: the best checkpoint is loaded back even when the test split is skipped
     after_training_needs_best: ClassVar[bool] = False
 

@@ -31,6 +31,8 @@ class CausalLMTask(Task):
     metrics: ClassVar[dict[str, str]] = {"loss": "minimize", "perplexity": "minimize"}
     default_metric = "loss"
     report_companions = ("perplexity", "loss")
+    new_head = False
+    peft_task_type = "CAUSAL_LM"
     forgetting_measure = "perplexity"
     after_training_needs_best = True  # the generations and the perplexity after come from the best checkpoint
 

@@ -18,6 +18,8 @@ class ClassificationTask(Task):
     metrics: ClassVar[dict[str, str]] = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize"}
     default_metric = "accuracy"
     report_companions = ("loss", "accuracy")
+    new_head = True
+    peft_task_type = "SEQ_CLS"
     forgetting_measure = "representation_similarity"
 
     def auto_class(self):
