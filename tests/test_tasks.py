@@ -72,7 +72,7 @@ def test_the_task_metadata_loads_without_torch():
     code = ("import sys; import lora_sweep.config, lora_sweep.tasks as t, lora_sweep.ranking; "
             "assert t.metric_direction('accuracy') == 'maximize'; "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
 
