@@ -12,8 +12,7 @@ from typing import Any, Literal
 
 from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
-from lora_sweep.tasks import TASKS, all_metrics, metric_direction, task_for_kind
-from lora_sweep.tasks import DATA_KINDS as _DATA_KINDS
+from lora_sweep.tasks import DATA_KINDS, TASKS, all_metrics, metric_direction, task_for_kind
 
 TARGET_PRESETS = ("attention_qv", "attention_all", "mlp", "all_linear")
 LORA_VARIANTS = ("lora", "rslora", "dora")
@@ -102,7 +101,7 @@ class DataConfig:
     prompts: list[str] = field(default_factory=list)  # generated greedily at the end; empty: the first test prompts
 
     def __post_init__(self) -> None:
-        _choice("kind", self.kind, tuple(_DATA_KINDS))
+        _choice("kind", self.kind, tuple(DATA_KINDS))
         if not self.path:
             raise ConfigError("path", self.path, f"data.source={self.source} needs a path")
         if self.packing and self.kind != "text":
@@ -271,9 +270,11 @@ class RunConfig:
         if self.model.task == "auto":
             self.model.task = task.name
         elif self.model.task != task.name:
-            raise ConfigError("model.task", self.model.task, f"does not fit data.kind={self.data.kind} (which trains {task.name})")
+            raise ConfigError("model.task", self.model.task,
+                              f"does not fit data.kind={self.data.kind} (which trains {task.name})")
         if self.objective.metric not in task.metrics:
-            raise ConfigError("objective.metric", self.objective.metric, f"a {task.name} run reports {', '.join(task.metrics)}")
+            raise ConfigError("objective.metric", self.objective.metric,
+                              f"a {task.name} run reports {', '.join(task.metrics)}")
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":

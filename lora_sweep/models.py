@@ -51,7 +51,7 @@ def model_source(cfg: ModelConfig) -> str:
 
 
 def auto_class(task: str):
-    """The transformers auto class of a task (its name): a new classification head, or the model's own LM head."""
+    """The transformers auto class of a task (by name): a new classification head, or the model's LM head."""
     from lora_sweep.tasks import get_task
 
     return get_task(task).auto_class()
@@ -62,7 +62,8 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
     from transformers import AutoConfig
 
     source = model_source(cfg)
-    task = cfg.task if cfg.task != "auto" else "sequence_classification"  # RunConfig resolves auto from data.kind
+    # RunConfig resolves "auto" from data.kind; a bare ModelConfig means a classifier, as it always did
+    task = cfg.task if cfg.task != "auto" else "sequence_classification"
     config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
     with torch.device("meta"), _quiet_transformers():
         skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)

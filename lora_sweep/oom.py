@@ -65,7 +65,8 @@ def _size(text: str) -> str:
     return f", tried to allocate {size}"
 
 
-def describe(err: BaseException, cfg: RunConfig, device: torch.device, evaluating: str | bool | None) -> OutOfMemory:
+def describe(err: BaseException, cfg: RunConfig, device: torch.device,
+             evaluating: str | bool | None) -> OutOfMemory:
     from lora_sweep.models import pick_precision
 
     train = cfg.train
@@ -75,7 +76,8 @@ def describe(err: BaseException, cfg: RunConfig, device: torch.device, evaluatin
     where = f"out of memory on {device}{_size(str(err))}"
     if evaluating:
         return OutOfMemory("train.eval_batch_size", train.eval_batch_size,
-                           f"{where} during {evaluating if isinstance(evaluating, str) else 'validation'} ({context}); "
+                           f"{where} during {evaluating if isinstance(evaluating, str) else 'validation'} "
+                           f"({context}); "
                            "lower train.eval_batch_size")
     return OutOfMemory("train.batch_size", train.batch_size,
                        f"{where} ({context}, train.grad_accum={train.grad_accum}); lower train.batch_size or train.max_length, "

@@ -187,7 +187,8 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
         model, reused_model = base_model(cfg, prepared)
         set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
         task = cfg.task
-        forgetting = task.before_training(model, prepared.tokenizer, cfg, prepared.spec.source, device, precision)
+        forgetting = task.before_training(model, prepared.tokenizer, cfg, prepared.spec.source, device,
+                                          precision)
         set_seed(cfg.train.seed)  # LoRA's A matrices come from the RNG: same state whether the base was reused or not
         model = apply_method(model, cfg.method, prepared.spec)
         setup_seconds = time.perf_counter() - setup_started
@@ -215,13 +216,13 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
 
             def test_pass():
                 with evaluation_pass("the test split evaluation"):
-                    return task.evaluate(model, test_loader, device, precision, len(prepared.data.label_names),
-                                         desc="test (best checkpoint)")
+                    return task.evaluate(model, test_loader, device, precision,
+                                         len(prepared.data.label_names), desc="test (best checkpoint)")
 
             test = guard_memory(cfg, device, test_pass, model)
-        if result.status == "completed":  # e.g. causal LMs: forgetting after training, and what the model now says
-            after, record.generations = task.after_training(model, prepared.tokenizer, cfg, prepared.data.prompts, device,
-                                                            precision, output_dir)
+        if result.status == "completed":  # e.g. causal LMs: forgetting after training, what the model now says
+            after, record.generations = task.after_training(model, prepared.tokenizer, cfg,
+                                                            prepared.data.prompts, device, precision, output_dir)
             forgetting.update(after)
             if record.generations:
                 tracker.log_table(record.generations, "generations.json")

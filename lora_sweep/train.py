@@ -174,7 +174,8 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
             if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == total_steps:
                 pause = time.perf_counter()
                 with evaluation_pass():  # an out-of-memory error here names train.eval_batch_size
-                    metrics = task.evaluate(model, val_loader, device, precision, num_labels, desc=f"validation @ {step}")
+                    metrics = task.evaluate(model, val_loader, device, precision, num_labels,
+                                            desc=f"validation @ {step}")
                 evaluations.append({"step": step, **metrics})
                 tracker.log_metrics({f"val_{k}": v for k, v in metrics.items() if k != "samples"}, step)
                 if is_better(metrics):

@@ -18,7 +18,7 @@ CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total ca
 
 @pytest.fixture
 def out_of_memory(monkeypatch):
-    """arm(when): the model raises a CUDA out-of-memory error on a forward pass for which ``when(module)`` holds."""
+    """arm(when): the model raises a CUDA out-of-memory error on a forward pass where ``when(module)``."""
     import lora_sweep.run as run_module
 
     def arm(when):
@@ -31,7 +31,9 @@ def out_of_memory(monkeypatch):
                 if when(module):
                     raise torch.OutOfMemoryError(CUDA_OOM)
 
-            model.register_forward_pre_hook(hook, with_kwargs=True)  # on the PeftModel wrapper, dropped after the run
+            model.register_forward_pre_hook(
+                hook, with_kwargs=True
+            )  # on the PeftModel wrapper, dropped after the run
             return model
 
         monkeypatch.setattr(run_module, "apply_method", apply_method)
@@ -43,25 +45,34 @@ def _causal(compose, tiny_causal, tmp_path, name):
     return compose(*tiny_causal, "train.epochs=1", "lm_eval.reference_texts=0", output_dir=tmp_path / name)
 
 
-def test_out_of_memory_in_a_causal_lm_validation_pass_names_eval_batch_size(compose, tiny_causal, tmp_path, out_of_memory):
+def test_out_of_memory_in_a_causal_lm_validation_pass_names_eval_batch_size(
+    compose, tiny_causal, tmp_path, out_of_memory
+):
     out_of_memory(lambda module: not module.training)
     with pytest.raises(OutOfMemory) as caught:
         run(_causal(compose, tiny_causal, tmp_path, "validation"))
     message = str(caught.value)
-    assert re.match(r"^train.eval_batch_size=32: out of memory on cpu, tried to allocate 2.00 GiB during validation "
-                    r"\(train.max_length=48, precision fp32, method.r=8\); lower train.eval_batch_size$", message), message
+    assert re.match(
+        r"^train.eval_batch_size=32: out of memory on cpu, tried to allocate 2.00 GiB during validation "
+        r"\(train.max_length=48, precision fp32, method.r=8\); lower train.eval_batch_size$",
+        message,
+    ), message
     assert read_record(tmp_path / "validation")["error"] == f"OutOfMemory: {message}"
 
 
 def test_out_of_memory_in_causal_lm_training_names_batch_size(compose, tiny_causal, tmp_path, out_of_memory):
     out_of_memory(lambda module: module.training)
-    with pytest.raises(OutOfMemory, match=r"^train.batch_size=16: out of memory on cpu, tried to allocate 2.00 GiB "
-                                          r"\(train.max_length=48, .*\); lower train.batch_size or train.max_length"):
+    with pytest.raises(
+        OutOfMemory,
+        match=r"^train.batch_size=16: out of memory on cpu, tried to allocate 2.00 GiB "
+        r"\(train.max_length=48, .*\); lower train.batch_size or train.max_length",
+    ):
         run(_causal(compose, tiny_causal, tmp_path, "training"))
 
 
-def test_out_of_memory_in_the_test_split_evaluation_names_eval_batch_size(compose, tiny_overrides, tmp_path, out_of_memory,
-                                                                          monkeypatch):
+def test_out_of_memory_in_the_test_split_evaluation_names_eval_batch_size(
+    compose, tiny_overrides, tmp_path, out_of_memory, monkeypatch
+):
     """Validation passes go through; the test split (after the best checkpoint is loaded back) runs out."""
     import lora_sweep.run as run_module
 
@@ -75,8 +86,11 @@ def test_out_of_memory_in_the_test_split_evaluation_names_eval_batch_size(compos
     monkeypatch.setattr(run_module, "restore_weights", restore_weights)
     out_of_memory(lambda module: bool(testing) and not module.training)
     cfg = compose(*tiny_overrides, "train.epochs=1", output_dir=tmp_path / "test")
-    with pytest.raises(OutOfMemory, match=r"^train.eval_batch_size=32: .* during the test split evaluation \(.*\); "
-                                          r"lower train.eval_batch_size$"):
+    with pytest.raises(
+        OutOfMemory,
+        match=r"^train.eval_batch_size=32: .* during the test split evaluation \(.*\); "
+        r"lower train.eval_batch_size$",
+    ):
         run(cfg)
     assert read_record(tmp_path / "test")["status"] == "failed"
 

@@ -74,7 +74,7 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
         extra["test_columns"] = tasks.pop().test_columns(sweep.metric)
     # what the task's forgetting measure is: each run's own before/after perplexity (read from its record, not
     # recomputed), or the drift of the checkpoint's representations from the base model's (measured here)
-    measures = {get_task(r["config"]["model"]["task"]).forgetting_measure for r in records.values()}  # one task a sweep
+    measures = {get_task(r["config"]["model"]["task"]).forgetting_measure for r in records.values()}
     measure = measures.pop() if len(measures) == 1 else None
     if measure == "perplexity":
         perplexity = ck.perplexity_forgetting(records)

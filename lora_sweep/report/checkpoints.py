@@ -48,9 +48,10 @@ def test_metrics(record: dict[str, Any]) -> dict[str, float]:
     from lora_sweep.data import make_loader
 
     cfg, prepared, model = load_trained(record)
-    loader = make_loader(prepared.data.splits["test"], cfg.task.collator(prepared.tokenizer), cfg.train.eval_batch_size,
-                         shuffle=False)
-    return cfg.task.evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names), desc="test")
+    loader = make_loader(prepared.data.splits["test"], cfg.task.collator(prepared.tokenizer),
+                         cfg.train.eval_batch_size, shuffle=False)
+    return cfg.task.evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names),
+                             desc="test")
 
 
 def perplexity_forgetting(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

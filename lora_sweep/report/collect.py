@@ -67,7 +67,8 @@ def open_sweep(name: str, storage_spec: str, folder: Path) -> Sweep:
     search = optuna.load_study(study_name=name, storage=storage)
     baseline = optuna.load_study(study_name=f"{name}-baseline", storage=storage) if f"{name}-baseline" in names else None
     metric, direction = objective_metric(search), direction_name(search.directions[0])
-    return Sweep(name, storage_spec, Path(folder), search, baseline, search.user_attrs.get("mlflow_parent_run_id"), metric, direction)
+    parent = search.user_attrs.get("mlflow_parent_run_id")
+    return Sweep(name, storage_spec, Path(folder), search, baseline, parent, metric, direction)
 
 
 def objective_metric(search: optuna.Study) -> str:
@@ -80,8 +81,8 @@ def objective_metric(search: optuna.Study) -> str:
         record = _record(trial)
         if record and record.get("metrics", {}).get("objective_metric"):
             return record["metrics"]["objective_metric"]
-    raise LoraSweepError(f"sweep={search.study_name!r}: neither the study nor any trial's record names the objective "
-                         "metric (no trial has finished yet?)")
+    raise LoraSweepError(f"sweep={search.study_name!r}: neither the study nor any trial's record names the "
+                         "objective metric (no trial has finished yet?)")
 
 
 def _record(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:

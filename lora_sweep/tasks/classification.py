@@ -37,7 +37,9 @@ class ClassificationTask(Task):
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
-    def evaluate(self, model, loader, device, precision: str, num_labels: int, desc: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, model, loader, device, precision: str, num_labels: int, desc: str = "eval"
+    ) -> dict[str, float]:
         from lora_sweep.evaluation import evaluate
 
         return evaluate(model, loader, device, precision, num_labels, desc=desc)
