@@ -220,9 +220,10 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
                                          len(prepared.data.label_names), desc="test (best checkpoint)")
 
             test = guard_memory(cfg, device, test_pass, model)
-        if result.status == "completed":  # e.g. causal LMs: forgetting after training, what the model now says
+        if result.status == "completed":  # e.g. causal LMs: forgetting after training, what the model says
             after, record.generations = task.after_training(model, prepared.tokenizer, cfg,
-                                                            prepared.data.prompts, device, precision, output_dir)
+                                                            prepared.data.prompts, device, precision,
+                                                            output_dir)
             forgetting.update(after)
             if record.generations:
                 tracker.log_table(record.generations, "generations.json")
