@@ -7,7 +7,7 @@ metric, forgetting measure) is plain data: importing this package imports neithe
 so ``lora_sweep.config`` checks a config against it before anything heavy loads. The task modules import
 torch inside their methods only.
 
-Adding a task: a subclass of :class:`Task` in a new module of this package, listed in ``_TASK_CLASSES``.
+Adding a task: a subclass of :class:`Task` in a new module of this package, listed in ``_task_classes()``.
 """
 
 from __future__ import annotations
