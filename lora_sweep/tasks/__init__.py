@@ -94,6 +94,7 @@ def reference_texts(limit: int) -> list[str]:
 
 
 def _task_classes() -> list[type[Task]]:
+    """Every task; a new task's class goes here. The order is the order of kinds and metrics in messages."""
     from lora_sweep.tasks.causal_lm import CausalLMTask
     from lora_sweep.tasks.classification import ClassificationTask
 
