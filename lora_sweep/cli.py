@@ -22,7 +22,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("pkg_dir"):
         OmegaConf.register_new_resolver("pkg_dir", lambda module, *parts: package_dir(module, *parts))
     if not OmegaConf.has_resolver("task_metric"):  # objective.metric's default follows data.kind
-        from lora_sweep.config import default_metric
+        from lora_sweep.tasks import default_metric
 
         OmegaConf.register_new_resolver("task_metric", default_metric)
 

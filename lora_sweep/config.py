@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
+from lora_sweep.tasks import DATA_KINDS, TASKS, all_metrics, metric_direction, task_for_kind
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra config tree (conf/method/*.yaml, ...)
 TARGET_PRESETS = ("attention_qv", "attention_all", "mlp", "all_linear")
@@ -22,11 +23,8 @@ LORA_VARIANTS = ("lora", "rslora", "dora")
 LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
-METRICS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize", "perplexity": "minimize"}
-# data.kind -> the task it trains, and the validation metric a run reports by default (objective.metric)
-DATA_KINDS = {"classification": ("sequence_classification", "accuracy"), "instruction": ("causal_lm", "loss"),
-              "text": ("causal_lm", "loss")}
-TASK_METRICS = {"sequence_classification": ("accuracy", "macro_f1", "loss"), "causal_lm": ("loss", "perplexity")}
+# The task tables (data kinds, metrics and their directions, default metrics) are the tasks' own metadata:
+# lora_sweep.tasks is plain data at import time (no torch), so a bad config still fails fast.
 
 
 def _positive(key: str, value: float | int | None, allow_none: bool = False) -> None:
@@ -45,7 +43,7 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 class ModelConfig:
     name: str
     name_or_path: str
-    task: Literal["auto", "sequence_classification", "causal_lm"] = "auto"  # auto: from data.kind
+    task: str = "auto"  # auto: from data.kind; else a task name (lora_sweep.tasks.TASKS)
     num_labels: int | None = None  # None: as many as the data has
     revision: str | None = None
     trust_remote_code: bool = False
@@ -53,6 +51,7 @@ class ModelConfig:
     cache_dir: str = "~/.cache/lora_sweep"
 
     def __post_init__(self) -> None:
+        _choice("task", self.task, ("auto", *TASKS))
         if not self.name_or_path.strip():
             raise ConfigError("name_or_path", self.name_or_path, "must name a model folder or hub id")
         if self.num_labels is not None and self.num_labels < 2:
@@ -83,7 +82,7 @@ class SplitConfig:
 class DataConfig:
     name: str
     source: Literal["builtin", "local", "hub"]
-    kind: Literal["classification", "instruction", "text"] = "classification"  # what the rows are: picks the task
+    kind: str = "classification"  # what the rows are: picks the task (lora_sweep.tasks.DATA_KINDS)
     path: str | None = None  # builtin: dataset name; local: file or folder; hub: dataset id
     format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"] = "auto"
     hub_config: str | None = None
@@ -104,6 +103,7 @@ class DataConfig:
     prompts: list[str] = field(default_factory=list)  # generated greedily at the end; empty: the first test prompts
 
     def __post_init__(self) -> None:
+        _choice("kind", self.kind, tuple(DATA_KINDS))
         if not self.path:
             raise ConfigError("path", self.path, f"data.source={self.source} needs a path")
         if self.packing and self.kind != "text":
@@ -257,11 +257,11 @@ class ObjectiveConfig:
     metric: str = "accuracy"
 
     def __post_init__(self) -> None:
-        _choice("metric", self.metric, tuple(METRICS))
+        _choice("metric", self.metric, all_metrics())
 
     @property
     def direction(self) -> str:
-        return METRICS[self.metric]
+        return metric_direction(self.metric)
 
 
 @dataclass
@@ -310,25 +310,26 @@ class RunConfig:
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
     def __post_init__(self) -> None:
-        task = DATA_KINDS[self.data.kind][0]
+        task = task_for_kind(self.data.kind)
         if self.model.task == "auto":
-            self.model.task = task
-        elif self.model.task != task:
-            raise ConfigError("model.task", self.model.task, f"does not fit data.kind={self.data.kind} (which trains {task})")
-        if self.objective.metric not in TASK_METRICS[task]:
-            raise ConfigError("objective.metric", self.objective.metric, f"a {task} run reports {', '.join(TASK_METRICS[task])}")
+            self.model.task = task.name
+        elif self.model.task != task.name:
+            raise ConfigError("model.task", self.model.task,
+                              f"does not fit data.kind={self.data.kind} (which trains {task.name})")
+        if self.objective.metric not in task.metrics:
+            raise ConfigError("objective.metric", self.objective.metric,
+                              f"a {task.name} run reports {', '.join(task.metrics)}")
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":
         return build(cls, dict(mapping))
 
     @property
+    def task(self):
+        """The :class:`lora_sweep.tasks.Task` this run trains."""
+        return TASKS[self.model.task]
+
+    @property
     def is_causal(self) -> bool:
         return self.model.task == "causal_lm"
 
-
-def default_metric(kind: str) -> str:
-    """The validation metric a run of this data kind reports unless objective.metric says otherwise."""
-    if kind not in DATA_KINDS:
-        raise ConfigError("data.kind", kind, f"must be one of {', '.join(DATA_KINDS)}")
-    return DATA_KINDS[kind][1]

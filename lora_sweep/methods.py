@@ -97,9 +97,10 @@ def peft_config(method: MethodConfig, target_names: list[str], task: str, head_n
     """PEFT's config object for the method; PEFT's own checks of the values become one key-named line."""
     from peft import TaskType
 
+    from lora_sweep.tasks import get_task
+
     cls = config_class(method)
-    # SEQ_CLS also trains and saves the new classifier head; a causal LM keeps its own head frozen
-    task_type = TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
+    task_type = TaskType[get_task(task).peft_task_type]  # the PeftModel class that wraps this task's model
     try:
         return cls(task_type=task_type, **peft_kwargs(method, target_names, head_names, total_steps))
     except (ValueError, TypeError) as err:
@@ -125,7 +126,9 @@ def apply_method(model, method: MethodConfig, spec, targets: list[str] | None = 
 def trained_head(spec) -> list[str]:
     """The modules the task adds (a new classifier) train in full and are saved with the adapter, whatever
     the family calls them; a causal LM's own pretrained head stays frozen."""
-    return [] if spec.task == "causal_lm" else list(spec.head_names)
+    from lora_sweep.tasks import get_task
+
+    return list(spec.head_names) if get_task(spec.task).new_head else []
 
 
 def after_optimizer_step(model, step: int) -> None:

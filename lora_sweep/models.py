@@ -52,10 +52,10 @@ def model_source(cfg: ModelConfig) -> str:
 
 
 def auto_class(task: str):
-    """The transformers auto class of a task: a new classification head, or the model's own LM head."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The transformers auto class of a task (by name): a new classification head, or the model's LM head."""
+    from lora_sweep.tasks import get_task
 
-    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    return get_task(task).auto_class()
 
 
 def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
@@ -63,7 +63,8 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
     from transformers import AutoConfig
 
     source = model_source(cfg)
-    task = "causal_lm" if cfg.task == "causal_lm" else "sequence_classification"
+    # RunConfig resolves "auto" from data.kind; a bare ModelConfig means a classifier, as it always did
+    task = cfg.task if cfg.task != "auto" else "sequence_classification"
     config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
     with torch.device("meta"), _quiet_transformers():
         skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
@@ -104,16 +105,16 @@ def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):
 def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], pad_token_id: int | None):
     """The pretrained encoder/decoder with a freshly initialised classification head, in fp32; or, for a
     causal LM, the pretrained model with its own LM head."""
-    from transformers import AutoModelForSequenceClassification
+    from lora_sweep.tasks import get_task
 
-    if spec.task == "causal_lm":
+    if not get_task(spec.task).new_head:  # e.g. a causal LM keeps its own LM head
         model = auto_class(spec.task).from_pretrained(spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                                       dtype=torch.float32)
         if model.generation_config.pad_token_id is None and pad_token_id is not None:
             model.generation_config.pad_token_id = pad_token_id  # generate() warns on every call otherwise
         return model
     with _quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = auto_class(spec.task).from_pretrained(
             spec.source,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,

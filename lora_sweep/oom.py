@@ -6,10 +6,10 @@ process: in a sweep the trial fails with this line as its reason and the next tr
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
-import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -34,14 +34,25 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and bool(_OOM_TEXT.search(str(err)))
 
 
-def _in_evaluation(tb: types.TracebackType | None) -> bool:
-    """Whether the allocation failed inside a validation pass (its batch size is train.eval_batch_size)."""
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if code.co_name == "evaluate" and code.co_filename.endswith("evaluation.py"):
-            return True
-        tb = tb.tb_next
-    return False
+# set on an exception raised inside evaluation_pass(): the allocation failed at train.eval_batch_size
+_DURING_EVALUATION = "_lora_sweep_during_evaluation"
+
+
+@contextlib.contextmanager
+def evaluation_pass(name: str = "validation") -> Iterator[None]:
+    """Marks the code inside as an evaluation pass (validation or test, batches of train.eval_batch_size):
+    an error raised there is tagged, so :func:`guard_memory` names the key that sizes those batches,
+    whichever task's evaluator ran. ``name`` (validation, test) is what the message says it was."""
+    try:
+        yield
+    except Exception as err:
+        setattr(err, _DURING_EVALUATION, name)
+        raise
+
+
+def during_evaluation(err: BaseException) -> str | None:
+    """The name of the :func:`evaluation_pass` the error was raised in; None: not in one (training)."""
+    return getattr(err, _DURING_EVALUATION, None)
 
 
 def _size(text: str) -> str:
@@ -54,7 +65,8 @@ def _size(text: str) -> str:
     return f", tried to allocate {size}"
 
 
-def describe(err: BaseException, cfg: RunConfig, device: torch.device, evaluating: bool) -> OutOfMemory:
+def describe(err: BaseException, cfg: RunConfig, device: torch.device,
+             evaluating: str | bool | None) -> OutOfMemory:
     from lora_sweep.models import pick_precision
 
     train = cfg.train
@@ -64,7 +76,9 @@ def describe(err: BaseException, cfg: RunConfig, device: torch.device, evaluatin
     where = f"out of memory on {device}{_size(str(err))}"
     if evaluating:
         return OutOfMemory("train.eval_batch_size", train.eval_batch_size,
-                           f"{where} during validation ({context}); lower train.eval_batch_size")
+                           f"{where} during {evaluating if isinstance(evaluating, str) else 'validation'} "
+                           f"({context}); "
+                           "lower train.eval_batch_size")
     return OutOfMemory("train.batch_size", train.batch_size,
                        f"{where} ({context}, train.grad_accum={train.grad_accum}); lower train.batch_size or train.max_length, "
                        "or raise train.grad_accum")
@@ -89,7 +103,7 @@ def guard_memory(cfg: RunConfig, device: torch.device, work: Callable[[], T], mo
     except Exception as err:  # noqa: BLE001 - anything else is re-raised untouched
         if not is_out_of_memory(err):
             raise
-        problem = describe(err, cfg, device, _in_evaluation(err.__traceback__))
+        problem = describe(err, cfg, device, during_evaluation(err))
     # outside the except block: the exception and the frames holding the activations are gone
     release(device, model)
     raise problem

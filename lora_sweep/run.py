@@ -24,12 +24,11 @@ from lora_sweep.methods import derived_params as method_params
 from lora_sweep.methods import run_name as method_run_name
 from lora_sweep.models import (ModelSpec, count_parameters, inspect_model, load_base_model, load_tokenizer,
                                pick_device, pick_precision, set_gradient_checkpointing)
-from lora_sweep.oom import guard_memory
+from lora_sweep.oom import evaluation_pass, guard_memory
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
 from lora_sweep.targets import resolve_targets
-from lora_sweep.tasks import after_training, before_training, collator, evaluator, prepare_task_data
 from lora_sweep.tracking import Tracker, make_tracker
 from lora_sweep.train import EvaluationHook, fit, plan_steps
 
@@ -68,7 +67,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cached is None:
         spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
         tokenizer = load_tokenizer(spec, cfg.model)
-        data = prepare_task_data(cfg, tokenizer)
+        data = cfg.task.prepare_data(cfg, tokenizer)
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
     targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.method.adapter else None
     if cfg.method.adapter:  # PEFT's own checks of the method's values, before any weight loads
@@ -184,7 +183,9 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
 
         model, reused_model = base_model(cfg, prepared)
         set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
-        forgetting = before_training(model, prepared.tokenizer, cfg, prepared.spec.source, device, precision)  # causal LMs
+        task = cfg.task
+        forgetting = task.before_training(model, prepared.tokenizer, cfg, prepared.spec.source, device,
+                                          precision)
         set_seed(cfg.train.seed)  # LoRA's A matrices come from the RNG: same state whether the base was reused or not
         total_steps = plan_steps(len(prepared.data.splits["train"]), cfg)[1]
         model = apply_method(model, cfg.method, prepared.spec, prepared.targets, total_steps)
@@ -205,16 +206,23 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
             record.resumes[-1]["from_step"] = result.resumed_from_step
 
         test: dict[str, float] = {}
-        if result.status == "completed" and (cfg.evaluate_test or cfg.is_causal):
+        if result.status == "completed" and (cfg.evaluate_test or task.after_training_needs_best):
             restore_weights(model, Path(result.checkpoints["best"]))
         if cfg.evaluate_test and result.status == "completed":
             # The held-out test split is touched once, by the checkpoint that validation chose.
-            test_loader = make_loader(prepared.data.splits["test"], collator(cfg.model.task, prepared.tokenizer),
+            test_loader = make_loader(prepared.data.splits["test"], task.collator(prepared.tokenizer),
                                       cfg.train.eval_batch_size, shuffle=False)
-            test = evaluator(cfg.model.task)(model, test_loader, device, precision, len(prepared.data.label_names),
-                                             desc="test (best checkpoint)")
-        if result.status == "completed":  # causal LMs: forgetting after training, and what the model now says
-            after, record.generations = after_training(model, prepared.tokenizer, cfg, prepared.data.prompts, device, precision, output_dir)
+
+            def test_pass():
+                with evaluation_pass("the test split evaluation"):
+                    return task.evaluate(model, test_loader, device, precision,
+                                         len(prepared.data.label_names), desc="test (best checkpoint)")
+
+            test = guard_memory(cfg, device, test_pass, model)
+        if result.status == "completed":  # e.g. causal LMs: forgetting after training, what the model says
+            after, record.generations = task.after_training(model, prepared.tokenizer, cfg,
+                                                            prepared.data.prompts, device, precision,
+                                                            output_dir)
             forgetting.update(after)
             if record.generations:
                 tracker.log_table(record.generations, "generations.json")

@@ -25,9 +25,9 @@ from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import TrainingDiverged
 from lora_sweep.evaluation import autocast, progress
 from lora_sweep.methods import after_optimizer_step
+from lora_sweep.oom import evaluation_pass
+from lora_sweep.ranking import is_better as ranks_better
 from lora_sweep.system import MemoryMeter
-from lora_sweep.tasks import collator as task_collator
-from lora_sweep.tasks import evaluator
 from lora_sweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     num_labels = len(data.label_names)
     torch.manual_seed(train_cfg.seed)
     model.to(device).train()
-    collator = task_collator(cfg.model.task, tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
-    evaluate = evaluator(cfg.model.task)  # classifier: loss/accuracy/macro-F1; causal LM: loss/perplexity
+    task = cfg.task
+    collator = task.collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
     pin = device.type == "cuda"
     val_loader = make_loader(data.splits["validation"], collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
     steps_per_epoch, total_steps = plan_steps(len(data.splits["train"]), cfg)
@@ -119,8 +119,7 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     def is_better(metrics: dict[str, float]) -> bool:
         if best_step is None:
             return True
-        value, best = metrics[objective.metric], best_metrics[objective.metric]
-        return value > best if objective.direction == "maximize" else value < best
+        return ranks_better(metrics[objective.metric], best_metrics[objective.metric], objective.direction)
 
     if resume_from is not None and on_evaluation is not None and evaluations and evaluations[-1]["step"] == step:
         # the kill may have come between this evaluation's checkpoint and the pruner's answer: ask again
@@ -176,7 +175,9 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
             # validation, checkpoints, and the sweep's chance to stop a hopeless trial
             if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == total_steps:
                 pause = time.perf_counter()
-                metrics = evaluate(model, val_loader, device, precision, num_labels, desc=f"validation @ {step}")
+                with evaluation_pass():  # an out-of-memory error here names train.eval_batch_size
+                    metrics = task.evaluate(model, val_loader, device, precision, num_labels,
+                                            desc=f"validation @ {step}")
                 evaluations.append({"step": step, **metrics})
                 tracker.log_metrics({f"val_{k}": v for k, v in metrics.items() if k != "samples"}, step)
                 if is_better(metrics):

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lora_sweep.ranking import ascending, best_of
 from lora_sweep.report import figures as fig
 from lora_sweep.report.collect import Sweep, trials_table
 from lora_sweep.report.render import to_html, to_json, to_markdown
@@ -42,8 +43,7 @@ def headline(table, metric: str, direction: str) -> str:
     done_lora = lora[lora["state"] == "complete"]["val_metric"].dropna()
     done_full = full[full["state"] == "complete"]["val_metric"].dropna()
     if len(done_lora) and len(done_full):
-        best_lora = done_lora.max() if direction == "maximize" else done_lora.min()
-        best_full = done_full.max() if direction == "maximize" else done_full.min()
+        best_lora, best_full = best_of(done_lora, direction), best_of(done_full, direction)
         text += f" Best validation {metric}: {'LoRA' if kind == 'LoRA' else 'PEFT'} {best_lora:.4f}, full fine-tuning {best_full:.4f} (gap {best_lora - best_full:+.4f})."
     return text
 
@@ -60,19 +60,25 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
     """Test scores of the chosen checkpoint and the full-FT baseline, drift of every model, the export."""
     from lora_sweep.errors import LoraSweepError
     from lora_sweep.report import checkpoints as ck
-    from lora_sweep.tasks import reference_texts
+    from lora_sweep.tasks import get_task, reference_texts
 
     records, extra, figures = _records(table), {}, {}
     full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
-    full = full.sort_values("val_metric", ascending=sweep.direction != "maximize").head(1)
+    full = full.sort_values("val_metric", ascending=ascending(sweep.direction)).head(1)
     picks = {}
     if choice.row is not None:
         picks["chosen LoRA"] = f"lora #{choice.row['trial']}"
     if not full.empty:
         picks["full fine-tuning"] = f"full #{full.iloc[0]['trial']}"
     extra["test"] = {label: {"trial": key, **ck.test_metrics(records[key])} for label, key in picks.items()}
-    causal = any(r["config"]["model"].get("task") == "causal_lm" for r in records.values())
-    if causal:  # each run measured its perplexity on the reference text before and after: read, do not recompute
+    tasks = {get_task(r["config"]["model"]["task"]) for r in records.values()}
+    if len(tasks) == 1:
+        extra["test_columns"] = tasks.pop().test_columns(sweep.metric)
+    # what the task's forgetting measure is: each run's own before/after perplexity (read from its record, not
+    # recomputed), or the drift of the checkpoint's representations from the base model's (measured here)
+    measures = {get_task(r["config"]["model"]["task"]).forgetting_measure for r in records.values()}
+    measure = measures.pop() if len(measures) == 1 else None
+    if measure == "perplexity":
         perplexity = ck.perplexity_forgetting(records)
         if perplexity:
             texts = next(r["metrics"]["reference_texts"] for k, r in records.items() if k in perplexity)
@@ -86,7 +92,7 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
             reference = reference_texts(ck.REFERENCE_SIZE)
         except LoraSweepError as err:
             extra["forgetting_note"] = f"not measured: {err}"
-    if reference and not causal:
+    if reference and measure == "representation_similarity":
         # trials whose checkpoints keep_checkpoints deleted have no weights left to measure
         kept = {key: record for key, record in records.items() if not record.get("checkpoints", {}).get("deleted")}
         similarity = ck.representation_similarity(kept, reference)

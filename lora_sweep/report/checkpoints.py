@@ -33,8 +33,6 @@ def _setup(record: dict[str, Any]):
 
 def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
     """(config, prepared data, model) with the checkpoint's trained weights, in eval mode on CPU."""
-    from lora_sweep.models import auto_class
-
     checkpoint = require_safetensors(checkpoint or record["checkpoints"]["best"])  # never the .bin fallback
     cfg, prepared, base = _setup(record)
     if cfg.method.adapter:
@@ -42,25 +40,27 @@ def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
 
         model = load_adapter(base, checkpoint)
     else:
-        model = auto_class(prepared.spec.task).from_pretrained(str(checkpoint), use_safetensors=True)
+        model = cfg.task.auto_class().from_pretrained(str(checkpoint), use_safetensors=True)
     return cfg, prepared, model.eval()
 
 
 def test_metrics(record: dict[str, Any]) -> dict[str, float]:
     from lora_sweep.data import make_loader
-    from lora_sweep.tasks import collator, evaluator
 
     cfg, prepared, model = load_trained(record)
-    loader = make_loader(prepared.data.splits["test"], collator(cfg.model.task, prepared.tokenizer), cfg.train.eval_batch_size,
-                         shuffle=False)
-    return evaluator(cfg.model.task)(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names), desc="test")
+    loader = make_loader(prepared.data.splits["test"], cfg.task.collator(prepared.tokenizer),
+                         cfg.train.eval_batch_size, shuffle=False)
+    return cfg.task.evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names),
+                             desc="test")
 
 
 def perplexity_forgetting(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Causal LMs: each run's perplexity on the reference text before and after training, from its record."""
-    from lora_sweep.tasks import forgetting_summary
+    """Each run's perplexity on the reference text before and after training, from its record (the tasks whose
+    forgetting measure is perplexity: causal LMs)."""
+    from lora_sweep.tasks import get_task
 
-    found = {key: forgetting_summary(record.get("metrics", {})) for key, record in records.items()}
+    found = {key: get_task(record["config"]["model"]["task"]).forgetting_summary(record.get("metrics", {}))
+             for key, record in records.items()}
     return {key: value for key, value in found.items() if value is not None}
 
 
@@ -95,8 +95,6 @@ def representation_similarity(records: dict[str, dict[str, Any]], texts: list[st
 def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> dict[str, Any]:
     """The chosen LoRA checkpoint as a PEFT adapter and as a merged model, checked to give the same logits."""
 
-    from lora_sweep.models import auto_class
-
     out_dir = Path(out_dir)
     cfg, prepared, model = load_trained(record)
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
@@ -121,7 +119,7 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     # reload both from disk, as a user would, and compare
     _, _, base = _setup(record)
     reloaded_adapter = load_adapter(base, adapter_dir)
-    reloaded_merged = auto_class(prepared.spec.task).from_pretrained(str(merged_dir), use_safetensors=True).eval()
+    reloaded_merged = cfg.task.auto_class().from_pretrained(str(merged_dir), use_safetensors=True).eval()
     with torch.no_grad():
         a, m = reloaded_adapter(**batch).logits, reloaded_merged(**batch).logits
     difference = float(max((a - m).abs().max(), (a - adapter_logits).abs().max()))

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from lora_sweep.config import MethodConfig
 from lora_sweep.errors import LoraSweepError
+from lora_sweep.ranking import best_of, direction_name
 from lora_sweep.schema import build
 from lora_sweep.sweep.study import JOURNAL_PREFIX, open_storage
 
@@ -65,13 +66,23 @@ def open_sweep(name: str, storage_spec: str, folder: Path) -> Sweep:
         raise LoraSweepError(f"sweep={name!r}: no such study in {storage_spec} (studies: {', '.join(sorted(names))})")
     search = optuna.load_study(study_name=name, storage=storage)
     baseline = optuna.load_study(study_name=f"{name}-baseline", storage=storage) if f"{name}-baseline" in names else None
-    metric, direction = "accuracy", search.directions[0].name.lower()
+    metric, direction = objective_metric(search), direction_name(search.directions[0])
+    parent = search.user_attrs.get("mlflow_parent_run_id")
+    return Sweep(name, storage_spec, Path(folder), search, baseline, parent, metric, direction)
+
+
+def objective_metric(search: optuna.Study) -> str:
+    """The validation metric the study optimised: stored by the sweeper in the study's ``lora_sweep``
+    attribute, or (studies made before it stored it) stated by a trial's record. Never guessed."""
+    metric = (search.user_attrs.get("lora_sweep") or {}).get("metric")
+    if metric:
+        return metric
     for trial in search.get_trials(deepcopy=False):
         record = _record(trial)
         if record and record.get("metrics", {}).get("objective_metric"):
-            metric = record["metrics"]["objective_metric"]
-            break
-    return Sweep(name, storage_spec, Path(folder), search, baseline, search.user_attrs.get("mlflow_parent_run_id"), metric, direction)
+            return record["metrics"]["objective_metric"]
+    raise LoraSweepError(f"sweep={search.study_name!r}: neither the study nor any trial's record names the "
+                         "objective metric (no trial has finished yet?)")
 
 
 def _record(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
@@ -89,11 +100,10 @@ def trials_table(search: optuna.Study, baseline: optuna.Study | None = None) -> 
             continue
         trials = study.get_trials(deepcopy=False)
         retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-        maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
         for trial in trials:
             if trial.number in retried and trial.state == TrialState.FAIL:
                 continue  # its parameters ran again as a later trial
-            rows.append(_row(role, trial, _record(trial), maximize))
+            rows.append(_row(role, trial, _record(trial), study.directions[0]))
     return pd.DataFrame(rows)
 
 
@@ -114,11 +124,11 @@ def _method(record: dict | None, trial: optuna.trial.FrozenTrial, role: str) -> 
             "mergeable": record.get("params", {}).get("mergeable")}
 
 
-def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, maximize: bool) -> dict[str, Any]:
+def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, direction) -> dict[str, Any]:
     metrics, params, checkpoints = (record or {}).get("metrics", {}), (record or {}).get("params", {}), (record or {}).get("checkpoints", {})
     value = metrics.get("objective")
     if value is None and trial.intermediate_values:  # no record yet: the best validation value reported so far
-        value = (max if maximize else min)(trial.intermediate_values.values())
+        value = best_of(trial.intermediate_values.values(), direction)
     return {
         "role": role, "trial": trial.number, "state": STATES.get(trial.state, trial.state.name.lower()),
         "fail_reason": trial.user_attrs.get("fail_reason") or (record or {}).get("error"), **_method(record, trial, role),

@@ -11,6 +11,8 @@ matplotlib.rcParams["svg.hashsalt"] = "lora_sweep"  # stable SVG ids: a regenera
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lora_sweep.ranking import ascending, sign  # noqa: E402
+
 FULL_COLOR, LORA_COLOR, PRUNED_COLOR = "#c0392b", "#2e86c1", "#aab7b8"
 
 
@@ -25,11 +27,10 @@ def _save(fig, folder: Path, name: str) -> list[Path]:
 
 def pareto_front(points: pd.DataFrame, direction: str) -> pd.DataFrame:
     """Trials no other trial beats on both validation metric and trainable parameters."""
-    sign = 1 if direction == "maximize" else -1
-    ordered = points.sort_values(["trainable_params", "val_metric"], ascending=[True, direction != "maximize"])
+    ordered = points.sort_values(["trainable_params", "val_metric"], ascending=[True, ascending(direction)])
     front, best = [], None
     for _, row in ordered.iterrows():
-        if best is None or sign * row["val_metric"] > sign * best:
+        if best is None or sign(direction) * row["val_metric"] > sign(direction) * best:
             front.append(row)
             best = row["val_metric"]
     return pd.DataFrame(front)
@@ -75,9 +76,9 @@ def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]
 def learning_curves(table: pd.DataFrame, metric: str, direction: str, folder: Path, top: int = 3) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lora = table[(table["role"] == "search") & (table["state"] == "complete")]
-    lora = lora.sort_values("val_metric", ascending=direction != "maximize").head(top)
+    lora = lora.sort_values("val_metric", ascending=ascending(direction)).head(top)
     full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
-    full = full.sort_values("val_metric", ascending=direction != "maximize").head(1)
+    full = full.sort_values("val_metric", ascending=ascending(direction)).head(1)
     for rows, color in ((lora, None), (full, FULL_COLOR)):
         for _, row in rows.iterrows():
             curve = pd.DataFrame(row["evaluations"])

@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from lora_sweep.ranking import sign
+
 COLUMNS = [  # (column, header, format)
     ("role", "role", "{}"), ("trial", "trial", "{}"), ("method", "method", "{}"), ("r", "rank", "{:.0f}"),
     ("alpha", "alpha", "{:g}"), ("scaling", "scaling", "{:.3g}"), ("targets", "targets", "{}"), ("variant", "variant", "{}"),
@@ -101,7 +103,10 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
     """Test scores, forgetting and export, as Markdown lines (also shown, escaped, in the HTML)."""
     metric, lines = summary["metric"], []
     if summary.get("test"):
-        second = "perplexity" if metric == "loss" and all("perplexity" in t for t in summary["test"].values()) else "loss"
+        # the columns the task chose (a report.json written before tasks said so: as reports did then)
+        has_perplexity = all("perplexity" in t for t in summary["test"].values())
+        old = "perplexity" if metric == "loss" and has_perplexity else "loss"
+        metric, second = summary.get("test_columns") or (metric, old)
         lines += ["## Held-out test split (evaluated only for these two)", "", f"| model | trial | test {metric} | test {second} |", "|---|---|---|---|"]
         lines += [f"| {label} | {t['trial']} | {t[metric]:.4f} | {t[second]:.4f} |" for label, t in summary["test"].items()]
         lines.append("")
@@ -116,7 +121,7 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(f"| {split} {metric} | {r['lora']['mean']:.4f} ± {r['lora']['ci95']:.4f} | {r['full']['mean']:.4f} ± "
                          f"{r['full']['ci95']:.4f} | {d['mean']:+.4f} ± {d['ci95']:.4f} | {r['paired'].get('p_value', float('nan')):.3g} |")
         d = rep["test"]["paired"]["difference"]
-        lora_better = d["mean"] > 0 if summary.get("direction", "maximize") == "maximize" else d["mean"] < 0
+        lora_better = sign(summary.get("direction", "maximize")) * d["mean"] > 0
         verdict = ("the interval of the difference includes 0: no evidence that LoRA and full FT differ on test"
                    if d["mean"] - d["ci95"] <= 0 <= d["mean"] + d["ci95"] else
                    f"LoRA is better on test by {abs(d['mean']):.4f}" if lora_better else f"full FT is better on test by {abs(d['mean']):.4f}")

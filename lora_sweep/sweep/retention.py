@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from lora_sweep.ranking import rank_key
 from lora_sweep.record import RECORD_FILE, load_run_record, read_record
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,7 @@ def top_trials(study: optuna.Study, keep: int) -> set[int]:
     if len(study.directions) > 1:
         keep_numbers = {t.number for t in study.best_trials}
     else:
-        reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        ranked = sorted(complete, key=lambda t: (-t.value if reverse else t.value, t.number))
+        ranked = sorted(complete, key=lambda t: (rank_key(t.value, study.direction), t.number))
         keep_numbers = {t.number for t in ranked[:keep]}
     return keep_numbers
 

@@ -141,7 +141,9 @@ class SweepRunner:
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
             raise ConfigError("hydra.sweeper.objectives", objectives, f"study {study_name!r} exists with other directions")
         if "lora_sweep" not in study.user_attrs:  # a new study: remember its settings, queue the fixed trials
+            # "metric": the objective's metric, so the report reads it instead of guessing
             study.set_user_attr("lora_sweep", {"pruner": dict(self.settings.get("pruner") or {}), "objectives": objectives,
+                                               "metric": OmegaConf.select(self.config, "objective.metric"),
                                                "role": role, "params": dict(block.get("params") or {})})
             for entry in block.get("enqueue") or []:
                 study.enqueue_trial(dict(entry), user_attrs={"enqueued": True})
@@ -149,9 +151,9 @@ class SweepRunner:
 
     def _direction(self, objective: str) -> str:
         if objective == "objective":
-            from lora_sweep.config import METRICS
+            from lora_sweep.tasks import metric_direction
 
-            return METRICS[OmegaConf.select(self.config, "objective.metric")]
+            return metric_direction(OmegaConf.select(self.config, "objective.metric"))
         return OBJECTIVES[objective][1]
 
     # --- the loop ------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from lora_sweep.ranking import rank_key
 from lora_sweep.secrets import redact
 
 
@@ -15,8 +16,7 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         return []
     if len(study.directions) == 1:
         return [study.best_trial]
-    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-    return sorted(study.best_trials, key=lambda t: t.values[0], reverse=maximize)
+    return sorted(study.best_trials, key=lambda t: rank_key(t.values[0], study.directions[0]))
 
 
 def _cell(value, fmt: str = "{}") -> str:
