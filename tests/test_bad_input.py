@@ -26,8 +26,8 @@ from lora_sweep.oom import OutOfMemory
 from lora_sweep.record import read_record
 from lora_sweep.run import prepare, run
 
-from .conftest import sentiment_rows, write_csv
-from .test_sweep import client, load, run_sweep, sweep_command, write_sweep
+from .helpers import sentiment_rows, write_csv
+from .helpers import client, load, run_sweep, sweep_command, write_sweep
 
 DIVERGING_LR = "1e6"  # AdamW moves every adapter weight by ~lr per step: the tiny model's loss is NaN within 6 steps
 

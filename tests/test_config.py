@@ -12,7 +12,7 @@ from lora_sweep.config import LoraMethodConfig, RunConfig
 from lora_sweep.errors import ConfigError
 from lora_sweep.run import prepare
 
-from .conftest import write_csv
+from .helpers import write_csv
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_every_config_file_composes(compose, tiny_bert_dir, tiny_csv):
 def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
     from transformers import GPT2Config, GPT2Model
 
-    from .conftest import WORDS
+    from .helpers import WORDS
 
     folder = tmp_path / "tiny_gpt2"  # GPT-2 uses Conv1D, not Linear: no preset can match it
     GPT2Model(GPT2Config(vocab_size=len(WORDS) + 5, n_embd=32, n_layer=1, n_head=4, n_positions=32)).save_pretrained(folder)
@@ -121,7 +121,7 @@ def test_problem_found_before_any_weight_loads(compose, tiny_overrides, tmp_path
 
 
 def test_empty_split(compose, tiny_overrides, tmp_path):
-    from .conftest import sentiment_rows
+    from .helpers import sentiment_rows
 
     folder = tmp_path / "splits"
     folder.mkdir()

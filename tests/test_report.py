@@ -15,7 +15,7 @@ import torch
 
 from lora_sweep.report.select import pick_best
 
-from .test_sweep import client, parents, run_sweep, write_sweep
+from .helpers import client, parents, run_sweep, write_sweep
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ def test_sweep_killed_at_random_moments_ends_as_if_never_killed(tmp_path, tiny):
     from lora_sweep.data import make_loader
     from lora_sweep.evaluation import evaluate
     from lora_sweep.report.checkpoints import load_trained
-    from tests.test_sweep import load, parents, run_sweep, sweep_command, write_sweep
+    from tests.helpers import load, parents, run_sweep, sweep_command, write_sweep
 
     n_trials = 4
     write_sweep(tmp_path, "chaos", {

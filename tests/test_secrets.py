@@ -15,7 +15,7 @@ import pytest
 from lora_sweep.errors import ConfigError
 from lora_sweep.secrets import MASK, redact, redact_url, secret_values
 
-from .test_sweep import run_sweep, sweep_command, write_sweep
+from .helpers import run_sweep, sweep_command, write_sweep
 
 HF_TOKEN = "hf_TopSecretToken1234567890"
 TRACKING_PASSWORD = "Mlflow-Pa55word-xyz"
@@ -87,7 +87,7 @@ def test_no_secret_reaches_mlflow_records_summary_or_report(tmp_path, tiny):
         assert not leaks, f"{secret} in {leaks}"
 
     # *** stands where they were: the tags and params of every trial run, and the records
-    from .test_sweep import client
+    from .helpers import client
 
     runs = [r for r in client(tmp_path).search_runs(["1"]) if r.data.tags.get("lora_sweep.role") == "search"]
     assert len(runs) == 2

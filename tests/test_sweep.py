@@ -13,55 +13,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-REPO = Path(__file__).resolve().parent.parent
-
-def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
-    """A sweep file as a user writes one: select our sweeper, fix the sweep folder, describe the search."""
-    folder = root / "extra_conf" / "sweeps"
-    folder.mkdir(parents=True, exist_ok=True)
-    body = {"defaults": [{"override /hydra/sweeper": "lora_optuna"}],
-            "hydra": {"sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
-                      # the report (and its replicate trainings) has its own tests: off unless a test asks for it
-                      "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper}}}
-    path = folder / f"{name}.yaml"
-    path.write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
-    return path
-
-
-def sweep_command(root: Path, name: str, tiny: list[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lora_sweep", "--multirun", f"sweeps={name}", f"hydra.searchpath=[file://{root / 'extra_conf'}]",
-            f"data.cache_dir={root / 'cache'}", *tiny, *extra]
-
-
-def run_sweep(root: Path, name: str, tiny: list[str], *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(sweep_command(root, name, tiny, *extra), cwd=root, capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def load(root: Path, study: str, folder: str | None = None) -> optuna.Study:
-    """A study from the journal in its sweep folder (the baseline's study shares its sweep's journal)."""
-    from optuna.storages.journal import JournalFileBackend
-
-    journal = root / "outputs" / "sweeps" / (folder or study) / "optuna.journal"
-    return optuna.load_study(study_name=study, storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
-
-
-def client(root: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-
-def parents(root: Path, study: str):
-    return client(root).search_runs(["1"], filter_string=f"tags.`lora_sweep.sweep` = '{study}'")
-
-
-def children(root: Path, parent_id: str):
-    return client(root).search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+from .helpers import REPO, children, client, load, parents, run_sweep, sweep_command, write_sweep
 
 
 def test_sweep_nests_trials_under_one_parent_and_links_trial_run_checkpoint(tmp_path, tiny):

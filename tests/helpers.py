@@ -1,0 +1,111 @@
+"""Helpers shared by several test modules (test modules never import each other): tiny learnable data,
+and writing, running and reading back a sweep through the real command line."""
+
+from __future__ import annotations
+
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: conftest imports this module, and every test run pays for it
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --- tiny learnable data ---------------------------------------------------------------------------------
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart", "warm", "best"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat", "cold", "worst"]
+NEUTRAL = ["the", "a", "movie", "film", "plot", "cast", "was", "is", "very", "quite", "and", "story"]
+WORDS = POSITIVE + NEGATIVE + NEUTRAL
+CHAT_WORDS = ["user", "assistant", "system", "question", "answer", "say", "what", "is"]
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Sentences whose label is decided by their sentiment words: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        cue = POSITIVE if label == "positive" else NEGATIVE
+        words = rng.sample(NEUTRAL, 4) + rng.sample(cue, 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Questions whose answer is the sentiment words they contain: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        cue = rng.sample(POSITIVE if rng.random() < 0.5 else NEGATIVE, 2)
+        words = rng.sample(NEUTRAL, 3) + cue
+        rng.shuffle(words)
+        rows.append({"prompt": "what is " + " ".join(words) + " ?", "response": " ".join(sorted(cue)) + " ."})
+    return rows
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# --- sweeps through the real command line ------------------------------------------------------------------
+
+def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
+    """A sweep file as a user writes one: select our sweeper, fix the sweep folder, describe the search."""
+    import yaml
+
+    folder = root / "extra_conf" / "sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"defaults": [{"override /hydra/sweeper": "lora_optuna"}],
+            "hydra": {"sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
+                      # the report (and its replicate trainings) has its own tests: off unless a test asks for it
+                      "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper}}}
+    path = folder / f"{name}.yaml"
+    path.write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def sweep_command(root: Path, name: str, tiny: list[str], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lora_sweep", "--multirun", f"sweeps={name}",
+            f"hydra.searchpath=[file://{root / 'extra_conf'}]", f"data.cache_dir={root / 'cache'}", *tiny, *extra]
+
+
+def run_sweep(root: Path, name: str, tiny: list[str], *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(sweep_command(root, name, tiny, *extra), cwd=root, capture_output=True, text=True,
+                            timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def load(root: Path, study: str, folder: str | None = None) -> optuna.Study:
+    """A study from the journal in its sweep folder (the baseline's study shares its sweep's journal)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = root / "outputs" / "sweeps" / (folder or study) / "optuna.journal"
+    return optuna.load_study(study_name=study, storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+
+
+def client(root: Path) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def parents(root: Path, study: str):
+    return client(root).search_runs(["1"], filter_string=f"tags.`lora_sweep.sweep` = '{study}'")
+
+
+def children(root: Path, parent_id: str):
+    return client(root).search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
