@@ -67,8 +67,8 @@ def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
     folder = root / "extra_conf" / "sweeps"
     folder.mkdir(parents=True, exist_ok=True)
     body = {"defaults": [{"override /hydra/sweeper": "lora_optuna"}],
+            # the report (and its replicate trainings) has its own tests: off unless a test asks for it
             "hydra": {"sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
-                      # the report (and its replicate trainings) has its own tests: off unless a test asks for it
                       "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper}}}
     path = folder / f"{name}.yaml"
     path.write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
@@ -77,10 +77,12 @@ def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
 
 def sweep_command(root: Path, name: str, tiny: list[str], *extra: str) -> list[str]:
     return [sys.executable, "-m", "lora_sweep", "--multirun", f"sweeps={name}",
-            f"hydra.searchpath=[file://{root / 'extra_conf'}]", f"data.cache_dir={root / 'cache'}", *tiny, *extra]
+            f"hydra.searchpath=[file://{root / 'extra_conf'}]", f"data.cache_dir={root / 'cache'}", *tiny,
+            *extra]
 
 
-def run_sweep(root: Path, name: str, tiny: list[str], *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_sweep(root: Path, name: str, tiny: list[str], *extra: str,
+              check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(sweep_command(root, name, tiny, *extra), cwd=root, capture_output=True, text=True,
                             timeout=900)
     if check:
@@ -94,7 +96,8 @@ def load(root: Path, study: str, folder: str | None = None) -> optuna.Study:
     from optuna.storages.journal import JournalFileBackend
 
     journal = root / "outputs" / "sweeps" / (folder or study) / "optuna.journal"
-    return optuna.load_study(study_name=study, storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    return optuna.load_study(study_name=study, storage=storage)
 
 
 def client(root: Path) -> MlflowClient:
@@ -109,3 +112,23 @@ def parents(root: Path, study: str):
 
 def children(root: Path, parent_id: str):
     return client(root).search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def replay_sampler(sampler: dict, params: dict[str, str], values: list, direction) -> list[dict]:
+    """The parameters the named sampler proposes, in order, when told ``values``: what a sweep with that
+    sampler (and seed) over ``params`` must have sampled, trial by trial, in one worker."""
+    import optuna
+
+    from lora_sweep.sweep.space import SearchSpace
+    from lora_sweep.sweep.study import make_sampler
+
+    space = SearchSpace(params)
+    grid = space.grid("hydra.sweeper.params") if sampler.get("name") == "grid" else None
+    study = optuna.create_study(sampler=make_sampler(dict(sampler), grid, False), direction=direction)
+    sampled = []
+    for value in values:
+        trial = study.ask()
+        space.sample(trial, {})
+        sampled.append(trial.params)
+        study.tell(trial, value)
+    return sampled

@@ -15,7 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from .helpers import REPO, children, client, load, parents, run_sweep, sweep_command, write_sweep
+from .helpers import (REPO, children, client, load, parents, replay_sampler, run_sweep, sweep_command,
+                      write_sweep)
 
 
 def test_sweep_nests_trials_under_one_parent_and_links_trial_run_checkpoint(tmp_path, tiny):
@@ -146,9 +147,23 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
 def test_samplers(tmp_path, tiny, sampler, params):
     write_sweep(tmp_path, "samplers", {"n_trials": 2, "sampler": sampler, "pruner": {"name": "none"}, "params": params})
     run_sweep(tmp_path, "samplers", tiny, "train.epochs=1")
-    trials = load(tmp_path, "samplers").get_trials()
+    study = load(tmp_path, "samplers")
+    trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert trials[0].params != trials[1].params
+    # the named sampler ran: replayed on the recorded objective values, it proposes what the sweep tried
+    recorded, values = [t.params for t in trials], [t.value for t in trials]
+    assert replay_sampler(sampler, params, values, study.direction) == recorded
+    if sampler["name"] == "grid":  # distinct points of the grid, each marked by Optuna's grid sampler
+        grid = {"method.r": [2, 4], "train.lr": [2e-3, 5e-3]}
+        assert all(p.keys() == grid.keys() and all(p[k] in grid[k] for k in grid) for p in recorded)
+        grid_ids = [t.system_attrs["grid_id"] for t in trials]
+        assert len(set(grid_ids)) == 2 and set(grid_ids) <= set(range(4))
+    else:  # past its startup trial a model-based sampler differs from random sampling with the same seed
+        random = replay_sampler({"name": "random", "seed": 0}, params, values, study.direction)
+        assert random[1] != recorded[1]
+    if sampler["name"] == "cmaes":
+        assert any(key.startswith("cma:") for key in trials[1].system_attrs)  # CMA-ES keeps its state there
 
 
 def test_multi_objective_records_the_pareto_front(tmp_path, tiny):
