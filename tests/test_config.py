@@ -141,6 +141,7 @@ def test_more_labels_than_the_model_has(compose, tiny_overrides, tmp_path):
         prepare(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

@@ -64,6 +64,7 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(checkpoint.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_sigkilled_run_resumes_exactly_in_the_same_mlflow_run(tmp_path, compose, tiny_overrides, method):
     """Killed at step 14 (last checkpoint: step 12), rerun: same final metrics and weights as a run never
@@ -101,6 +102,7 @@ def test_sigkilled_run_resumes_exactly_in_the_same_mlflow_run(tmp_path, compose,
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["best", "last"]  # bounded: no previous, no temp
 
 
+@pytest.mark.slow
 def test_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, compose, tiny_overrides):
     reference = run(compose(*tiny_overrides, "tracking=none", "train.lr=5e-3", output_dir=tmp_path / "reference"))
     output = tmp_path / "killed"
@@ -159,6 +161,7 @@ for step in range(1, 100000):
 '''
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_never_leaves_a_checkpoint_that_looks_valid_and_is_not(tmp_path, tiny_bert_dir):
     """Kill a process that does nothing but save checkpoints, at seeded random moments: each time, the
     resume point is an intact checkpoint (no half-written folder passes for a good one)."""

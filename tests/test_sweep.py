@@ -19,6 +19,7 @@ from .helpers import (REPO, children, client, load, parents, replay_sampler, run
                       write_sweep)
 
 
+@pytest.mark.slow
 def test_sweep_nests_trials_under_one_parent_and_links_trial_run_checkpoint(tmp_path, tiny):
     write_sweep(tmp_path, "small", {
         "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": {"name": "none"},
@@ -59,6 +60,7 @@ def test_sweep_nests_trials_under_one_parent_and_links_trial_run_checkpoint(tmp_
     assert "reused the loaded model and tokenized data" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_bad_trial_is_pruned_in_optuna_and_mlflow(tmp_path, tiny):
     write_sweep(tmp_path, "prune", {
         "n_trials": 2, "sampler": {"name": "random", "seed": 0},
@@ -89,6 +91,7 @@ def _training(root: Path) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
     write_sweep(tmp_path, "resume", {
         "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": {"name": "none"},
@@ -136,6 +139,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sampler", "params"),
     [
@@ -166,6 +170,7 @@ def test_samplers(tmp_path, tiny, sampler, params):
         assert any(key.startswith("cma:") for key in trials[1].system_attrs)  # CMA-ES keeps its state there
 
 
+@pytest.mark.slow
 def test_multi_objective_records_the_pareto_front(tmp_path, tiny):
     write_sweep(tmp_path, "pareto", {
         "n_trials": 3, "objectives": ["objective", "trainable_params"], "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3},
@@ -180,6 +185,7 @@ def test_multi_objective_records_the_pareto_front(tmp_path, tiny):
     assert "Pareto front" in result.stdout
 
 
+@pytest.mark.slow
 def test_joblib_workers_share_the_study_without_duplicates(tmp_path, tiny):
     write_sweep(tmp_path, "parallel", {
         "n_trials": 4, "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
@@ -197,6 +203,7 @@ def test_joblib_workers_share_the_study_without_duplicates(tmp_path, tiny):
     assert len({r["output_dir"] for r in records}) == 4
 
 
+@pytest.mark.slow
 def test_sqlite_storage_url(tmp_path, tiny):
     write_sweep(tmp_path, "rdb", {
         "storage": f"sqlite:///{tmp_path}/optuna.db", "n_trials": 2, "sampler": {"name": "random", "seed": 0},
@@ -207,6 +214,7 @@ def test_sqlite_storage_url(tmp_path, tiny):
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
@@ -226,6 +234,7 @@ def test_bad_sweep_file_fails_in_one_line_before_training(tmp_path, tiny, params
     assert not list((tmp_path / "outputs").rglob("record.json"))  # nothing trained
 
 
+@pytest.mark.slow
 def test_unknown_sampler_and_pruner(tmp_path, tiny):
     write_sweep(tmp_path, "bad2", {"sampler": {"name": "bayes"}, "params": {"train.lr": "tag(log, interval(1e-3, 1e-2))"}})
     result = run_sweep(tmp_path, "bad2", tiny, check=False)
@@ -234,6 +243,7 @@ def test_unknown_sampler_and_pruner(tmp_path, tiny):
     assert result.returncode == 2 and result.stderr.strip().startswith("error: hydra.sweeper.pruner.name='asha': must be one of none, median")
 
 
+@pytest.mark.slow
 def test_plain_hydra_grid_with_the_basic_sweeper(tmp_path, tiny):
     result = subprocess.run([sys.executable, "-m", "lora_sweep", "--multirun", "method.r=2,4", f"data.cache_dir={tmp_path / 'cache'}",
                              *tiny, "train.epochs=1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
