@@ -132,3 +132,28 @@ def replay_sampler(sampler: dict, params: dict[str, str], values: list, directio
         sampled.append(trial.params)
         study.tell(trial, value)
     return sampled
+
+
+# --- a hand-made trials table, shaped like lora_sweep.report.collect.trials_table's --------------------------
+
+def trial_row(trial: int, val_metric: float | None, trainable_params: int | None, *, role: str = "search",
+              state: str = "complete", **extra) -> dict:
+    """One row of the trials table; anything not given is what a LoRA trial on the tiny model records."""
+    lora = role == "search"
+    row = {"role": role, "trial": trial, "state": state, "fail_reason": None, "method": "lora" if lora else "full",
+           "r": 8.0 if lora else None, "alpha": 16.0 if lora else None, "scaling": 2.0 if lora else None,
+           "targets": "attention_qv" if lora else None, "variant": "lora" if lora else None, "dropout": None,
+           "lr": 2e-3 if lora else 1e-4, "val_metric": val_metric, "trainable_params": trainable_params,
+           "total_params": 1_000_000, "trainable_pct": None if trainable_params is None else trainable_params / 1e4,
+           "peak_memory_mb": 512.0, "train_seconds": 12.0, "tokens_per_second": 900.0, "steps": 42, "total_steps": 42,
+           "checkpoint_mb": 0.5, "checkpoint": f"/ck/{role}-{trial}/best", "mlflow_run_id": f"run{role}{trial}",
+           "record": None, "evaluations": [{"step": 21, "accuracy": 0.7, "loss": 0.6},
+                                           {"step": 42, "accuracy": val_metric or 0.0, "loss": 0.5}], "seed": 0}
+    row.update(extra)
+    return row
+
+
+def trials_frame(*rows: dict):
+    import pandas as pd
+
+    return pd.DataFrame(list(rows))
