@@ -60,31 +60,46 @@ def write_csv(path: Path, rows, header=("text", "label")) -> Path:
 
 # --- sweeps through the real command line ------------------------------------------------------------------
 
+
 def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
     """A sweep file as a user writes one: select our sweeper, fix the sweep folder, describe the search."""
     import yaml
 
     folder = root / "extra_conf" / "sweeps"
     folder.mkdir(parents=True, exist_ok=True)
-    body = {"defaults": [{"override /hydra/sweeper": "lora_optuna"}],
-            # the report (and its replicate trainings) has its own tests: off unless a test asks for it
-            "hydra": {"sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
-                      "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper}}}
+    body = {
+        "defaults": [{"override /hydra/sweeper": "lora_optuna"}],
+        # the report (and its replicate trainings) has its own tests: off unless a test asks for it
+        "hydra": {
+            "sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
+            "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper},
+        },
+    }
     path = folder / f"{name}.yaml"
     path.write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
     return path
 
 
 def sweep_command(root: Path, name: str, tiny: list[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lora_sweep", "--multirun", f"sweeps={name}",
-            f"hydra.searchpath=[file://{root / 'extra_conf'}]", f"data.cache_dir={root / 'cache'}", *tiny,
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "lora_sweep",
+        "--multirun",
+        f"sweeps={name}",
+        f"hydra.searchpath=[file://{root / 'extra_conf'}]",
+        f"data.cache_dir={root / 'cache'}",
+        *tiny,
+        *extra,
+    ]
 
 
-def run_sweep(root: Path, name: str, tiny: list[str], *extra: str,
-              check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(sweep_command(root, name, tiny, *extra), cwd=root, capture_output=True, text=True,
-                            timeout=900)
+def run_sweep(
+    root: Path, name: str, tiny: list[str], *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        sweep_command(root, name, tiny, *extra), cwd=root, capture_output=True, text=True, timeout=900
+    )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -134,21 +149,52 @@ def replay_sampler(sampler: dict, params: dict[str, str], values: list, directio
     return sampled
 
 
-# --- a hand-made trials table, shaped like lora_sweep.report.collect.trials_table's --------------------------
+# --- a hand-made trials table, shaped like lora_sweep.report.collect.trials_table's ---------------------
 
-def trial_row(trial: int, val_metric: float | None, trainable_params: int | None, *, role: str = "search",
-              state: str = "complete", **extra) -> dict:
+
+def trial_row(
+    trial: int,
+    val_metric: float | None,
+    trainable_params: int | None,
+    *,
+    role: str = "search",
+    state: str = "complete",
+    **extra,
+) -> dict:
     """One row of the trials table; anything not given is what a LoRA trial on the tiny model records."""
     lora = role == "search"
-    row = {"role": role, "trial": trial, "state": state, "fail_reason": None, "method": "lora" if lora else "full",
-           "r": 8.0 if lora else None, "alpha": 16.0 if lora else None, "scaling": 2.0 if lora else None,
-           "targets": "attention_qv" if lora else None, "variant": "lora" if lora else None, "dropout": None,
-           "lr": 2e-3 if lora else 1e-4, "val_metric": val_metric, "trainable_params": trainable_params,
-           "total_params": 1_000_000, "trainable_pct": None if trainable_params is None else trainable_params / 1e4,
-           "peak_memory_mb": 512.0, "train_seconds": 12.0, "tokens_per_second": 900.0, "steps": 42, "total_steps": 42,
-           "checkpoint_mb": 0.5, "checkpoint": f"/ck/{role}-{trial}/best", "mlflow_run_id": f"run{role}{trial}",
-           "record": None, "evaluations": [{"step": 21, "accuracy": 0.7, "loss": 0.6},
-                                           {"step": 42, "accuracy": val_metric or 0.0, "loss": 0.5}], "seed": 0}
+    row = {
+        "role": role,
+        "trial": trial,
+        "state": state,
+        "fail_reason": None,
+        "method": "lora" if lora else "full",
+        "r": 8.0 if lora else None,
+        "alpha": 16.0 if lora else None,
+        "scaling": 2.0 if lora else None,
+        "targets": "attention_qv" if lora else None,
+        "variant": "lora" if lora else None,
+        "dropout": None,
+        "lr": 2e-3 if lora else 1e-4,
+        "val_metric": val_metric,
+        "trainable_params": trainable_params,
+        "total_params": 1_000_000,
+        "trainable_pct": None if trainable_params is None else trainable_params / 1e4,
+        "peak_memory_mb": 512.0,
+        "train_seconds": 12.0,
+        "tokens_per_second": 900.0,
+        "steps": 42,
+        "total_steps": 42,
+        "checkpoint_mb": 0.5,
+        "checkpoint": f"/ck/{role}-{trial}/best",
+        "mlflow_run_id": f"run{role}{trial}",
+        "record": None,
+        "evaluations": [
+            {"step": 21, "accuracy": 0.7, "loss": 0.6},
+            {"step": 42, "accuracy": val_metric or 0.0, "loss": 0.5},
+        ],
+        "seed": 0,
+    }
     row.update(extra)
     return row
 
