@@ -50,6 +50,7 @@ def sweep_in_process(tmp_path, monkeypatch, tiny):
     root.setLevel(level)
 
 
+@pytest.mark.slow  # two trainings: ~5 min on 2 shared cores, tens of seconds idle
 def test_in_process_sweep_nests_trials_and_links_trial_run_record_checkpoint(
     tmp_path, sweep_in_process, capsys
 ):
