@@ -33,8 +33,10 @@ def test_sweep_expressions_become_optuna_distributions():
         ),
         (
             {"train.lr": "tag(log, interval(0, 1e-2))"},
-            "hydra.sweeper.params.train.lr='tag(log, interval(0, 1e-2))': "
-            "a log scale needs low > 0 (got 0.0)",
+            (
+                "hydra.sweeper.params.train.lr='tag(log, interval(0, 1e-2))': "
+                "a log scale needs low > 0 (got 0.0)"
+            ),
         ),
         (
             {"method.targets": "choice(attention_qv, everything)"},
@@ -47,8 +49,10 @@ def test_sweep_expressions_become_optuna_distributions():
         ),
         (
             {"method.targets": "choice([query, value], attention_qv)"},
-            "hydra.sweeper.params.method.targets='choice([query, value], attention_qv)': "
-            "a list is not a choice",
+            (
+                "hydra.sweeper.params.method.targets='choice([query, value], attention_qv)': "
+                "a list is not a choice"
+            ),
         ),
     ],
 )
