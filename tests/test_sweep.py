@@ -145,7 +145,11 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
     [
         ({"name": "grid", "seed": 0}, {"method.r": "choice(2, 4)", "train.lr": "choice(2e-3, 5e-3)"}),
         ({"name": "tpe", "seed": 0, "n_startup_trials": 1}, {"method.r": "range(2, 9, 2)", "train.lr": "tag(log, interval(1e-3, 1e-2))"}),
-        ({"name": "cmaes", "seed": 0}, {"method.dropout": "interval(0.0, 0.2)", "train.lr": "tag(log, interval(1e-3, 1e-2))"}),
+        pytest.param({"name": "cmaes", "seed": 0},
+                     {"method.dropout": "interval(0.0, 0.2)", "train.lr": "tag(log, interval(1e-3, 1e-2))"},
+                     marks=pytest.mark.xfail(strict=True, reason=(
+                         "in a sweep, CMA-ES's trial 1 is exactly RandomSampler(seed=0)'s trial 1: its model step "
+                         "did not run (in-process it does: tests/test_study.py)"))),
     ],
 )
 def test_samplers(tmp_path, tiny, sampler, params):
@@ -157,11 +161,7 @@ def test_samplers(tmp_path, tiny, sampler, params):
     assert trials[0].params != trials[1].params
     # the named sampler ran: replayed on the recorded objective values, it proposes what the sweep tried
     recorded, values = [t.params for t in trials], [t.value for t in trials]
-    replayed = replay_sampler(sampler, params, values, study.direction)
-    # CMA-ES's own step (trial 1) in the sweep differs from an in-process replay: only its seeded startup
-    # trial is compared; its state in the trial's system attrs is checked below
-    compared = 1 if sampler["name"] == "cmaes" else len(trials)
-    assert replayed[:compared] == recorded[:compared]
+    assert replay_sampler(sampler, params, values, study.direction) == recorded
     if sampler["name"] == "grid":  # distinct points of the grid, each marked by Optuna's grid sampler
         grid = {"method.r": [2, 4], "train.lr": [2e-3, 5e-3]}
         assert all(p.keys() == grid.keys() and all(p[k] in grid[k] for k in grid) for p in recorded)
