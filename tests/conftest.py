@@ -3,9 +3,7 @@ size 32 and their tokenizers, a small learnable sentiment dataset, and helpers t
 
 from __future__ import annotations
 
-import csv
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -13,31 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart", "warm", "best"]
-NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat", "cold", "worst"]
-NEUTRAL = ["the", "a", "movie", "film", "plot", "cast", "was", "is", "very", "quite", "and", "story"]
-WORDS = POSITIVE + NEGATIVE + NEUTRAL
-
-
-def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Sentences whose label is decided by their sentiment words: learnable by a tiny model."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "positive" if i % 2 == 0 else "negative"
-        cue = POSITIVE if label == "positive" else NEGATIVE
-        words = rng.sample(NEUTRAL, 4) + rng.sample(cue, 2)
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
-
-
-def write_csv(path: Path, rows, header=("text", "label")) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from tests.helpers import (  # noqa: F401 - these names stay importable from here
+    CHAT_WORDS, NEGATIVE, NEUTRAL, POSITIVE, WORDS, qa_rows, sentiment_rows, write_csv)
 
 
 @pytest.fixture(scope="session")
@@ -82,9 +57,6 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
-CHAT_WORDS = ["user", "assistant", "system", "question", "answer", "say", "what", "is"]
-
-
 @pytest.fixture(scope="session")
 def tiny_chat_llama_dir(tmp_path_factory) -> Path:
     """A Llama-like causal LM whose tokenizer has real chat special tokens and a ChatML-like template
@@ -112,18 +84,6 @@ def tiny_chat_llama_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Questions whose answer is the sentiment words they contain: learnable by a tiny model."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        cue = rng.sample(POSITIVE if rng.random() < 0.5 else NEGATIVE, 2)
-        words = rng.sample(NEUTRAL, 3) + cue
-        rng.shuffle(words)
-        rows.append({"prompt": "what is " + " ".join(words) + " ?", "response": " ".join(sorted(cue)) + " ."})
-    return rows
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,8 @@ from lora_sweep.oom import OutOfMemory
 from lora_sweep.record import read_record
 from lora_sweep.run import prepare, run
 
-from .conftest import sentiment_rows, write_csv
-from .test_sweep import client, load, run_sweep, sweep_command, write_sweep
+from .helpers import sentiment_rows, write_csv
+from .helpers import client, load, run_sweep, sweep_command, write_sweep
 
 DIVERGING_LR = "1e6"  # AdamW moves every adapter weight by ~lr per step: the tiny model's loss is NaN within 6 steps
 
@@ -68,6 +68,7 @@ def single(root: Path, tiny_overrides: list[str], name: str, *overrides: str) ->
     return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_single_run_bad_inputs_leave_the_existing_store_intact(tmp_path, tiny_overrides):
     """An existing ./mlflow.db with a finished run, then bad commands: exit 2 with one line each, the old run
     and record unchanged, and no run or record left RUNNING by a command that stopped half way."""
@@ -115,6 +116,7 @@ def swept(tmp_path, tiny):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_bad_search_range_on_rerun_changes_nothing(swept, tiny):
     root = swept
     before = optuna_snapshot(root, "intact"), mlflow_snapshot(root), records(root)
@@ -126,6 +128,7 @@ def test_bad_search_range_on_rerun_changes_nothing(swept, tiny):
     assert (optuna_snapshot(root, "intact"), mlflow_snapshot(root), records(root)) == before  # parent run included
 
 
+@pytest.mark.slow
 def test_trial_with_a_diverging_value_fails_and_the_sweep_goes_on(swept, tiny):
     """A trial whose learning rate makes the loss NaN ends FAILED in Optuna and MLflow with a one-line reason;
     the next trial runs; the earlier trials, their MLflow runs and records are intact."""
@@ -154,6 +157,7 @@ def test_trial_with_a_diverging_value_fails_and_the_sweep_goes_on(swept, tiny):
     assert {k: v for k, v in records(root).items() if k in disk} == disk
 
 
+@pytest.mark.slow
 def test_unwritable_mlflow_store_stops_the_sweep_before_any_trial(tmp_path, tiny):
     (tmp_path / "afile").write_text("not a folder")
     write_sweep(tmp_path, "store", {"n_trials": 2, "params": {"train.lr": "tag(log, interval(1e-3, 1e-2))"}})
@@ -164,6 +168,7 @@ def test_unwritable_mlflow_store_stops_the_sweep_before_any_trial(tmp_path, tiny
     assert not list((tmp_path / "outputs").rglob("record.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -244,6 +249,7 @@ def test_out_of_memory_fails_the_run_with_one_line_and_the_next_run_works(compos
     assert again.status == "completed" and again.params["setup_reused"] is True
 
 
+@pytest.mark.slow
 def test_out_of_memory_fails_one_trial_and_the_sweep_goes_on(tmp_path, tiny):
     """Trials sampling train.batch_size=24 run out of memory (simulated from a forward pre-hook in the sweep's
     own process, see the fixture above); they end FAILED with the one-line reason, the others complete."""

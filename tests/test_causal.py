@@ -119,6 +119,7 @@ def test_perplexity_is_exact_on_a_known_case(tiny_chat_llama_dir, chat_tokenizer
     assert out.loss.item() == pytest.approx((total / n).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_lora_and_full_fine_tuning_through_the_same_loop(tmp_path, compose, tiny_causal, method):
     from mlflow.tracking import MlflowClient

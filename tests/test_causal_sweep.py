@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_sweep import children, client, parents, run_sweep, write_sweep
+from .helpers import children, client, parents, run_sweep, write_sweep
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from lora_sweep.config import RunConfig, method_config
 from lora_sweep.errors import ConfigError
 from lora_sweep.run import prepare
 
-from .conftest import write_csv
+from .helpers import write_csv
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_every_config_file_composes(compose, tiny_bert_dir, tiny_csv):
 def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
     from transformers import FNetConfig, FNetModel
 
-    from .conftest import WORDS
+    from .helpers import WORDS
 
     folder = tmp_path / "tiny_fnet"  # FNet mixes tokens by a Fourier transform: it has no attention layer
     FNetModel(FNetConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
@@ -122,7 +122,7 @@ def test_problem_found_before_any_weight_loads(compose, tiny_overrides, tmp_path
 
 
 def test_empty_split(compose, tiny_overrides, tmp_path):
-    from .conftest import sentiment_rows
+    from .helpers import sentiment_rows
 
     folder = tmp_path / "splits"
     folder.mkdir()
@@ -142,6 +142,7 @@ def test_more_labels_than_the_model_has(compose, tiny_overrides, tmp_path):
         prepare(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

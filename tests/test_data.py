@@ -11,7 +11,7 @@ from lora_sweep.config import DataConfig, ModelConfig, SplitConfig
 from lora_sweep.data import prepare_data
 from lora_sweep.models import inspect_model, load_tokenizer
 
-from .conftest import sentiment_rows, write_csv
+from .helpers import sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="module")

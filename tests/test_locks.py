@@ -7,6 +7,7 @@ import multiprocessing
 import time
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from lora_sweep.sweep.locks import advisory_key, lock_file, study_lock
@@ -65,6 +66,7 @@ def check_exact(trials, asked) -> None:
     assert sum(bool(worker) for worker in asked) >= 2  # the workers really shared the study
 
 
+@pytest.mark.slow
 def test_journal_and_sqlite_workers_start_exactly_n_trials(tmp_path):
     check_exact(*run_workers(JOURNAL_PREFIX + str(tmp_path / "optuna.journal")))
     check_exact(*run_workers(f"sqlite:///{tmp_path / 'optuna.db'}"))
@@ -73,6 +75,7 @@ def test_journal_and_sqlite_workers_start_exactly_n_trials(tmp_path):
     assert lock_file(f"sqlite:///{tmp_path / 'optuna.db'}", "locked").parent == tmp_path
 
 
+@pytest.mark.slow
 def test_postgres_workers_start_exactly_n_trials(postgres):
     check_exact(*run_workers(postgres["optuna"]))
 
@@ -86,6 +89,7 @@ def _open(url: str, start_at: float, out) -> None:
         out.put(str(err))
 
 
+@pytest.mark.slow
 def test_workers_opening_an_empty_postgres_database_together_create_it_once(fresh_database):
     """Without the schema lock, 3 of 4 such workers failed: duplicate key ... "pg_type_typname_nsp_index"."""
     url = fresh_database("opened_together")

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from . import servers
-from .test_sweep import parents, run_sweep, write_sweep
+from .helpers import parents, run_sweep, write_sweep
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

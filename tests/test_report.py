@@ -15,7 +15,7 @@ import torch
 
 from lora_sweep.report.select import pick_best
 
-from .test_sweep import client, parents, run_sweep, write_sweep
+from .helpers import client, parents, run_sweep, write_sweep
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def swept(tmp_path_factory, tiny_bert_dir, tiny_csv):
     return root, result, tiny_bert_dir
 
 
+@pytest.mark.slow
 def test_report_is_written_when_the_sweep_ends_and_logged_on_the_parent(swept):
     root, result, _ = swept
     folder = root / "reports" / "rep"
@@ -48,6 +49,7 @@ def test_report_is_written_when_the_sweep_ends_and_logged_on_the_parent(swept):
     assert {"report.md", "report.html", "report.json", "metric_vs_params.png"} <= logged
 
 
+@pytest.mark.slow
 def test_every_trial_appears_and_json_matches_markdown(swept):
     root, _, _ = swept
     report = json.loads((root / "reports" / "rep" / "report.json").read_text())
@@ -65,6 +67,7 @@ def test_every_trial_appears_and_json_matches_markdown(swept):
         assert row["trainable_params"] == record["params"]["trainable_params"]
 
 
+@pytest.mark.slow
 def test_the_chosen_trial_obeys_the_stated_rule(swept):
     root, _, _ = swept
     report = json.loads((root / "reports" / "rep" / "report.json").read_text())
@@ -109,6 +112,7 @@ class _Links(HTMLParser):
         assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
 
 
+@pytest.mark.slow
 def test_html_is_valid_and_self_contained(swept):
     root, _, _ = swept
     page = (root / "reports" / "rep" / "report.html").read_text()
@@ -119,6 +123,7 @@ def test_html_is_valid_and_self_contained(swept):
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # nothing loads from a network
 
 
+@pytest.mark.slow
 def test_test_split_only_for_the_chosen_and_the_baseline(swept):
     root, _, _ = swept
     report = json.loads((root / "reports" / "rep" / "report.json").read_text())
@@ -130,6 +135,7 @@ def test_test_split_only_for_the_chosen_and_the_baseline(swept):
     assert set(similarity) == {"full #0", "lora #0", "lora #1", "lora #2"} and all(-1 <= v <= 1 for v in similarity.values())
 
 
+@pytest.mark.slow
 def test_exported_adapter_and_merged_model_load_and_agree_and_are_registered(swept):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -152,6 +158,7 @@ def test_exported_adapter_and_merged_model_load_and_agree_and_are_registered(swe
     assert version.run_id == next(r["mlflow_run_id"] for r in report["trials"] if r["role"] == "search" and r["trial"] == report["chosen"]["trial"])
 
 
+@pytest.mark.slow
 def test_on_demand_by_study_name_and_by_parent_run_id(swept, tmp_path):
     root, _, _ = swept
     (parent,) = parents(root, "rep")
@@ -166,6 +173,7 @@ def test_on_demand_by_study_name_and_by_parent_run_id(swept, tmp_path):
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: sweep='nope': neither a study folder")
 
 
+@pytest.mark.slow
 def test_replicates_pair_the_chosen_config_with_full_ft_over_seeds(swept):
     root, _, _ = swept
     report = json.loads((root / "reports" / "rep" / "report.json").read_text())

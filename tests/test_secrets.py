@@ -15,7 +15,7 @@ import pytest
 from lora_sweep.errors import ConfigError
 from lora_sweep.secrets import MASK, redact, redact_url, secret_values
 
-from .test_sweep import run_sweep, sweep_command, write_sweep
+from .helpers import run_sweep, sweep_command, write_sweep
 
 HF_TOKEN = "hf_TopSecretToken1234567890"
 TRACKING_PASSWORD = "Mlflow-Pa55word-xyz"
@@ -59,6 +59,7 @@ def _text_of_store(db: Path) -> str:
         return "\n".join(connection.iterdump())
 
 
+@pytest.mark.slow
 def test_no_secret_reaches_mlflow_records_summary_or_report(tmp_path, tiny):
     """A real sweep with a token and passwords in the environment and on the command line (tags, a storage-like
     URL): the whole MLflow store, its artifacts, every record.json, the sweep summary, the report, the Optuna
@@ -87,7 +88,7 @@ def test_no_secret_reaches_mlflow_records_summary_or_report(tmp_path, tiny):
         assert not leaks, f"{secret} in {leaks}"
 
     # *** stands where they were: the tags and params of every trial run, and the records
-    from .test_sweep import client
+    from .helpers import client
 
     runs = [r for r in client(tmp_path).search_runs(["1"]) if r.data.tags.get("lora_sweep.role") == "search"]
     assert len(runs) == 2
@@ -100,6 +101,7 @@ def test_no_secret_reaches_mlflow_records_summary_or_report(tmp_path, tiny):
         assert record["config"]["tags"] == {"note": MASK, "password": MASK, "source": "postgresql://lora:***@db.example/optuna"}
 
 
+@pytest.mark.slow
 def test_bad_storage_url_error_masks_its_password(tmp_path, tiny):
     write_sweep(tmp_path, "pg", {"storage": f"postgresql://lora:{DB_PASSWORD}@127.0.0.1:1/optuna", "n_trials": 1,
                                  "params": {"train.lr": "tag(log, interval(1e-3, 1e-2))"}})

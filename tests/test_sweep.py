@@ -13,57 +13,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-REPO = Path(__file__).resolve().parent.parent
-
-def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
-    """A sweep file as a user writes one: select our sweeper, fix the sweep folder, describe the search."""
-    folder = root / "extra_conf" / "sweeps"
-    folder.mkdir(parents=True, exist_ok=True)
-    body = {"defaults": [{"override /hydra/sweeper": "lora_optuna"}],
-            "hydra": {"sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
-                      # the report (and its replicate trainings) has its own tests: off unless a test asks for it
-                      "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper}}}
-    path = folder / f"{name}.yaml"
-    path.write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
-    return path
+from .helpers import (REPO, children, client, load, parents, replay_sampler, run_sweep, sweep_command,
+                      write_sweep)
 
 
-def sweep_command(root: Path, name: str, tiny: list[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lora_sweep", "--multirun", f"sweeps={name}", f"hydra.searchpath=[file://{root / 'extra_conf'}]",
-            f"data.cache_dir={root / 'cache'}", *tiny, *extra]
-
-
-def run_sweep(root: Path, name: str, tiny: list[str], *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(sweep_command(root, name, tiny, *extra), cwd=root, capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def load(root: Path, study: str, folder: str | None = None) -> optuna.Study:
-    """A study from the journal in its sweep folder (the baseline's study shares its sweep's journal)."""
-    from optuna.storages.journal import JournalFileBackend
-
-    journal = root / "outputs" / "sweeps" / (folder or study) / "optuna.journal"
-    return optuna.load_study(study_name=study, storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
-
-
-def client(root: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-
-def parents(root: Path, study: str):
-    return client(root).search_runs(["1"], filter_string=f"tags.`lora_sweep.sweep` = '{study}'")
-
-
-def children(root: Path, parent_id: str):
-    return client(root).search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-
-
+@pytest.mark.slow
 def test_sweep_nests_trials_under_one_parent_and_links_trial_run_checkpoint(tmp_path, tiny):
     write_sweep(tmp_path, "small", {
         "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": {"name": "none"},
@@ -104,6 +60,7 @@ def test_sweep_nests_trials_under_one_parent_and_links_trial_run_checkpoint(tmp_
     assert "reused the loaded model and tokenized data" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_bad_trial_is_pruned_in_optuna_and_mlflow(tmp_path, tiny):
     write_sweep(tmp_path, "prune", {
         "n_trials": 2, "sampler": {"name": "random", "seed": 0},
@@ -134,6 +91,7 @@ def _training(root: Path) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
     write_sweep(tmp_path, "resume", {
         "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": {"name": "none"},
@@ -181,22 +139,42 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, tiny):
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sampler", "params"),
     [
         ({"name": "grid", "seed": 0}, {"method.r": "choice(2, 4)", "train.lr": "choice(2e-3, 5e-3)"}),
         ({"name": "tpe", "seed": 0, "n_startup_trials": 1}, {"method.r": "range(2, 9, 2)", "train.lr": "tag(log, interval(1e-3, 1e-2))"}),
-        ({"name": "cmaes", "seed": 0}, {"method.dropout": "interval(0.0, 0.2)", "train.lr": "tag(log, interval(1e-3, 1e-2))"}),
+        pytest.param({"name": "cmaes", "seed": 0},
+                     {"method.dropout": "interval(0.0, 0.2)", "train.lr": "tag(log, interval(1e-3, 1e-2))"},
+                     marks=pytest.mark.xfail(strict=True, reason=(
+                         "in a sweep, CMA-ES's trial 1 is exactly RandomSampler(seed=0)'s trial 1: its model step "
+                         "did not run (in-process it does: tests/test_study.py)"))),
     ],
 )
 def test_samplers(tmp_path, tiny, sampler, params):
     write_sweep(tmp_path, "samplers", {"n_trials": 2, "sampler": sampler, "pruner": {"name": "none"}, "params": params})
     run_sweep(tmp_path, "samplers", tiny, "train.epochs=1")
-    trials = load(tmp_path, "samplers").get_trials()
+    study = load(tmp_path, "samplers")
+    trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert trials[0].params != trials[1].params
+    # the named sampler ran: replayed on the recorded objective values, it proposes what the sweep tried
+    recorded, values = [t.params for t in trials], [t.value for t in trials]
+    assert replay_sampler(sampler, params, values, study.direction) == recorded
+    if sampler["name"] == "grid":  # distinct points of the grid, each marked by Optuna's grid sampler
+        grid = {"method.r": [2, 4], "train.lr": [2e-3, 5e-3]}
+        assert all(p.keys() == grid.keys() and all(p[k] in grid[k] for k in grid) for p in recorded)
+        grid_ids = [t.system_attrs["grid_id"] for t in trials]
+        assert len(set(grid_ids)) == 2 and set(grid_ids) <= set(range(4))
+    else:  # past its startup trial a model-based sampler differs from random sampling with the same seed
+        random = replay_sampler({"name": "random", "seed": 0}, params, values, study.direction)
+        assert random[1] != recorded[1]
+    if sampler["name"] == "cmaes":
+        assert any(key.startswith("cma:") for key in trials[1].system_attrs)  # CMA-ES keeps its state there
 
 
+@pytest.mark.slow
 def test_multi_objective_records_the_pareto_front(tmp_path, tiny):
     write_sweep(tmp_path, "pareto", {
         "n_trials": 3, "objectives": ["objective", "trainable_params"], "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3},
@@ -211,6 +189,7 @@ def test_multi_objective_records_the_pareto_front(tmp_path, tiny):
     assert "Pareto front" in result.stdout
 
 
+@pytest.mark.slow
 def test_joblib_workers_share_the_study_without_duplicates(tmp_path, tiny):
     write_sweep(tmp_path, "parallel", {
         "n_trials": 4, "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
@@ -228,6 +207,7 @@ def test_joblib_workers_share_the_study_without_duplicates(tmp_path, tiny):
     assert len({r["output_dir"] for r in records}) == 4
 
 
+@pytest.mark.slow
 def test_sqlite_storage_url(tmp_path, tiny):
     write_sweep(tmp_path, "rdb", {
         "storage": f"sqlite:///{tmp_path}/optuna.db", "n_trials": 2, "sampler": {"name": "random", "seed": 0},
@@ -238,6 +218,7 @@ def test_sqlite_storage_url(tmp_path, tiny):
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
@@ -257,6 +238,7 @@ def test_bad_sweep_file_fails_in_one_line_before_training(tmp_path, tiny, params
     assert not list((tmp_path / "outputs").rglob("record.json"))  # nothing trained
 
 
+@pytest.mark.slow
 def test_unknown_sampler_and_pruner(tmp_path, tiny):
     write_sweep(tmp_path, "bad2", {"sampler": {"name": "bayes"}, "params": {"train.lr": "tag(log, interval(1e-3, 1e-2))"}})
     result = run_sweep(tmp_path, "bad2", tiny, check=False)
@@ -265,6 +247,7 @@ def test_unknown_sampler_and_pruner(tmp_path, tiny):
     assert result.returncode == 2 and result.stderr.strip().startswith("error: hydra.sweeper.pruner.name='asha': must be one of none, median")
 
 
+@pytest.mark.slow
 def test_plain_hydra_grid_with_the_basic_sweeper(tmp_path, tiny):
     result = subprocess.run([sys.executable, "-m", "lora_sweep", "--multirun", "method.r=2,4", f"data.cache_dir={tmp_path / 'cache'}",
                              *tiny, "train.epochs=1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -182,6 +182,7 @@ def test_gpu_run_uses_cuda_and_bf16(compose, tiny_overrides):
     assert "peak_cuda_allocated_mb" in record.metrics and record.metrics["best_val_accuracy"] >= 0.8
 
 
+@pytest.mark.slow
 def test_reused_base_model_trains_exactly_like_a_fresh_one(compose, tiny_overrides, tmp_path):
     """A sweep's later trials reuse the process's base model: LoRA unloaded, full FT's weights restored.
     A LoRA run after a full fine-tune in the same process must equal a LoRA run from a fresh load."""

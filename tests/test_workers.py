@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from .servers import PG_PASSWORD, free_port, mlflow_server
-from .test_sweep import load, run_sweep, sweep_command, write_sweep
+from .helpers import load, run_sweep, sweep_command, write_sweep
 
 SEARCH = {"n_trials": 4, "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
           "params": {"method.r": "choice(2, 4, 8, 16)", "train.lr": "tag(log, interval(1e-3, 1e-2))"},

@@ -1,0 +1,205 @@
+"""Helpers shared by several test modules (test modules never import each other): tiny learnable data,
+and writing, running and reading back a sweep through the real command line."""
+
+from __future__ import annotations
+
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: conftest imports this module, and every test run pays for it
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --- tiny learnable data ---------------------------------------------------------------------------------
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart", "warm", "best"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat", "cold", "worst"]
+NEUTRAL = ["the", "a", "movie", "film", "plot", "cast", "was", "is", "very", "quite", "and", "story"]
+WORDS = POSITIVE + NEGATIVE + NEUTRAL
+CHAT_WORDS = ["user", "assistant", "system", "question", "answer", "say", "what", "is"]
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Sentences whose label is decided by their sentiment words: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        cue = POSITIVE if label == "positive" else NEGATIVE
+        words = rng.sample(NEUTRAL, 4) + rng.sample(cue, 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Questions whose answer is the sentiment words they contain: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        cue = rng.sample(POSITIVE if rng.random() < 0.5 else NEGATIVE, 2)
+        words = rng.sample(NEUTRAL, 3) + cue
+        rng.shuffle(words)
+        rows.append({"prompt": "what is " + " ".join(words) + " ?", "response": " ".join(sorted(cue)) + " ."})
+    return rows
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# --- sweeps through the real command line ------------------------------------------------------------------
+
+
+def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
+    """A sweep file as a user writes one: select our sweeper, fix the sweep folder, describe the search."""
+    import yaml
+
+    folder = root / "extra_conf" / "sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {
+        "defaults": [{"override /hydra/sweeper": "lora_optuna"}],
+        # the report (and its replicate trainings) has its own tests: off unless a test asks for it
+        "hydra": {
+            "sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
+            "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper},
+        },
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def sweep_command(root: Path, name: str, tiny: list[str], *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lora_sweep",
+        "--multirun",
+        f"sweeps={name}",
+        f"hydra.searchpath=[file://{root / 'extra_conf'}]",
+        f"data.cache_dir={root / 'cache'}",
+        *tiny,
+        *extra,
+    ]
+
+
+def run_sweep(
+    root: Path, name: str, tiny: list[str], *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        sweep_command(root, name, tiny, *extra), cwd=root, capture_output=True, text=True, timeout=900, check=False
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def load(root: Path, study: str, folder: str | None = None) -> optuna.Study:
+    """A study from the journal in its sweep folder (the baseline's study shares its sweep's journal)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = root / "outputs" / "sweeps" / (folder or study) / "optuna.journal"
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def client(root: Path) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def parents(root: Path, study: str):
+    return client(root).search_runs(["1"], filter_string=f"tags.`lora_sweep.sweep` = '{study}'")
+
+
+def children(root: Path, parent_id: str):
+    return client(root).search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def replay_sampler(sampler: dict, params: dict[str, str], values: list, direction) -> list[dict]:
+    """The parameters the named sampler proposes, in order, when told ``values``: what a sweep with that
+    sampler (and seed) over ``params`` must have sampled, trial by trial, in one worker."""
+    import optuna
+
+    from lora_sweep.sweep.space import SearchSpace
+    from lora_sweep.sweep.study import make_sampler
+
+    space = SearchSpace(params)
+    grid = space.grid("hydra.sweeper.params") if sampler.get("name") == "grid" else None
+    study = optuna.create_study(sampler=make_sampler(dict(sampler), grid, False), direction=direction)
+    sampled = []
+    for value in values:
+        trial = study.ask()
+        space.sample(trial, {})
+        sampled.append(trial.params)
+        study.tell(trial, value)
+    return sampled
+
+
+# --- a hand-made trials table, shaped like lora_sweep.report.collect.trials_table's ---------------------
+
+
+def trial_row(
+    trial: int,
+    val_metric: float | None,
+    trainable_params: int | None,
+    *,
+    role: str = "search",
+    state: str = "complete",
+    **extra,
+) -> dict:
+    """One row of the trials table; anything not given is what a LoRA trial on the tiny model records."""
+    lora = role == "search"
+    row = {
+        "role": role,
+        "trial": trial,
+        "state": state,
+        "fail_reason": None,
+        "method": "lora" if lora else "full",
+        "r": 8.0 if lora else None,
+        "alpha": 16.0 if lora else None,
+        "scaling": 2.0 if lora else None,
+        "targets": "attention_qv" if lora else None,
+        "variant": "lora" if lora else None,
+        "dropout": None,
+        "lr": 2e-3 if lora else 1e-4,
+        "val_metric": val_metric,
+        "trainable_params": trainable_params,
+        "total_params": 1_000_000,
+        "trainable_pct": None if trainable_params is None else trainable_params / 1e4,
+        "peak_memory_mb": 512.0,
+        "train_seconds": 12.0,
+        "tokens_per_second": 900.0,
+        "steps": 42,
+        "total_steps": 42,
+        "checkpoint_mb": 0.5,
+        "checkpoint": f"/ck/{role}-{trial}/best",
+        "mlflow_run_id": f"run{role}{trial}",
+        "record": None,
+        "evaluations": [
+            {"step": 21, "accuracy": 0.7, "loss": 0.6},
+            {"step": 42, "accuracy": val_metric or 0.0, "loss": 0.5},
+        ],
+        "seed": 0,
+    }
+    row.update(extra)
+    return row
+
+
+def trials_frame(*rows: dict):
+    import pandas as pd
+
+    return pd.DataFrame(list(rows))

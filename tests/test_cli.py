@@ -1,0 +1,56 @@
+"""The ``python -m lora_sweep`` entry point driven in-process: a bad value exits 2 with one line on
+stderr before anything is recorded (the same through a real subprocess: tests/test_config.py, slow)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def entry_point(tmp_path, monkeypatch):
+    """Run the Hydra entry point with ``overrides`` in tmp_path; Hydra's global state and the logging
+    setup it installs are undone afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lora_sweep import __main__ as entry
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.chdir(tmp_path)
+
+    def call(*overrides: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["lora_sweep", *overrides])
+        try:
+            with pytest.raises(SystemExit) as caught:
+                entry.main()
+        finally:
+            GlobalHydra.instance().clear()
+        return caught.value.code
+
+    yield call
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("method.r=0", "error: method.r=0: must be a positive integer"),
+        ("method.dropout=1.5", "error: method.dropout=1.5: must be in [0, 1)"),
+        ("model=local", "error: model.name_or_path='???': missing required value"),
+    ],
+)
+def test_bad_value_exits_2_with_one_line_and_records_nothing(
+    entry_point, capsys, tmp_path, override, expected
+):
+    assert entry_point(override) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), err[-2000:]
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.rglob("record.json"))

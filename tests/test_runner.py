@@ -1,0 +1,95 @@
+"""A sweep on the tiny model driven in-process through the real entry point (Hydra's basic launcher runs
+the trials in this process): the fast counterpart of tests/test_sweep.py's command-line sweeps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from .helpers import children, client, load, parents, write_sweep
+
+
+@pytest.fixture
+def sweep_in_process(tmp_path, monkeypatch, tiny):
+    """``sweep_in_process(name, *extra)`` runs ``python -m lora_sweep --multirun sweeps=<name>`` in this
+    process, in tmp_path; Hydra's global state and the logging it installs are undone afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lora_sweep import __main__ as entry
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.chdir(tmp_path)
+
+    def call(name: str, *extra: str) -> None:
+        argv = [
+            "lora_sweep",
+            "--multirun",
+            f"sweeps={name}",
+            f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *tiny,
+            *extra,
+        ]
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            entry.main()
+        finally:
+            GlobalHydra.instance().clear()
+
+    yield call
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+@pytest.mark.slow  # two trainings: ~5 min on 2 shared cores, tens of seconds idle
+def test_in_process_sweep_nests_trials_and_links_trial_run_record_checkpoint(
+    tmp_path, sweep_in_process, capsys
+):
+    write_sweep(
+        tmp_path,
+        "inproc",
+        {
+            "n_trials": 2,
+            "sampler": {"name": "random", "seed": 0},
+            "pruner": {"name": "none"},
+            "params": {"method.r": "choice(2, 4)", "train.lr": "tag(log, interval(1e-3, 1e-2))"},
+            "enqueue": [{"method.r": 4, "train.lr": 5e-3}],
+        },
+    )
+    sweep_in_process("inproc", "train.epochs=1")
+    out = capsys.readouterr().out
+    assert "sweep inproc" in out and "★" in out and "best trial" in out
+
+    study = load(tmp_path, "inproc")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[0].params == {"method.r": 4, "train.lr": 5e-3}  # the enqueued trial ran first
+    (parent,) = parents(tmp_path, "inproc")
+    assert parent.info.status == "FINISHED" and parent.data.params["n_trials"] == "2"
+    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+    runs = {r.info.run_id: r for r in children(tmp_path, parent.info.run_id)}
+    assert sorted(r.data.tags["lora_sweep.role"] for r in runs.values()) == ["search", "search"]
+    for trial in trials:  # trial -> run -> record -> checkpoint, and back
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "complete"
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert run.data.params["method.r"] == str(trial.params["method.r"])
+        record = json.loads(Path(trial.user_attrs["record"]).read_text())
+        assert record["mlflow"]["run_id"] == run.info.run_id and record["metrics"]["objective"] == trial.value
+        assert "test_accuracy" not in record["metrics"]  # the test split is kept for the chosen checkpoint
+        assert Path(trial.user_attrs["checkpoint"], "adapter_model.safetensors").is_file()
+    setups = [json.loads(Path(t.user_attrs["record"]).read_text())["params"]["setup_reused"] for t in trials]
+    assert setups == [False, True]  # the model and tokenized data are loaded once per process
+    summary = json.loads((tmp_path / "outputs" / "sweeps" / "inproc" / "sweep_summary.json").read_text())
+    assert (
+        summary and client(tmp_path).get_run(parent.info.run_id).data.tags["lora_sweep.status"] == "completed"
+    )
