@@ -88,12 +88,6 @@ def test_figures_with_nothing_to_show_still_render(tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="metric_vs_params sets a log x scale on an empty plot: a report of a sweep whose every "
-    "trial failed (or none finished) cannot be drawn",
-)
 def test_metric_vs_params_with_no_trial_to_show(tmp_path):
     _check(fig.metric_vs_params(_nothing(), "accuracy", "maximize", tmp_path), tmp_path, "metric_vs_params")
 

@@ -47,7 +47,8 @@ def metric_vs_params(table: pd.DataFrame, metric: str, direction: str, folder: P
         ax.step(front["trainable_params"], front["val_metric"], where="post", color=LORA_COLOR, alpha=0.6, label="Pareto front")
     full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
     ax.scatter(full["trainable_params"], full["val_metric"], marker="*", s=220, color=FULL_COLOR, label="full fine-tuning", zorder=4)
-    ax.set_xscale("log")
+    if len(lora) or len(full):  # a log axis needs a positive point: a sweep with no finished trial has none
+        ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"validation {metric}")
     ax.grid(alpha=0.3)

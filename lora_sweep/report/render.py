@@ -45,6 +45,7 @@ def markdown_table(table: pd.DataFrame, metric: str, chosen: int | None) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, row in table.iterrows():
         cells = [_state(row) if c == "state" else _cell(row.get(c), f) for c, _, f in COLUMNS]
+        cells = [cell.replace("|", "\\|") for cell in cells]  # a '|' in a failure reason would split the row
         if row["role"] == "search" and row["trial"] == chosen:
             cells[1] = f"**{cells[1]}** (chosen)"
         lines.append("| " + " | ".join(cells) + " |")
