@@ -25,6 +25,8 @@ from optuna.trial import TrialState
 from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
 from lora_sweep.sweep.locks import closes_the_sweep, study_lock
+from lora_sweep.sweep.optuna_api import heartbeat_enabled, storage_of
+from lora_sweep.sweep.optuna_api import trial_id as trial_id_of
 from lora_sweep.sweep.space import SearchSpace, format_value
 from lora_sweep.sweep.study import counts, make_pruner, make_sampler, open_storage, requeue, requeue_stale_trials, storage_spec, worker_identity
 from lora_sweep.tracking import SweepRun
@@ -213,7 +215,7 @@ class SweepRunner:
         device = self._device_for(index)
         while True:
             # threads of this process, then every other worker of the study: count and ask as one step
-            with self._lock, study_lock(phase.study._storage, self.storage_spec, phase.study.study_name):
+            with self._lock, study_lock(storage_of(phase.study), self.storage_spec, phase.study.study_name):
                 state = counts(phase.study)
                 finished = state["complete"] + state["pruned"]
                 limit = float(self.settings.get("max_failure_rate", 0.5)) * max(phase.n_trials, 1)
@@ -229,25 +231,24 @@ class SweepRunner:
             self._launch(phase, trial, values, device)
 
     def _launch(self, phase: Phase, trial: optuna.Trial, values: dict[str, Any], device: str | None) -> None:
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
-        if is_heartbeat_enabled(phase.study._storage):  # a requeued trial's old heartbeat must not read as stale
-            phase.study._storage.record_heartbeat(trial._trial_id)
+        storage, trial_id = storage_of(phase.study), trial_id_of(phase.study, trial.number)
+        if heartbeat_enabled(storage):  # a requeued trial's old heartbeat must not read as stale
+            storage.record_heartbeat(trial_id)
         subdir = f"{phase.role}-{trial.number:03d}"
         overrides = [*phase.arguments, *phase.overrides, *phase.space.overrides(values),
                      f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
-                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial._trial_id}", f"sweep.role={phase.role}",
+                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial_id}", f"sweep.role={phase.role}",
                      f"sweep.parent_run_id={format_value(self.parent.run_id)}", "evaluate_test=false", f"hydra.sweep.subdir={subdir}"]
         if device:
             overrides.append(f"train.device={device}")
         trial.set_user_attr("output_dir", str((self.sweep_dir / subdir).resolve()))
-        interrupted = phase.study._storage.get_trial(trial._trial_id).user_attrs.get("interruptions")
+        interrupted = storage.get_trial(trial_id).user_attrs.get("interruptions")
         log.info("trial %s-%d%s: %s", phase.role, trial.number, f" resumes ({interrupted[-1]})" if interrupted else "",
                  " ".join(phase.space.overrides(values)) or "(defaults)")
         try:
             (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
         except BaseException:  # Ctrl-C or a launcher crash: the same trial resumes when the sweep is rerun
-            requeue(phase.study, trial._trial_id, "interrupted")
+            requeue(phase.study, trial_id, "interrupted")
             raise
         self._tell(phase, trial, result)
 
@@ -267,7 +268,7 @@ class SweepRunner:
             phase.study.tell(trial, state=TrialState.PRUNED)
             state = "pruned"
         else:
-            reason = (record or {}).get("error") or f"{type(result._return_value).__name__}: {result._return_value}"
+            reason = (record or {}).get("error") or _job_error(result)
             from lora_sweep.secrets import redact
 
             reason = redact(str(reason).splitlines()[0][:500] if str(reason) else "")
@@ -371,3 +372,16 @@ def _first(distribution) -> Any:
 
 def _condition_keys(space: SearchSpace) -> set[str]:
     return {key for p in space.params for key in (p.when or {})}
+
+
+def _job_error(result) -> str:
+    """What a job that left no record returned or raised, as ``Type: message``."""
+    import contextlib
+    import io
+
+    try:  # Hydra re-raises a failed job's exception here, after printing its overrides (passwords too)
+        with contextlib.redirect_stderr(io.StringIO()):
+            value = result.return_value
+    except Exception as err:  # noqa: BLE001 - the job's own error, whatever it is
+        value = err
+    return f"{type(value).__name__}: {value}"

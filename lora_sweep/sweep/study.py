@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lora_sweep.errors import ConfigError
+from lora_sweep.sweep.optuna_api import stale_trial_ids, storage_of, trial_id
 from lora_sweep.secrets import password_of, redact_text, redact_url, secret_values
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def requeue(study: optuna.Study, trial_id: int, reason: str) -> bool:
     """Put an unfinished trial back in the queue: the next ``ask()`` of any worker, here or on another
     machine, pops this same trial (number, parameters, output folder, MLflow run) and it resumes from its
     last checkpoint. Popping is atomic in every Optuna storage, so two workers never both take it."""
-    storage = study._storage
+    storage = storage_of(study)
     try:
         if storage.get_trial(trial_id).state != TrialState.RUNNING:
             return False
@@ -148,17 +149,13 @@ def requeue_stale_trials(study: optuna.Study) -> list[int]:
     trial whose heartbeat stopped, from any machine (Optuna's heartbeat). A trial of a live worker, or of
     another machine without heartbeat, is left alone.
     """
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    storage = study._storage
-    stale: dict[int, str] = {}
-    if is_heartbeat_enabled(storage):
-        stale.update({trial_id: "its heartbeat stopped" for trial_id in storage._get_stale_trial_ids(study._study_id)})
+    storage = storage_of(study)
+    stale: dict[int, str] = {trial_id: "its heartbeat stopped" for trial_id in stale_trial_ids(study)}
     me = worker_identity()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker") or {}
         if worker.get("host") == me["host"] and not _alive(int(worker.get("pid", -1))):
-            stale[trial._trial_id] = "its worker process died"
+            stale[trial_id(study, trial.number)] = "its worker process died"
     numbers = [storage.get_trial(trial_id).number for trial_id, reason in stale.items() if requeue(study, trial_id, reason)]
     if numbers:
         log.warning("trials %s were left running by a dead worker: they resume from their last checkpoint", sorted(numbers))
