@@ -33,7 +33,9 @@ def storage(request):
 
 
 def _study(storage, name: str = "s") -> optuna.Study:
-    return optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
+    return optuna.create_study(
+        study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=0)
+    )
 
 
 def test_storage_of_a_study_is_the_one_it_was_opened_on(journal, rdb):
@@ -99,6 +101,7 @@ def test_database_engine_of_an_rdb_storage_as_opened_or_as_a_study_holds_it(jour
     assert optuna_api.database_engine(optuna_api.storage_of(_study(rdb))) is engine
     assert optuna_api.database_engine(journal) is None
 
+
 # ---- no private Optuna/Hydra API outside the adapter --------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,10 +109,21 @@ PACKAGES = ("lora_sweep", "hydra_plugins")
 ADAPTER = ROOT / "lora_sweep" / "sweep" / "optuna_api.py"
 FOREIGN = ("optuna", "hydra")
 # private names of Optuna and Hydra we used, flagged even if a module of ours defines the same name
-KNOWN = {"_storage", "_study_id", "_trial_id", "_return_value", "_contains", "_get_stale_trial_ids", "_backend",
-         "_cached_frozen_trial", "_heartbeat"}
+KNOWN = {
+    "_storage",
+    "_study_id",
+    "_trial_id",
+    "_return_value",
+    "_contains",
+    "_get_stale_trial_ids",
+    "_backend",
+    "_cached_frozen_trial",
+    "_heartbeat",
+}
 # other libraries' private names we accept, with the reason
-ALLOWED = {"_instances": "tqdm: the bars a failure left open, to close them before the error line; no public list"}
+ALLOWED = {
+    "_instances": "tqdm: the bars a failure left open, to close them before the error line; no public list"
+}
 
 
 def _sources() -> list[Path]:
@@ -132,7 +146,9 @@ def _own_private_names(trees: dict[Path, ast.AST]) -> set[str]:
                 names.add(node.attr)
             if isinstance(node, ast.ClassDef):
                 for item in node.body:
-                    targets = item.targets if isinstance(item, ast.Assign) else [getattr(item, "target", None)]
+                    targets = (
+                        item.targets if isinstance(item, ast.Assign) else [getattr(item, "target", None)]
+                    )
                     names.update(t.id for t in targets if isinstance(t, ast.Name))
     return {name for name in names if _private(name)} - KNOWN
 
@@ -150,17 +166,27 @@ def private_api_uses(files: list[Path]) -> list[str]:
     found = []
     for path in files:
         for node in ast.walk(trees[path] if path in trees else ast.parse(path.read_text(), str(path))):
-            where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{getattr(node, 'lineno', 0)}"
+            shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+            where = f"{shown}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
                 found.append(f"{where}: .{node.attr}")
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "setattr")
-                  and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
-                  and _private(node.args[1].value) and node.args[1].value not in own):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+                and _private(node.args[1].value)
+                and node.args[1].value not in own
+            ):
                 found.append(f"{where}: {node.func.id}(..., {node.args[1].value!r})")
             elif isinstance(node, ast.ImportFrom) and node.module and _private_module(node.module):
                 found.append(f"{where}: from {node.module} import ...")
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in FOREIGN:
-                found += [f"{where}: from {node.module} import {a.name}" for a in node.names if _private(a.name)]
+                found += [
+                    f"{where}: from {node.module} import {a.name}" for a in node.names if _private(a.name)
+                ]
             elif isinstance(node, ast.Import):
                 found += [f"{where}: import {a.name}" for a in node.names if _private_module(a.name)]
     return found
@@ -173,11 +199,19 @@ def test_no_private_optuna_or_hydra_api_outside_the_adapter():
 
 def test_the_private_api_check_catches_each_kind(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("from optuna.storages._heartbeat import is_heartbeat_enabled\nimport optuna.storages._heartbeat\n"
-                      "def f(study, result, dist):\n    return study._storage, result._return_value, dist._contains(1), "
-                      "getattr(study, '_study_id'), study.__class__\n")
+    sample.write_text(
+        "from optuna.storages._heartbeat import is_heartbeat_enabled\nimport optuna.storages._heartbeat\n"
+        "def f(study, result, dist):\n    return study._storage, result._return_value, dist._contains(1), "
+        "getattr(study, '_study_id'), study.__class__\n"
+    )
     found = "\n".join(private_api_uses([sample]))
-    for expected in ("from optuna.storages._heartbeat", "import optuna.storages._heartbeat", "._storage", "._return_value",
-                     "._contains", "'_study_id'"):
+    for expected in (
+        "from optuna.storages._heartbeat",
+        "import optuna.storages._heartbeat",
+        "._storage",
+        "._return_value",
+        "._contains",
+        "'_study_id'",
+    ):
         assert expected in found
     assert "__class__" not in found

@@ -10,9 +10,16 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.sweep.study import make_pruner, make_sampler
 
 
-@pytest.mark.parametrize(("name", "cls"), [("tpe", optuna.samplers.TPESampler), ("random", optuna.samplers.RandomSampler),
-                                           ("gp", optuna.samplers.GPSampler), ("cmaes", optuna.samplers.CmaEsSampler),
-                                           ("nsga2", optuna.samplers.NSGAIISampler)])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("tpe", optuna.samplers.TPESampler),
+        ("random", optuna.samplers.RandomSampler),
+        ("gp", optuna.samplers.GPSampler),
+        ("cmaes", optuna.samplers.CmaEsSampler),
+        ("nsga2", optuna.samplers.NSGAIISampler),
+    ],
+)
 def test_make_sampler_from_the_schema(name, cls):
     assert type(make_sampler(SamplerConf(name=name), None, False)) is cls
 
@@ -28,17 +35,25 @@ def test_a_seeded_sampler_samples_the_same_values_twice():
 
 
 def test_grid_and_bad_sampler_names():
-    assert isinstance(make_sampler(SamplerConf(name="grid"), {"x": [1, 2]}, False), optuna.samplers.GridSampler)
+    assert isinstance(
+        make_sampler(SamplerConf(name="grid"), {"x": [1, 2]}, False), optuna.samplers.GridSampler
+    )
     with pytest.raises(ConfigError, match="CMA-ES optimises one objective"):
         make_sampler(SamplerConf(name="cmaes"), None, True)
     with pytest.raises(ConfigError, match="must be one of"):
         make_sampler(SamplerConf(name="bayes"), None, False)
 
 
-@pytest.mark.parametrize(("cfg", "cls"), [({}, optuna.pruners.MedianPruner), ({"name": "none"}, optuna.pruners.NopPruner),
-                                          ({"name": "successive_halving"}, optuna.pruners.SuccessiveHalvingPruner),
-                                          ({"name": "hyperband", "max_resource": 9}, optuna.pruners.HyperbandPruner),
-                                          (PrunerConf(name="none"), optuna.pruners.NopPruner)])
+@pytest.mark.parametrize(
+    ("cfg", "cls"),
+    [
+        ({}, optuna.pruners.MedianPruner),
+        ({"name": "none"}, optuna.pruners.NopPruner),
+        ({"name": "successive_halving"}, optuna.pruners.SuccessiveHalvingPruner),
+        ({"name": "hyperband", "max_resource": 9}, optuna.pruners.HyperbandPruner),
+        (PrunerConf(name="none"), optuna.pruners.NopPruner),
+    ],
+)
 def test_make_pruner_from_the_schema_or_part_of_it(cfg, cls):
     """A study keeps its pruner's settings as a mapping: whatever it leaves out takes the schema's default."""
     assert type(make_pruner(cfg)) is cls

@@ -36,7 +36,9 @@ def storage_of(study: optuna.Study) -> BaseStorage:
 def trial_id(study: optuna.Study, number: int) -> int:
     """The storage's id of trial ``number`` of ``study`` (what ``optuna.trial.Trial(study, id)`` takes)."""
     storage = storage_of(study)
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), number
+    )
 
 
 def heartbeat_enabled(storage: BaseStorage) -> bool:

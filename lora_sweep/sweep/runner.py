@@ -243,7 +243,8 @@ class SweepRunner:
         subdir = f"{phase.role}-{trial.number:03d}"
         overrides = [*phase.arguments, *phase.overrides, *phase.space.overrides(values),
                      f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
-                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial_id}", f"sweep.role={phase.role}",
+                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial_id}",
+                     f"sweep.role={phase.role}",
                      f"sweep.parent_run_id={format_value(self.parent.run_id)}", "evaluate_test=false", f"hydra.sweep.subdir={subdir}"]
         if device:
             overrides.append(f"train.device={device}")

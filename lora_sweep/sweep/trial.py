@@ -36,7 +36,8 @@ class TrialBridge:
     def on_evaluation(self, step: int, metrics: dict[str, float]) -> bool:
         if not self.can_prune:
             return False
-        if step not in storage_of(self.study).get_trial(self.cfg.sweep.trial_id).intermediate_values:  # a resumed trial
+        reported = storage_of(self.study).get_trial(self.cfg.sweep.trial_id).intermediate_values
+        if step not in reported:  # a resumed trial
             self.trial.report(metrics[self.cfg.objective.metric], step)
         if self.trial.should_prune():
             log.info("trial %d pruned at step %d (%s %.4f)", self.trial.number, step, self.cfg.objective.metric,
