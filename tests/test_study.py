@@ -80,3 +80,33 @@ def test_bad_pruner_settings():
         make_pruner({"name": "asha"})
     with pytest.raises(ConfigError, match=r"hydra\.sweeper\.pruner\.patience"):
         make_pruner({"patience": 2})
+
+
+def test_stale_trials_go_back_to_the_queue_and_resume_as_the_same_trial(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from optuna.trial import TrialState
+
+    from lora_sweep.sweep.study import requeue_stale_trials, worker_identity
+
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=1, grace_period=1
+    )
+    study = optuna.create_study(study_name="s", storage=storage)
+    silent, dead, alive = study.ask(), study.ask(), study.ask()
+    storage.record_heartbeat(
+        storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("s"), silent.number)
+    )
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead.set_user_attr("worker", {**worker_identity(), "pid": gone.pid})
+    alive.set_user_attr("worker", worker_identity())
+    time.sleep(2.5)  # the silent trial's heartbeat is now older than its grace period
+    assert requeue_stale_trials(study) == [silent.number, dead.number]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.WAITING, TrialState.WAITING, TrialState.RUNNING]
+    assert trials[0].user_attrs["interruptions"] == ["its heartbeat stopped"]
+    assert trials[1].user_attrs["interruptions"] == ["its worker process died"]
+    assert {study.ask().number, study.ask().number} == {silent.number, dead.number}
