@@ -1,7 +1,12 @@
-"""``hydra/sweeper=lora_optuna``: the config of our Optuna 5 sweeper, registered with Hydra's ConfigStore."""
+"""``hydra/sweeper=lora_optuna``: the config of our Optuna 5 sweeper, registered with Hydra's ConfigStore.
+
+These dataclasses are the only place the sweeper's defaults live: the sweeper builds a
+:class:`LoraOptunaSweeperConf` from the settings Hydra composed (:func:`sweeper_conf`) and the code reads
+its fields without fallbacks.
+"""
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -31,7 +36,7 @@ class BaselineConf:
     overrides: List[str] = field(default_factory=lambda: ["method=full"])
     params: Dict[str, str] = field(default_factory=dict)
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
-    sampler: Optional[Dict[str, Any]] = None  # None: TPE, seeded like the main study
+    sampler: Optional[SamplerConf] = None  # None: TPE, seeded like the main study
 
 
 @dataclass
@@ -65,6 +70,15 @@ class LoraOptunaSweeperConf:
     keep_checkpoints: Optional[int] = None  # keep the checkpoints of the k best trials (+ the report's pick); None: all
     heartbeat_interval: Optional[int] = 60  # RDB storages: seconds between a running trial's heartbeats
     report: ReportConf = field(default_factory=ReportConf)
+
+
+def sweeper_conf(settings: Mapping[str, Any]) -> "LoraOptunaSweeperConf":
+    """The sweeper's settings (a plain mapping, as Hydra composed them) as the typed schema; a key left
+    out takes the schema's default, an unknown key or a bad value is a one-line ``ConfigError``."""
+    from lora_sweep.schema import build
+
+    given = {k: v for k, v in settings.items() if k != "_target_"}
+    return build(LoraOptunaSweeperConf, given, "hydra.sweeper")
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="lora_optuna", node=LoraOptunaSweeperConf, provider="lora_sweep")

@@ -29,6 +29,8 @@ class LoraOptunaSweeper(Sweeper):
         from lora_sweep.errors import LoraSweepError
         from lora_sweep.sweep.runner import SweepRunner
 
+        from hydra_plugins.lora_sweep_optuna.config import sweeper_conf
+
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(list(arguments))
@@ -38,7 +40,9 @@ class LoraOptunaSweeper(Sweeper):
                   "sweeper; with hydra/sweeper=lora_optuna put the search space in hydra.sweeper.params", file=sys.stderr)
             sys.exit(2)
         try:
-            return SweepRunner(self.settings, self.config, self.launcher, self.hydra_context.config_loader, arguments).run()
+            conf = sweeper_conf(self.settings)
+            loader = self.hydra_context.config_loader
+            return SweepRunner(conf, self.config, self.launcher, loader, arguments).run()
         except LoraSweepError as err:
             from lora_sweep.secrets import redact
 

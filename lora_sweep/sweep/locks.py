@@ -33,6 +33,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from lora_sweep.sweep.optuna_api import database_engine, storage_of
 from lora_sweep.sweep.study import JOURNAL_PREFIX
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def study_lock(storage, spec: str, study_name: str) -> Iterator[None]:
         with FileLock(str(path)):
             yield
         return
-    engine = getattr(getattr(storage, "_backend", storage), "engine", None)  # Optuna wraps RDBStorage in a cache
+    engine = database_engine(storage)
     if engine is not None and engine.dialect.name == "postgresql":
         from sqlalchemy import text
 
@@ -108,7 +109,7 @@ def closes_the_sweep(studies: list, spec: str, me: dict) -> bool:
     """Whether this worker (``me``: its sweeper identity) is the last one out of the sweep's ``studies``
     (the main study last), so it writes the report and closes the parent run, once, not once per worker."""
     main = studies[-1]
-    with study_lock(main._storage, spec, f"{main.study_name}/finish"):
+    with study_lock(storage_of(main), spec, f"{main.study_name}/finish"):
         trials = [t for study in studies for t in study.get_trials(deepcopy=False)]
         if any(t.state == TrialState.RUNNING for t in trials):
             return False  # another worker is still training: it closes the sweep when it is done

@@ -22,9 +22,14 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from hydra_plugins.lora_sweep_optuna.config import (BaselineConf, LoraOptunaSweeperConf, ReportConf,
+                                                    SamplerConf)
 from lora_sweep.errors import ConfigError, LoraSweepError
+from lora_sweep.schema import to_dict
 from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
 from lora_sweep.sweep.locks import closes_the_sweep, study_lock
+from lora_sweep.sweep.optuna_api import heartbeat_enabled, storage_of
+from lora_sweep.sweep.optuna_api import trial_id as trial_id_of
 from lora_sweep.sweep.space import SearchSpace, format_value
 from lora_sweep.sweep.study import counts, make_pruner, make_sampler, open_storage, requeue, requeue_stale_trials, storage_spec, worker_identity
 from lora_sweep.tracking import SweepRun
@@ -49,8 +54,10 @@ class Phase:
 
 
 class SweepRunner:
-    def __init__(self, settings: dict[str, Any], config: DictConfig, launcher, config_loader, arguments: list[str]):
-        self.settings = settings
+    def __init__(self, conf: LoraOptunaSweeperConf, config: DictConfig, launcher, config_loader,
+                 arguments: list[str]):
+        self.conf = conf
+        self.settings = to_dict(conf)  # the same settings as plain data: every key present
         self.config = config
         self.launcher = launcher
         self.config_loader = config_loader
@@ -126,23 +133,21 @@ class SweepRunner:
         if unknown:
             raise ConfigError("hydra.sweeper.objectives", unknown[0], f"must be among {', '.join(OBJECTIVES)}")
         directions = [self._direction(o) for o in objectives]
-        sampler_cfg = dict(self.settings.get("sampler") or {})
-        if role == "baseline":  # a small 1-D learning-rate search: TPE, seeded like the main study
-            sampler_cfg = dict(block.get("sampler") or {"name": "tpe", "seed": sampler_cfg.get("seed"), "n_startup_trials": 3})
-        grid = space.grid(f"{where}.params") if sampler_cfg.get("name") == "grid" else None
+        sampler_cfg = phase_sampler(self.conf, role)
+        grid = space.grid(f"{where}.params") if sampler_cfg.name == "grid" else None
         sampler = make_sampler(sampler_cfg, grid, len(directions) > 1)
-        n_trials = int(block.get("n_trials", 0))
+        n_trials = int(block["n_trials"])
         if grid is not None and n_trials > math.prod(len(values) for values in grid.values()):
             n_trials = math.prod(len(values) for values in grid.values())
             log.warning("%s.n_trials: the grid has only %d points; running those", where, n_trials)
-        pruner = make_pruner(dict(self.settings.get("pruner") or {}))
+        pruner = make_pruner(self.conf.pruner)
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     directions=directions, load_if_exists=True)
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
             raise ConfigError("hydra.sweeper.objectives", objectives, f"study {study_name!r} exists with other directions")
         if "lora_sweep" not in study.user_attrs:  # a new study: remember its settings, queue the fixed trials
             # "metric": the objective's metric, so the report reads it instead of guessing
-            study.set_user_attr("lora_sweep", {"pruner": dict(self.settings.get("pruner") or {}), "objectives": objectives,
+            study.set_user_attr("lora_sweep", {"pruner": self.settings["pruner"], "objectives": objectives,
                                                "metric": OmegaConf.select(self.config, "objective.metric"),
                                                "role": role, "params": dict(block.get("params") or {})})
             for entry in block.get("enqueue") or []:
@@ -165,19 +170,21 @@ class SweepRunner:
         keep = settings.get("keep_checkpoints")
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ConfigError("hydra.sweeper.keep_checkpoints", keep, "must be an integer >= 1, or null to keep every checkpoint")
-        spec = storage_spec(settings.get("storage"), self.sweep_dir)
-        storage = open_storage(spec, settings.get("heartbeat_interval"))
+        spec = storage_spec(self.conf.storage, self.sweep_dir)
+        storage = open_storage(spec, self.conf.heartbeat_interval)
         study_name = settings["study_name"]
-        baseline = dict(settings.get("baseline") or {})
+        baseline = settings["baseline"]
         self.storage_spec = spec
 
         # one creator of the study and its parent run (the study lock reaches workers on other machines)
         with FileLock(str(self.sweep_dir / ".setup.lock")), study_lock(storage, spec, f"{study_name}/setup"):
             phases = []
-            if int(baseline.get("n_trials", 0)) > 0:
+            if self.conf.baseline.n_trials > 0:  # an empty list of overrides or objectives: the schema's
                 phases.append(self._phase("baseline", storage, f"{study_name}-baseline", baseline,
-                                          list(baseline.get("overrides") or ["method=full"]), ["objective"]))
-            phases.append(self._phase("search", storage, study_name, settings, [], list(settings.get("objectives") or ["objective"])))
+                                          list(self.conf.baseline.overrides or BaselineConf().overrides),
+                                          ["objective"]))
+            objectives = list(self.conf.objectives or LoraOptunaSweeperConf().objectives)
+            phases.append(self._phase("search", storage, study_name, settings, [], objectives))
             self.phases = phases
             main = phases[-1].study
             tracking = self._tracking_config()
@@ -226,12 +233,13 @@ class SweepRunner:
         device = self._device_for(index)
         while True:
             # threads of this process, then every other worker of the study: count and ask as one step
-            with self._lock, study_lock(phase.study._storage, self.storage_spec, phase.study.study_name):
+            with self._lock, study_lock(storage_of(phase.study), self.storage_spec, phase.study.study_name):
                 state = counts(phase.study)
                 finished = state["complete"] + state["pruned"]
-                limit = float(self.settings.get("max_failure_rate", 0.5)) * max(phase.n_trials, 1)
+                limit = float(self.conf.max_failure_rate) * max(phase.n_trials, 1)
                 if state["fail"] > limit:
-                    raise SweepAborted(f"hydra.sweeper.max_failure_rate={self.settings.get('max_failure_rate')}: {state['fail']} trials "
+                    raise SweepAborted(f"hydra.sweeper.max_failure_rate={self.conf.max_failure_rate}: "
+                                       f"{state['fail']} trials "
                                        f"of {phase.study.study_name} failed; last reason: {self._last_failure(phase.study)}")
                 if finished + state["running"] >= phase.n_trials:
                     return
@@ -242,25 +250,25 @@ class SweepRunner:
             self._launch(phase, trial, values, device)
 
     def _launch(self, phase: Phase, trial: optuna.Trial, values: dict[str, Any], device: str | None) -> None:
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
-        if is_heartbeat_enabled(phase.study._storage):  # a requeued trial's old heartbeat must not read as stale
-            phase.study._storage.record_heartbeat(trial._trial_id)
+        storage, trial_id = storage_of(phase.study), trial_id_of(phase.study, trial.number)
+        if heartbeat_enabled(storage):  # a requeued trial's old heartbeat must not read as stale
+            storage.record_heartbeat(trial_id)
         subdir = f"{phase.role}-{trial.number:03d}"
         overrides = [*phase.arguments, *phase.overrides, *phase.space.overrides(values),
                      f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
-                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial._trial_id}", f"sweep.role={phase.role}",
+                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial_id}",
+                     f"sweep.role={phase.role}",
                      f"sweep.parent_run_id={format_value(self.parent.run_id)}", "evaluate_test=false", f"hydra.sweep.subdir={subdir}"]
         if device:
             overrides.append(f"train.device={device}")
         trial.set_user_attr("output_dir", str((self.sweep_dir / subdir).resolve()))
-        interrupted = phase.study._storage.get_trial(trial._trial_id).user_attrs.get("interruptions")
+        interrupted = storage.get_trial(trial_id).user_attrs.get("interruptions")
         log.info("trial %s-%d%s: %s", phase.role, trial.number, f" resumes ({interrupted[-1]})" if interrupted else "",
                  " ".join(phase.space.overrides(values)) or "(defaults)")
         try:
             (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
         except BaseException:  # Ctrl-C or a launcher crash: the same trial resumes when the sweep is rerun
-            requeue(phase.study, trial._trial_id, "interrupted")
+            requeue(phase.study, trial_id, "interrupted")
             raise
         self._tell(phase, trial, result)
 
@@ -280,7 +288,7 @@ class SweepRunner:
             phase.study.tell(trial, state=TrialState.PRUNED)
             state = "pruned"
         else:
-            reason = (record or {}).get("error") or f"{type(result._return_value).__name__}: {result._return_value}"
+            reason = (record or {}).get("error") or _job_error(result)
             from lora_sweep.secrets import redact
 
             reason = redact(str(reason).splitlines()[0][:500] if str(reason) else "")
@@ -290,7 +298,7 @@ class SweepRunner:
             log.warning("trial %s-%d failed: %s (the sweep goes on)", phase.role, trial.number, reason)
         run_id = (record or {}).get("mlflow", {}).get("run_id")
         self.parent.set_tags({"optuna.state": state}, run_id=run_id)
-        if self.settings.get("keep_checkpoints") is not None:
+        if self.conf.keep_checkpoints is not None:
             self._retain()
 
     def _retain(self) -> None:
@@ -299,9 +307,9 @@ class SweepRunner:
 
         keep = int(self.settings["keep_checkpoints"])
         search, baseline = self.phases[-1].study, self.phases[0].study if len(self.phases) > 1 else None
-        report = dict(self.settings.get("report") or {})
+        report = self.conf.report
         chosen = retention.report_choice(search, baseline, OmegaConf.select(self.config, "objective.metric"), self._direction("objective"),
-                                         float(report.get("tolerance", 0.005)), Path(report.get("dir", "reports")) / self.settings["study_name"])
+                                         report.tolerance, Path(report.dir) / self.settings["study_name"])
         retention.enforce(search, keep, retention.top_trials(search, keep) | chosen)
         if baseline is not None:
             retention.enforce(baseline, keep, retention.top_trials(baseline, keep))
@@ -318,21 +326,21 @@ class SweepRunner:
         if not closes_the_sweep([phase.study for phase in phases], self.storage_spec, worker_identity()):
             log.info("other workers of this study are still at work: the last one out writes the report and closes the parent run")
             return
-        report = dict(self.settings.get("report") or {})
-        if report.get("enabled", True):
-            self._report(report)
+        if self.conf.report.enabled:
+            self._report(self.conf.report)
         self.parent.finish("completed")
 
-    def _report(self, report: dict[str, Any]) -> None:
+    def _report(self, report: ReportConf) -> None:
         from lora_sweep.report import build_report
         from lora_sweep.report.collect import open_sweep
 
-        out = Path(report.get("dir", "reports")) / self.settings["study_name"]
+        out = Path(report.dir) / self.settings["study_name"]
         tracking = self._tracking_config()
-        register_as = report.get("register_as") or (self.settings["study_name"] if tracking.backend == "mlflow" else None)
+        register_as = report.register_as or (self.conf.study_name if tracking.backend == "mlflow" else None)
         sweep = open_sweep(self.settings["study_name"], self.storage_spec, self.sweep_dir)
-        summary = build_report(sweep, out, float(report.get("tolerance", 0.005)), checkpoints=bool(report.get("checkpoints", True)),
-                               register_as=register_as, tracking_uri=self.parent.location, replicates=int(report.get("replicates", 3)))
+        summary = build_report(sweep, out, report.tolerance, checkpoints=report.checkpoints,
+                               register_as=register_as, tracking_uri=self.parent.location,
+                               replicates=report.replicates)
         self.parent.log_artifacts(out, "report")
         print(f"report: {out / 'report.html'}" + (f" (chosen: trial {summary['chosen']['trial']})" if summary.get("chosen") else ""))
 
@@ -363,9 +371,10 @@ class SweepRunner:
         s = self.settings
         from lora_sweep.sweep.study import redact_url
 
-        params = {"study_name": s["study_name"], "n_trials": s.get("n_trials"), "sampler": (s.get("sampler") or {}).get("name"),
-                  "pruner": (s.get("pruner") or {}).get("name"), "objectives": s.get("objectives"),
-                  "storage": redact_url(self.storage_spec), "baseline.n_trials": (s.get("baseline") or {}).get("n_trials", 0),
+        c = self.conf
+        params = {"study_name": c.study_name, "n_trials": c.n_trials, "sampler": c.sampler.name,
+                  "pruner": c.pruner.name, "objectives": c.objectives,
+                  "storage": redact_url(self.storage_spec), "baseline.n_trials": c.baseline.n_trials,
                   "command": " ".join(["python -m lora_sweep --multirun", *self.arguments])}
         params.update({f"space.{k}": v for k, v in (s.get("params") or {}).items()})
         if s.get("alpha"):
@@ -392,3 +401,24 @@ def _first(distribution) -> Any:
 
 def _condition_keys(space: SearchSpace) -> set[str]:
     return {key for p in space.params for key in (p.when or {})}
+
+
+def phase_sampler(conf: LoraOptunaSweeperConf, role: str) -> SamplerConf:
+    """The sampler of a phase: the baseline's own if given, else (a small 1-D learning-rate search) TPE
+    seeded like the main study."""
+    if role != "baseline":
+        return conf.sampler
+    return conf.baseline.sampler or SamplerConf(name="tpe", seed=conf.sampler.seed, n_startup_trials=3)
+
+
+def _job_error(result) -> str:
+    """What a job that left no record returned or raised, as ``Type: message``."""
+    import contextlib
+    import io
+
+    try:  # Hydra re-raises a failed job's exception here, after printing its overrides (passwords too)
+        with contextlib.redirect_stderr(io.StringIO()):
+            value = result.return_value
+    except Exception as err:  # noqa: BLE001 - the job's own error, whatever it is
+        value = err
+    return f"{type(value).__name__}: {value}"

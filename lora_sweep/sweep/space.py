@@ -158,7 +158,7 @@ class SearchSpace:
                 raise ConfigError(f"{where}.{name}", value, f"not a searched parameter (searched: {', '.join(self.names)})")
             dist = next(p.distribution for p in self.params if p.name == name)
             try:
-                inside = dist._contains(dist.to_internal_repr(value))
+                inside = _in_range(dist, dist.to_internal_repr(value))
             except (ValueError, TypeError):
                 inside = False
             if not inside:
@@ -179,6 +179,19 @@ class SearchSpace:
             else:
                 raise ConfigError(f"{where}.{param.name}", "interval", "the grid sampler needs choice() or range() values")
         return grid
+
+
+def _in_range(dist, internal: float) -> bool:
+    """Whether a value (in Optuna's internal representation) lies in ``dist``: Optuna's own rule, from
+    the distribution's public attributes."""
+    if isinstance(dist, CategoricalDistribution):
+        return 0 <= int(internal) < len(dist.choices)
+    if not dist.low <= internal <= dist.high:
+        return False
+    if isinstance(dist, IntDistribution):
+        return (internal - dist.low) % dist.step == 0
+    steps = None if dist.step is None else (internal - dist.low) / dist.step
+    return steps is None or abs(steps - round(steps)) < 1.0e-8
 
 
 def format_value(value: Any) -> str:

@@ -17,12 +17,16 @@ import os
 import socket
 import warnings
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from hydra_plugins.lora_sweep_optuna.config import PrunerConf, SamplerConf
 from lora_sweep.errors import ConfigError
+from lora_sweep.schema import build
+from lora_sweep.sweep.optuna_api import stale_trial_ids, storage_of, trial_id
 from lora_sweep.secrets import password_of, redact_text, redact_url, secret_values
 
 log = logging.getLogger(__name__)
@@ -71,39 +75,46 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
         raise ConfigError("hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {problem}") from None
 
 
-def make_sampler(cfg: dict[str, Any], grid: dict[str, list] | None, multi_objective: bool) -> optuna.samplers.BaseSampler:
-    name, seed = cfg.get("name", "tpe"), cfg.get("seed")
+def make_sampler(cfg: SamplerConf, grid: dict[str, list] | None,
+                 multi_objective: bool) -> optuna.samplers.BaseSampler:
+    name, seed = cfg.name, cfg.seed
     if name not in SAMPLERS:
         raise ConfigError("hydra.sweeper.sampler.name", name, f"must be one of {', '.join(SAMPLERS)}")
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.get("n_startup_trials", 10), multivariate=True,
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
                                           group=True, constant_liar=True)  # the liar keeps parallel workers apart
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         return optuna.samplers.GridSampler(grid, seed=seed)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.get("n_startup_trials", 10))
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if multi_objective:
         raise ConfigError("hydra.sweeper.sampler.name", name, "CMA-ES optimises one objective; use tpe or nsga2 for several")
-    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.get("n_startup_trials", 1), warn_independent_sampling=False)
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
+                                        warn_independent_sampling=False)
 
 
-def make_pruner(cfg: dict[str, Any]) -> optuna.pruners.BasePruner:
-    name = cfg.get("name", "median")
+def make_pruner(cfg: PrunerConf | Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    """The pruner of ``cfg``: the schema's dataclass, or a mapping of some of its fields (as a study keeps
+    it in its user attributes), the schema's defaults filling the rest."""
+    if isinstance(cfg, Mapping):
+        cfg = build(PrunerConf, cfg, "hydra.sweeper.pruner")
+    name = cfg.name
     if name not in PRUNERS:
         raise ConfigError("hydra.sweeper.pruner.name", name, f"must be one of {', '.join(PRUNERS)}")
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.get("n_startup_trials", 3), n_warmup_steps=cfg.get("n_warmup_steps", 0))
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials,
+                                           n_warmup_steps=cfg.n_warmup_steps)
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.get("min_resource", "auto"),
-                                                      reduction_factor=cfg.get("reduction_factor", 3))
-    return optuna.pruners.HyperbandPruner(min_resource=cfg.get("min_resource", 1), max_resource=cfg.get("max_resource", "auto"),
-                                          reduction_factor=cfg.get("reduction_factor", 3))
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
+                                                      reduction_factor=cfg.reduction_factor)
+    return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, max_resource=cfg.max_resource,
+                                          reduction_factor=cfg.reduction_factor)
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
@@ -129,7 +140,7 @@ def requeue(study: optuna.Study, trial_id: int, reason: str) -> bool:
     """Put an unfinished trial back in the queue: the next ``ask()`` of any worker, here or on another
     machine, pops this same trial (number, parameters, output folder, MLflow run) and it resumes from its
     last checkpoint. Popping is atomic in every Optuna storage, so two workers never both take it."""
-    storage = study._storage
+    storage = storage_of(study)
     try:
         if storage.get_trial(trial_id).state != TrialState.RUNNING:
             return False
@@ -148,17 +159,13 @@ def requeue_stale_trials(study: optuna.Study) -> list[int]:
     trial whose heartbeat stopped, from any machine (Optuna's heartbeat). A trial of a live worker, or of
     another machine without heartbeat, is left alone.
     """
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    storage = study._storage
-    stale: dict[int, str] = {}
-    if is_heartbeat_enabled(storage):
-        stale.update({trial_id: "its heartbeat stopped" for trial_id in storage._get_stale_trial_ids(study._study_id)})
+    storage = storage_of(study)
+    stale: dict[int, str] = {trial_id: "its heartbeat stopped" for trial_id in stale_trial_ids(study)}
     me = worker_identity()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker") or {}
         if worker.get("host") == me["host"] and not _alive(int(worker.get("pid", -1))):
-            stale[trial._trial_id] = "its worker process died"
+            stale[trial_id(study, trial.number)] = "its worker process died"
     numbers = [storage.get_trial(trial_id).number for trial_id, reason in stale.items() if requeue(study, trial_id, reason)]
     if numbers:
         log.warning("trials %s were left running by a dead worker: they resume from their last checkpoint", sorted(numbers))

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 
 from lora_sweep.config import RunConfig
+from lora_sweep.sweep.optuna_api import heartbeat, storage_of
 from lora_sweep.sweep.study import make_pruner, open_storage, worker_identity
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class TrialBridge:
     def on_evaluation(self, step: int, metrics: dict[str, float]) -> bool:
         if not self.can_prune:
             return False
-        if step not in self.study._storage.get_trial(self.trial._trial_id).intermediate_values:  # a resumed trial
+        reported = storage_of(self.study).get_trial(self.cfg.sweep.trial_id).intermediate_values
+        if step not in reported:  # a resumed trial
             self.trial.report(metrics[self.cfg.objective.metric], step)
         if self.trial.should_prune():
             log.info("trial %d pruned at step %d (%s %.4f)", self.trial.number, step, self.cfg.objective.metric,
@@ -53,8 +55,4 @@ class TrialBridge:
 
     def heartbeat(self) -> contextlib.AbstractContextManager[Any]:
         """Optuna's heartbeat for RDB storages, so a killed worker's trial is seen as stale from anywhere."""
-        from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
-
-        if is_heartbeat_enabled(self.study._storage):
-            return get_heartbeat_thread(self.trial._trial_id, self.study._storage)
-        return contextlib.nullcontext()
+        return heartbeat(storage_of(self.study), self.cfg.sweep.trial_id)
