@@ -75,8 +75,19 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
         raise ConfigError("hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {problem}") from None
 
 
-def make_sampler(cfg: SamplerConf, grid: dict[str, list] | None,
+class SweepGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, minus its ``Study.stop()`` once the grid is covered: that call only works inside
+    ``Study.optimize``, and the sweep tells trials itself (it already caps n_trials at the grid's size)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def make_sampler(cfg: SamplerConf | Mapping[str, Any], grid: dict[str, list] | None,
                  multi_objective: bool) -> optuna.samplers.BaseSampler:
+    """The sampler of ``cfg``: the schema's dataclass, or a mapping of some of its fields."""
+    if isinstance(cfg, Mapping):
+        cfg = build(SamplerConf, cfg, "hydra.sweeper.sampler")
     name, seed = cfg.name, cfg.seed
     if name not in SAMPLERS:
         raise ConfigError("hydra.sweeper.sampler.name", name, f"must be one of {', '.join(SAMPLERS)}")
@@ -86,7 +97,7 @@ def make_sampler(cfg: SamplerConf, grid: dict[str, list] | None,
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return SweepGridSampler(grid, seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if name == "nsga2":
