@@ -94,6 +94,8 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
         lines += ["## Held-out test split (evaluated only for these two)", "", f"| model | trial | test {metric} | test {second} |", "|---|---|---|---|"]
         lines += [f"| {label} | {t['trial']} | {t[metric]:.4f} | {t[second]:.4f} |" for label, t in summary["test"].items()]
         lines.append("")
+    if summary.get("replicates_note"):
+        lines += ["## Replicates", "", summary["replicates_note"], ""]
     if summary.get("replicates"):
         rep = summary["replicates"]
         lines += ["## Replicates", "", f"The chosen LoRA configuration and the full fine-tuning baseline, trained again with seeds "

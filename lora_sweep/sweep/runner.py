@@ -22,11 +22,13 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from lora_sweep.config import RunConfig
 from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
 from lora_sweep.sweep.locks import closes_the_sweep, study_lock
 from lora_sweep.sweep.space import SearchSpace, format_value
-from lora_sweep.sweep.study import counts, make_pruner, make_sampler, open_storage, requeue, requeue_stale_trials, storage_spec, worker_identity
+from lora_sweep.sweep.study import FINISHED, counts, make_pruner, make_sampler, open_storage, requeue, requeue_stale_trials, storage_spec, worker_identity
+from lora_sweep.sweep.trials import DEFAULT_TOLERANCE, best_full, pick_best, trials_table
 from lora_sweep.tracking import SweepRun
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class Phase:
     n_trials: int
     objectives: list[str]
     arguments: list[str] = field(default_factory=list)  # the command line's overrides that apply to this phase
+    wanted: list[dict[str, Any]] = field(default_factory=list)  # replicates: which source trial, which seed
 
 
 class SweepRunner:
@@ -59,9 +62,7 @@ class SweepRunner:
         self._lock = threading.Lock()
 
     # --- setup: everything here runs, and fails, before any training ------------------------------------
-    def _task_config(self, overrides: list[str]):
-        from lora_sweep.cli import to_run_config
-
+    def _task_config(self, overrides: list[str]) -> RunConfig:
         try:
             composed = self.config_loader.load_sweep_config(self.config, list(overrides))
         except Exception as err:  # Hydra's own composition errors (bad group option, grammar)
@@ -69,7 +70,7 @@ class SweepRunner:
         composed_plain = OmegaConf.to_container(composed, resolve=False)
         composed_plain.pop("hydra", None)
         composed_plain["output_dir"] = str(self.sweep_dir / "validation")
-        return to_run_config(OmegaConf.create(composed_plain))
+        return RunConfig.from_hydra(OmegaConf.create(composed_plain))
 
     def _arguments_for(self, overrides: list[str]) -> list[str]:
         """Command-line overrides for a phase: when the phase switches the method group (the baseline's
@@ -96,7 +97,7 @@ class SweepRunner:
             if cfg.is_lora:
                 spec = spec or inspect_model(cfg.model)
                 resolve_targets(cfg.method.targets, spec.linear_names, key=f"{where} -> method.targets")
-        from lora_sweep.run import prepare
+        from lora_sweep.prepare import prepare
 
         prepare(first_cfg)  # the data (path, columns, splits, labels) is the same for every trial: check it once, now
 
@@ -143,6 +144,71 @@ class SweepRunner:
             return METRICS[OmegaConf.select(self.config, "objective.metric")]
         return OBJECTIVES[objective][1]
 
+    # --- replicates: the chosen LoRA and the best full FT config again, with new seeds ----------------
+    def _replicate_phase(self, storage) -> Phase | None:
+        """The third study, ``<study>-replicates``: seeds 1..N of the LoRA trial the report's rule picks and of
+        the best full fine-tuning trial, enqueued as trials with fixed params, run by the same worker loop."""
+        n = int((self.settings.get("report") or {}).get("replicates", 3))
+        search, baseline = self.phases[-1], self.phases[0] if len(self.phases) > 1 else None
+        if n <= 0:
+            return None
+        if baseline is None:
+            log.info("no replicates: they pair the chosen LoRA config with full fine-tuning; set hydra.sweeper.baseline.n_trials")
+            return None
+        if any(counts(p.study)["running"] + counts(p.study)["waiting"] for p in (search, baseline)):
+            log.info("other workers still run search trials: the last one to finish runs the replicates")
+            return None
+        metric, direction = OmegaConf.select(self.config, "objective.metric"), self._direction("objective")
+        tolerance = float((self.settings.get("report") or {}).get("tolerance", DEFAULT_TOLERANCE))
+        table = trials_table(search.study, baseline.study)
+        chosen, full = pick_best(table, metric, direction, tolerance).row, best_full(table, direction)
+        if chosen is None or full is None:
+            log.warning("no replicates: no %s trial completed", "LoRA" if chosen is None else "full fine-tuning")
+            return None
+        name = f"{self.settings['study_name']}-replicates"
+        study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
+                                    pruner=optuna.pruners.NopPruner(), directions=[direction], load_if_exists=True)
+        if "lora_sweep" not in study.user_attrs:
+            study.set_user_attr("lora_sweep", {"pruner": {"name": "none"}, "objectives": ["objective"], "role": "replicate"})
+        wanted = [{"replicate_of": label, "source_study": phase.study.study_name, "source_trial": int(row["trial"]),
+                   "seed": seed, "overrides": self._replicate_overrides(phase, int(row["trial"]), seed)}
+                  for seed in range(1, n + 1) for label, phase, row in (("lora", search, chosen), ("full", baseline, full))]
+        phase = Phase("replicate", study, SearchSpace({}), [], 0, ["objective"], wanted=wanted)
+        held = {_replicate_key(t.user_attrs) for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
+        for spec in wanted:  # a rerun (or more seeds) queues only what is missing; a failed one runs again
+            if _replicate_key(spec) not in held:
+                study.enqueue_trial({"train.seed": spec["seed"]}, user_attrs=spec)
+        keys = {_replicate_key(spec) for spec in wanted}
+        # replicates of an earlier pick (before the search grew) stay in the study and count as taken places
+        stale = sum(_replicate_key(t.user_attrs) not in keys for t in study.get_trials(deepcopy=False)
+                    if t.state in (*FINISHED, TrialState.RUNNING))
+        phase.n_trials = len(keys) + stale
+        log.info("study %s (replicate): LoRA trial %d and full fine-tuning trial %d, seeds 1..%d; %d of %d finished",
+                 name, int(chosen["trial"]), int(full["trial"]), n,
+                 sum(_replicate_key(t.user_attrs) in keys for t in study.get_trials(deepcopy=False, states=FINISHED)),
+                 phase.n_trials)
+        return phase
+
+    def _replicate_overrides(self, phase: Phase, number: int, seed: int) -> list[str]:
+        """The source trial's overrides exactly as it was launched, with only the seed changed."""
+        params = phase.study.get_trials(deepcopy=False)[number].params
+        values = {name: params[name] for name in phase.space.names if name in params}
+        launched = [*phase.arguments, *phase.overrides, *phase.space.overrides(values)]
+        return [o for o in launched if o.split("=", 1)[0].lstrip("+~") != "train.seed"] + [f"train.seed={seed}"]
+
+    def _replicate_values(self, phase: Phase, trial: optuna.Trial) -> dict[str, Any]:
+        """Which replicate this trial is: its enqueued attributes, or (a fresh trial after a failure) the
+        first wanted replicate no other trial holds."""
+        attrs = trial.user_attrs
+        if "replicate_of" not in attrs:
+            held = {_replicate_key(t.user_attrs) for t in phase.study.get_trials(deepcopy=False)
+                    if t.state != TrialState.FAIL and t.number != trial.number}
+            attrs = next((spec for spec in phase.wanted if _replicate_key(spec) not in held), phase.wanted[0])
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+        trial.suggest_categorical("train.seed", [attrs["seed"]])
+        return attrs
+
     # --- the loop ------------------------------------------------------------------------------------
     def run(self) -> list[Phase]:
         from filelock import FileLock
@@ -152,6 +218,9 @@ class SweepRunner:
         keep = settings.get("keep_checkpoints")
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ConfigError("hydra.sweeper.keep_checkpoints", keep, "must be an integer >= 1, or null to keep every checkpoint")
+        replicates = (settings.get("report") or {}).get("replicates", 3)
+        if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 0:
+            raise ConfigError("hydra.sweeper.report.replicates", replicates, "must be an integer >= 0 (0: no replicates)")
         spec = storage_spec(settings.get("storage"), self.sweep_dir)
         storage = open_storage(spec, settings.get("heartbeat_interval"))
         study_name = settings["study_name"]
@@ -179,9 +248,14 @@ class SweepRunner:
             done = counts(phase.study)
             log.info("study %s (%s): %d of %d trials finished, %d failed; storage %s", phase.study.study_name, phase.role,
                      done["complete"] + done["pruned"], phase.n_trials, done["fail"], spec if "://" not in spec else "(url)")
+        self.replicates = None
         try:
             for phase in phases:
                 self._run_phase(phase)
+            with FileLock(str(self.sweep_dir / ".setup.lock")), study_lock(storage, spec, f"{study_name}/setup"):
+                self.replicates = self._replicate_phase(storage)
+            if self.replicates is not None:
+                self._run_phase(self.replicates)
         except BaseException:
             self.parent.finish("killed")
             raise
@@ -225,7 +299,10 @@ class SweepRunner:
                 trial = phase.study.ask()
                 trial.set_user_attr("worker", worker_identity())
                 trial.set_user_attr("sweeper", worker_identity())  # "worker" becomes the training process's (joblib)
-                values = phase.space.sample(trial, {k: OmegaConf.select(self.config, k) for k in _condition_keys(phase.space)})
+                if phase.role == "replicate":
+                    values = self._replicate_values(phase, trial)
+                else:
+                    values = phase.space.sample(trial, {k: OmegaConf.select(self.config, k) for k in _condition_keys(phase.space)})
             self._launch(phase, trial, values, device)
 
     def _launch(self, phase: Phase, trial: optuna.Trial, values: dict[str, Any], device: str | None) -> None:
@@ -234,16 +311,21 @@ class SweepRunner:
         if is_heartbeat_enabled(phase.study._storage):  # a requeued trial's old heartbeat must not read as stale
             phase.study._storage.record_heartbeat(trial._trial_id)
         subdir = f"{phase.role}-{trial.number:03d}"
-        overrides = [*phase.arguments, *phase.overrides, *phase.space.overrides(values),
+        if phase.role == "replicate":  # the source trial's launch with a new seed, scored on the test split
+            task, evaluate_test, shown = list(values["overrides"]), "true", values["overrides"][-1:]
+        else:
+            task, evaluate_test, shown = [*phase.arguments, *phase.overrides, *phase.space.overrides(values)], "false", None
+        overrides = [*task,
                      f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
                      f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial._trial_id}", f"sweep.role={phase.role}",
-                     f"sweep.parent_run_id={format_value(self.parent.run_id)}", "evaluate_test=false", f"hydra.sweep.subdir={subdir}"]
+                     f"sweep.parent_run_id={format_value(self.parent.run_id)}", f"evaluate_test={evaluate_test}",
+                     f"hydra.sweep.subdir={subdir}"]
         if device:
             overrides.append(f"train.device={device}")
         trial.set_user_attr("output_dir", str((self.sweep_dir / subdir).resolve()))
         interrupted = phase.study._storage.get_trial(trial._trial_id).user_attrs.get("interruptions")
         log.info("trial %s-%d%s: %s", phase.role, trial.number, f" resumes ({interrupted[-1]})" if interrupted else "",
-                 " ".join(phase.space.overrides(values)) or "(defaults)")
+                 " ".join(shown or phase.space.overrides(values)) or "(defaults)")
         try:
             (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
         except BaseException:  # Ctrl-C or a launcher crash: the same trial resumes when the sweep is rerun
@@ -302,7 +384,10 @@ class SweepRunner:
 
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(redact(summary), indent=2, default=str))
         print_summary(phases, self.parent, OmegaConf.select(self.config, "objective.metric"))
-        if not closes_the_sweep([phase.study for phase in phases], self.storage_spec, worker_identity()):
+        studies = [phase.study for phase in phases]
+        if self.replicates is not None:
+            studies.insert(-1, self.replicates.study)  # the main study stays last
+        if not closes_the_sweep(studies, self.storage_spec, worker_identity()):
             log.info("other workers of this study are still at work: the last one out writes the report and closes the parent run")
             return
         report = dict(self.settings.get("report") or {})
@@ -311,15 +396,15 @@ class SweepRunner:
         self.parent.finish("completed")
 
     def _report(self, report: dict[str, Any]) -> None:
-        from lora_sweep.report import build_report
-        from lora_sweep.report.collect import open_sweep
+        from lora_sweep.report import write_report
 
         out = Path(report.get("dir", "reports")) / self.settings["study_name"]
         tracking = self._tracking_config()
         register_as = report.get("register_as") or (self.settings["study_name"] if tracking.backend == "mlflow" else None)
-        sweep = open_sweep(self.settings["study_name"], self.storage_spec, self.sweep_dir)
-        summary = build_report(sweep, out, float(report.get("tolerance", 0.005)), checkpoints=bool(report.get("checkpoints", True)),
-                               register_as=register_as, tracking_uri=self.parent.location, replicates=int(report.get("replicates", 3)))
+        n = int(report.get("replicates", 3))
+        summary = write_report(self.settings["study_name"], self.storage_spec, self.sweep_dir, out,
+                               float(report.get("tolerance", DEFAULT_TOLERANCE)), checkpoints=bool(report.get("checkpoints", True)),
+                               register_as=register_as, tracking_uri=self.parent.location, replicates=n)
         self.parent.log_artifacts(out, "report")
         print(f"report: {out / 'report.html'}" + (f" (chosen: trial {summary['chosen']['trial']})" if summary.get("chosen") else ""))
 
@@ -367,6 +452,10 @@ class SweepRunner:
 
 def _first(distribution) -> Any:
     return distribution.choices[0] if hasattr(distribution, "choices") else distribution.low
+
+
+def _replicate_key(attrs: dict[str, Any]) -> tuple:
+    return attrs.get("replicate_of"), attrs.get("source_study"), attrs.get("source_trial"), attrs.get("seed")
 
 
 def _condition_keys(space: SearchSpace) -> set[str]:
