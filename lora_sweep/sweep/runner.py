@@ -148,9 +148,10 @@ class SweepRunner:
     def _replicate_phase(self, storage) -> Phase | None:
         """The third study, ``<study>-replicates``: seeds 1..N of the LoRA trial the report's rule picks and of
         the best full fine-tuning trial, enqueued as trials with fixed params, run by the same worker loop."""
-        n = int((self.settings.get("report") or {}).get("replicates", 3))
+        report = dict(self.settings.get("report") or {})
+        n = int(report.get("replicates", 3))
         search, baseline = self.phases[-1], self.phases[0] if len(self.phases) > 1 else None
-        if n <= 0:
+        if n <= 0 or not report.get("enabled", True):  # they exist for the report's comparison
             return None
         if baseline is None:
             log.info("no replicates: they pair the chosen LoRA config with full fine-tuning; set hydra.sweeper.baseline.n_trials")
@@ -159,7 +160,7 @@ class SweepRunner:
             log.info("other workers still run search trials: the last one to finish runs the replicates")
             return None
         metric, direction = OmegaConf.select(self.config, "objective.metric"), self._direction("objective")
-        tolerance = float((self.settings.get("report") or {}).get("tolerance", DEFAULT_TOLERANCE))
+        tolerance = float(report.get("tolerance", DEFAULT_TOLERANCE))
         table = trials_table(search.study, baseline.study)
         chosen, full = pick_best(table, metric, direction, tolerance).row, best_full(table, direction)
         if chosen is None or full is None:
@@ -206,7 +207,7 @@ class SweepRunner:
             attrs = next((spec for spec in phase.wanted if _replicate_key(spec) not in held), phase.wanted[0])
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-        trial.suggest_categorical("train.seed", [attrs["seed"]])
+        trial.suggest_int("train.seed", attrs["seed"], attrs["seed"])  # one fixed value: the space may differ per trial
         return attrs
 
     # --- the loop ------------------------------------------------------------------------------------
