@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lora_sweep.config import RunConfig
-from lora_sweep.errors import ConfigError, LoraSweepError
+from lora_sweep.errors import LoraSweepError
 from lora_sweep.offline import package_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -52,4 +52,5 @@ def prepare(cfg: RunConfig) -> Prepared:
         data = prepare_task_data(cfg, tokenizer)
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
     targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.is_lora else None
-    return dataclasses.replace(cached, targets=targets, setup_seconds=time.perf_counter() - started, reused=reused)
+    seconds = time.perf_counter() - started
+    return dataclasses.replace(cached, targets=targets, setup_seconds=seconds, reused=reused)

@@ -20,7 +20,8 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.models import (apply_method, count_parameters, load_base_model, pick_device, pick_precision,
                                set_gradient_checkpointing)
 from lora_sweep.oom import guard_memory
-from lora_sweep.prepare import _PREPARED, Prepared, cache_key, prepare  # noqa: F401 - tests clear the cache via run
+# _PREPARED: tests clear the per-process caches through this module
+from lora_sweep.prepare import _PREPARED, Prepared, cache_key, prepare  # noqa: F401
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size

@@ -235,7 +235,8 @@ def run_params(run_id: str, tracking_uri: str | None = None) -> dict[str, str]:
     try:
         return dict(client.get_run(run_id).data.params)
     except Exception as err:
-        raise LookupError(f"no such MLflow run in {redact_url(client.tracking_uri)} ({str(err).splitlines()[0]})") from None
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LookupError(f"no such MLflow run in {redact_url(client.tracking_uri)} ({problem})") from None
 
 
 def register_model(name: str, source: str, run_id: str | None, tags: dict[str, str], alias: str,

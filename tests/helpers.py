@@ -14,18 +14,31 @@ def write_sweep(root: Path, name: str, sweeper: dict) -> Path:
     """A sweep file selecting our sweeper, its folder fixed, the report off unless ``sweeper`` turns it on."""
     folder = root / "extra_conf" / "sweeps"
     folder.mkdir(parents=True, exist_ok=True)
-    body = {"defaults": [{"override /hydra/sweeper": "lora_optuna"}],
-            "hydra": {"sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
-                      "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper}}}
+    body = {
+        "defaults": [{"override /hydra/sweeper": "lora_optuna"}],
+        "hydra": {
+            "sweep": {"dir": "outputs/sweeps/${hydra.sweeper.study_name}"},
+            "sweeper": {"study_name": name, "report": {"enabled": False}, **sweeper},
+        },
+    }
     path = folder / f"{name}.yaml"
     path.write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
     return path
 
 
 def run_sweep(root: Path, name: str, tiny: list[str], *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lora_sweep", "--multirun", f"sweeps={name}",
-               f"hydra.searchpath=[file://{root / 'extra_conf'}]", f"data.cache_dir={root / 'cache'}", *tiny, *extra]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
+    command = [
+        sys.executable,
+        "-m",
+        "lora_sweep",
+        "--multirun",
+        f"sweeps={name}",
+        f"hydra.searchpath=[file://{root / 'extra_conf'}]",
+        f"data.cache_dir={root / 'cache'}",
+        *tiny,
+        *extra,
+    ]
+    result = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -34,7 +47,9 @@ def load_study(root: Path, study: str, folder: str) -> optuna.Study:
     from optuna.storages.journal import JournalFileBackend
 
     journal = root / "outputs" / "sweeps" / folder / "optuna.journal"
-    return optuna.load_study(study_name=study, storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    return optuna.load_study(
+        study_name=study, storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    )
 
 
 def mlflow_client(root: Path):

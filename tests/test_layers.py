@@ -10,20 +10,53 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Higher number = higher layer. A module may import its own layer (subject to ORCHESTRATION_ORDER) or lower.
 ENTRY, ORCHESTRATION, BUILDING_BLOCK, FOUNDATION = 4, 3, 2, 1
-LAYER_NAMES = {ENTRY: "entry point", ORCHESTRATION: "orchestration", BUILDING_BLOCK: "building block",
-               FOUNDATION: "foundation"}
+LAYER_NAMES = {
+    ENTRY: "entry point",
+    ORCHESTRATION: "orchestration",
+    BUILDING_BLOCK: "building block",
+    FOUNDATION: "foundation",
+}
 
 # Most specific prefix wins: ``lora_sweep.sweep.study`` is a building block although ``lora_sweep.sweep`` is not.
 LAYERS: dict[str, int] = {
     # entry points: what a user or Hydra starts
-    "lora_sweep.__main__": ENTRY, "lora_sweep.cli": ENTRY, "lora_sweep.report.__main__": ENTRY, "hydra_plugins": ENTRY,
+    "lora_sweep.__main__": ENTRY,
+    "lora_sweep.cli": ENTRY,
+    "lora_sweep.report.__main__": ENTRY,
+    "hydra_plugins": ENTRY,
     # orchestration: a run, a sweep, a report
-    "lora_sweep.run": ORCHESTRATION, "lora_sweep.sweep": ORCHESTRATION, "lora_sweep.report": ORCHESTRATION,
+    "lora_sweep.run": ORCHESTRATION,
+    "lora_sweep.sweep": ORCHESTRATION,
+    "lora_sweep.report": ORCHESTRATION,
     # building blocks
-    **{f"lora_sweep.{name}": BUILDING_BLOCK for name in (
-        "data", "lm_data", "models", "targets", "train", "checkpoint", "tracking", "evaluation", "lm_eval", "tasks",
-        "gguf", "hub", "offline", "oom", "weights", "system", "prepare", "methods",
-        "sweep.study", "sweep.space", "sweep.locks", "sweep.trials", "sweep.optuna_api")},
+    **{
+        f"lora_sweep.{name}": BUILDING_BLOCK
+        for name in (
+            "data",
+            "lm_data",
+            "models",
+            "targets",
+            "train",
+            "checkpoint",
+            "tracking",
+            "evaluation",
+            "lm_eval",
+            "tasks",
+            "gguf",
+            "hub",
+            "offline",
+            "oom",
+            "weights",
+            "system",
+            "prepare",
+            "methods",
+            "sweep.study",
+            "sweep.space",
+            "sweep.locks",
+            "sweep.trials",
+            "sweep.optuna_api",
+        )
+    },
     # foundations
     **{f"lora_sweep.{name}": FOUNDATION for name in ("config", "schema", "errors", "record", "secrets")},
     "lora_sweep": FOUNDATION,  # the package's __init__: environment defaults only
@@ -84,8 +117,11 @@ def imports(module: str, path: Path) -> list[tuple[int, str]]:
                 target = node.module or ""
             found.append((node.lineno, target))
             # ``from lora_sweep import run`` / ``from . import x`` import submodules: check those too
-            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names
-                      if f"{target}.{alias.name}" in MODULES]
+            found += [
+                (node.lineno, f"{target}.{alias.name}")
+                for alias in node.names
+                if f"{target}.{alias.name}" in MODULES
+            ]
     return found
 
 
@@ -106,20 +142,38 @@ def violations() -> list[str]:
                 problems.append(f"{where}:{line}: imports {target}, which has no layer")
                 continue
             if theirs > mine:
-                problems.append(f"{where}:{line}: {module} ({LAYER_NAMES[mine]}) imports {target} "
-                                f"({LAYER_NAMES[theirs]}), a higher layer")
+                problems.append(
+                    f"{where}:{line}: {module} ({LAYER_NAMES[mine]}) imports {target} "
+                    f"({LAYER_NAMES[theirs]}), a higher layer"
+                )
             elif theirs == mine == ORCHESTRATION:
                 a, b = _lookup(ORCHESTRATION_ORDER, module), _lookup(ORCHESTRATION_ORDER, target)
                 if a and b and a[0] != b[0] and b[1] > a[1]:
-                    problems.append(f"{where}:{line}: {module} imports {target}: within orchestration "
-                                    f"{a[0]} must not call up into {b[0]}")
-                if a and b and a[0] == "lora_sweep.sweep" and b[0] == "lora_sweep.report" \
-                        and target not in SWEEP_MAY_IMPORT_FROM_REPORT:
-                    problems.append(f"{where}:{line}: {module} imports {target}: the sweep calls only the report's "
-                                    "builder (lora_sweep.report); move what both need down a layer")
-            if any(target == t or target.startswith(t + ".") for t in ONLY_ENTRY_POINTS_IMPORT) and mine != ENTRY:
-                problems.append(f"{where}:{line}: {module} imports {target}: only entry points (the Hydra task) may")
-            if module.startswith("lora_sweep.report") and any(target == t or target.startswith(t + ".") for t in TRAINING):
+                    problems.append(
+                        f"{where}:{line}: {module} imports {target}: within orchestration "
+                        f"{a[0]} must not call up into {b[0]}"
+                    )
+                if (
+                    a
+                    and b
+                    and a[0] == "lora_sweep.sweep"
+                    and b[0] == "lora_sweep.report"
+                    and target not in SWEEP_MAY_IMPORT_FROM_REPORT
+                ):
+                    problems.append(
+                        f"{where}:{line}: {module} imports {target}: the sweep calls only the report's "
+                        "builder (lora_sweep.report); move what both need down a layer"
+                    )
+            if (
+                any(target == t or target.startswith(t + ".") for t in ONLY_ENTRY_POINTS_IMPORT)
+                and mine != ENTRY
+            ):
+                problems.append(
+                    f"{where}:{line}: {module} imports {target}: only entry points (the Hydra task) may"
+                )
+            if module.startswith("lora_sweep.report") and any(
+                target == t or target.startswith(t + ".") for t in TRAINING
+            ):
                 problems.append(f"{where}:{line}: {module} imports {target}: the report never trains")
     return problems
 
@@ -133,7 +187,10 @@ def test_the_map_knows_the_modules_other_helpers_add():
     assert layer_of("lora_sweep.sweep.optuna_api") == BUILDING_BLOCK
     assert layer_of("lora_sweep.tasks.causal") == BUILDING_BLOCK  # tasks/ as a package
     assert layer_of("lora_sweep.methods") == BUILDING_BLOCK
-    assert layer_of("lora_sweep.sweep.runner") == ORCHESTRATION and layer_of("lora_sweep.report.__main__") == ENTRY
+    assert (
+        layer_of("lora_sweep.sweep.runner") == ORCHESTRATION
+        and layer_of("lora_sweep.report.__main__") == ENTRY
+    )
 
 
 def test_the_checker_catches_an_upward_import(tmp_path):
@@ -146,7 +203,11 @@ def test_the_checker_catches_an_upward_import(tmp_path):
 
 
 def test_only_tracking_imports_mlflow():
-    hits = [f"{path.relative_to(ROOT)}:{line}: {module} imports {target}; go through lora_sweep.tracking"
-            for module, path in MODULES.items() if module != "lora_sweep.tracking"
-            for line, target in imports(module, path) if target == "mlflow" or target.startswith("mlflow.")]
+    hits = [
+        f"{path.relative_to(ROOT)}:{line}: {module} imports {target}; go through lora_sweep.tracking"
+        for module, path in MODULES.items()
+        if module != "lora_sweep.tracking"
+        for line, target in imports(module, path)
+        if target == "mlflow" or target.startswith("mlflow.")
+    ]
     assert not hits, "\n".join(hits)

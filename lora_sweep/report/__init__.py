@@ -128,7 +128,8 @@ def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERAN
     full = best_full(table, sweep.direction)
     if choice.row is not None and full is not None and (replicates is None or replicates > 0):
         # trained by the sweep (its replicate phase); read here, never trained
-        found = summarize_replicates(sweep.replicates, int(choice.row["trial"]), int(full["trial"]), replicates)
+        found = summarize_replicates(sweep.replicates, int(choice.row["trial"]), int(full["trial"]),
+                                     replicates)
         extra["replicates" if isinstance(found, dict) else "replicates_note"] = found
     chosen = None if choice.row is None else {k: (None if v != v else v) for k, v in choice.row.drop(labels=["evaluations"]).items()}
     summary = {"study": sweep.study_name, "metric": sweep.metric, "direction": sweep.direction, "tolerance": tolerance,
@@ -142,8 +143,8 @@ def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERAN
     return summary
 
 
-def write_report(study_name: str, storage_spec: str, folder: Path, out_dir: Path, tolerance: float = DEFAULT_TOLERANCE,
-                 **options: Any) -> dict[str, Any]:
+def write_report(study_name: str, storage_spec: str, folder: Path, out_dir: Path,
+                 tolerance: float = DEFAULT_TOLERANCE, **options: Any) -> dict[str, Any]:
     """The report of the study ``study_name`` in ``storage_spec``: what the sweep calls when it ends."""
     from lora_sweep.report.collect import open_sweep
 

@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports", type=Path, help="the report goes to OUT/<study>/")
     parser.add_argument("--tolerance", default=None, type=float, help="metric tolerance of the best-pick rule")
     parser.add_argument("--replicates", default=None, type=int,
-                        help="use the first N seeds of the replicates the sweep ran (default: all; 0: leave them out); "
-                             "the sweep trains them, with hydra.sweeper.report.replicates=N")
+                        help="use the first N seeds of the replicates the sweep ran (default: all; 0: leave "
+                             "them out); the sweep trains them, with hydra.sweeper.report.replicates=N")
     parser.add_argument("--no-register", action="store_true", help="do not register the exported model in MLflow")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store holding the parent run (default: MLflow's)")
     args = parser.parse_args(argv)

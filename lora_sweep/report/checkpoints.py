@@ -125,7 +125,8 @@ def register(record: dict[str, Any], export_info: dict[str, Any], name: str, tra
     """Register the exported merged model in MLflow's model registry and point ``alias`` at it."""
     from lora_sweep.tracking import register_model
 
-    version = register_model(name, str(Path(export_info["merged"]).resolve()), record.get("mlflow", {}).get("run_id"),
-                             {"lora_sweep.adapter": export_info["adapter"]}, alias, tracking_uri,
+    source, run_id = str(Path(export_info["merged"]).resolve()), record.get("mlflow", {}).get("run_id")
+    tags = {"lora_sweep.adapter": export_info["adapter"]}
+    version = register_model(name, source, run_id, tags, alias, tracking_uri,
                              description="LoRA checkpoint chosen by lora_sweep's report")
     return {"name": name, "version": version, "alias": alias}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 
@@ -28,7 +27,7 @@ class Sweep:
     parent_run_id: str | None
     metric: str  # validation metric the sweep optimised
     direction: str  # maximize | minimize
-    replicates: optuna.Study | None = None  # the chosen LoRA and best full FT configs, re-run by the sweep with new seeds
+    replicates: optuna.Study | None = None  # the chosen LoRA and best full FT configs, re-run with new seeds
 
 
 def locate(target: str, sweeps_dir: Path = Path("outputs/sweeps"), tracking_uri: str | None = None) -> Sweep:
@@ -64,8 +63,11 @@ def open_sweep(name: str, storage_spec: str, folder: Path) -> Sweep:
         if record and record.get("metrics", {}).get("objective_metric"):
             metric = record["metrics"]["objective_metric"]
             break
-    replicates = optuna.load_study(study_name=f"{name}-replicates", storage=storage) if f"{name}-replicates" in names else None
-    return Sweep(name, storage_spec, Path(folder), search, baseline, search.user_attrs.get("mlflow_parent_run_id"), metric, direction,
+    replicates = None
+    if f"{name}-replicates" in names:  # the sweep's last phase (report.replicates > 0)
+        replicates = optuna.load_study(study_name=f"{name}-replicates", storage=storage)
+    parent_run_id = search.user_attrs.get("mlflow_parent_run_id")
+    return Sweep(name, storage_spec, Path(folder), search, baseline, parent_run_id, metric, direction,
                  replicates)
 
 

@@ -2,7 +2,8 @@
 
 The sweep, not the report, trains them: after the search and the baseline, the sweeper runs the chosen LoRA
 configuration and the best full fine-tuning configuration again with seeds 1..N (the same seeds for both, so
-the runs pair up) as the trials of a third study, ``<study>-replicates`` (``hydra.sweeper.report.replicates``).
+the runs pair up) as the trials of a third study, ``<study>-replicates``
+(``hydra.sweeper.report.replicates``).
 Each is a normal trial with its own Hydra job folder, record and MLflow child run under the sweep's parent.
 Here they are only read. Reported: mean and 95% confidence interval
 (Student t) of the validation and test metric, and the paired difference LoRA - full with its interval
@@ -53,7 +54,8 @@ def replicate_records(study) -> dict[tuple[str, int], dict[int, dict]]:
     return found
 
 
-def summarize_replicates(study, lora_trial: int, full_trial: int, limit: int | None = None) -> dict[str, Any] | str:
+def summarize_replicates(study, lora_trial: int, full_trial: int,
+                         limit: int | None = None) -> dict[str, Any] | str:
     """Mean, 95% CI and the paired test over the seeds both configurations were replicated with (the
     first ``limit`` of them); a sentence saying why not when there is nothing to pair."""
     if study is None:
@@ -64,13 +66,16 @@ def summarize_replicates(study, lora_trial: int, full_trial: int, limit: int | N
     if not seeds:
         made = sorted({f"{label} #{trial}" for label, trial in found}) or ["none completed"]
         return (f"no replicates of LoRA trial #{lora_trial} and full fine-tuning trial #{full_trial} "
-                f"(the sweep's replicates: {', '.join(made)}): run the sweep with hydra.sweeper.report.replicates=N")
+                f"(the sweep's replicates: {', '.join(made)}): "
+                "run the sweep with hydra.sweeper.report.replicates=N")
     metric = lora[seeds[0]]["metrics"]["objective_metric"]
-    summary: dict[str, Any] = {"seeds": seeds, "metric": metric, "trials": {"lora": lora_trial, "full": full_trial},
+    summary: dict[str, Any] = {"seeds": seeds, "metric": metric,
+                               "trials": {"lora": lora_trial, "full": full_trial},
                                "runs": {label: {s: records[s].get("mlflow", {}).get("run_id") for s in seeds}
                                         for label, records in (("lora", lora), ("full", full))}}
     for split, key in (("validation", f"best_val_{metric}"), ("test", f"test_{metric}")):
         a = [lora[s]["metrics"][key] for s in seeds]
         b = [full[s]["metrics"][key] for s in seeds]
-        summary[split] = {"lora": {**interval(a), "values": a}, "full": {**interval(b), "values": b}, "paired": paired(a, b)}
+        summary[split] = {"lora": {**interval(a), "values": a}, "full": {**interval(b), "values": b},
+                          "paired": paired(a, b)}
     return summary

@@ -27,7 +27,8 @@ from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
 from lora_sweep.sweep.locks import closes_the_sweep, study_lock
 from lora_sweep.sweep.space import SearchSpace, format_value
-from lora_sweep.sweep.study import FINISHED, counts, make_pruner, make_sampler, open_storage, requeue, requeue_stale_trials, storage_spec, worker_identity
+from lora_sweep.sweep.study import (FINISHED, counts, make_pruner, make_sampler, open_storage, requeue,
+                                    requeue_stale_trials, storage_spec, worker_identity)
 from lora_sweep.sweep.trials import DEFAULT_TOLERANCE, best_full, pick_best, trials_table
 from lora_sweep.tracking import SweepRun
 
@@ -146,17 +147,19 @@ class SweepRunner:
 
     # --- replicates: the chosen LoRA and the best full FT config again, with new seeds ----------------
     def _replicate_phase(self, storage) -> Phase | None:
-        """The third study, ``<study>-replicates``: seeds 1..N of the LoRA trial the report's rule picks and of
-        the best full fine-tuning trial, enqueued as trials with fixed params, run by the same worker loop."""
+        """The third study, ``<study>-replicates``: seeds 1..N of the LoRA trial the report's rule picks and
+        of the best full fine-tuning trial, enqueued as trials with fixed params, run by the same worker
+        loop (exact resume, many workers, failure accounting, child runs under the parent)."""
         report = dict(self.settings.get("report") or {})
         n = int(report.get("replicates", 3))
         search, baseline = self.phases[-1], self.phases[0] if len(self.phases) > 1 else None
         if n <= 0 or not report.get("enabled", True):  # they exist for the report's comparison
             return None
         if baseline is None:
-            log.info("no replicates: they pair the chosen LoRA config with full fine-tuning; set hydra.sweeper.baseline.n_trials")
+            log.info("no replicates: they pair the chosen LoRA config with full fine-tuning; "
+                     "set hydra.sweeper.baseline.n_trials")
             return None
-        if any(counts(p.study)["running"] + counts(p.study)["waiting"] for p in (search, baseline)):
+        if any(counts(p.study)["running"] for p in (search, baseline)):
             log.info("other workers still run search trials: the last one to finish runs the replicates")
             return None
         metric, direction = OmegaConf.select(self.config, "objective.metric"), self._direction("objective")
@@ -164,30 +167,36 @@ class SweepRunner:
         table = trials_table(search.study, baseline.study)
         chosen, full = pick_best(table, metric, direction, tolerance).row, best_full(table, direction)
         if chosen is None or full is None:
-            log.warning("no replicates: no %s trial completed", "LoRA" if chosen is None else "full fine-tuning")
+            log.warning("no replicates: no %s trial completed",
+                        "LoRA" if chosen is None else "full fine-tuning")
             return None
         name = f"{self.settings['study_name']}-replicates"
+        # the sampler never samples (every trial is enqueued); no pruning: a replicate runs to its end
         study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
-                                    pruner=optuna.pruners.NopPruner(), directions=[direction], load_if_exists=True)
+                                    pruner=optuna.pruners.NopPruner(), directions=[direction],
+                                    load_if_exists=True)
         if "lora_sweep" not in study.user_attrs:
-            study.set_user_attr("lora_sweep", {"pruner": {"name": "none"}, "objectives": ["objective"], "role": "replicate"})
-        wanted = [{"replicate_of": label, "source_study": phase.study.study_name, "source_trial": int(row["trial"]),
-                   "seed": seed, "overrides": self._replicate_overrides(phase, int(row["trial"]), seed)}
-                  for seed in range(1, n + 1) for label, phase, row in (("lora", search, chosen), ("full", baseline, full))]
+            study.set_user_attr("lora_sweep", {"pruner": {"name": "none"}, "objectives": ["objective"],
+                                               "role": "replicate"})
+        sources = (("lora", search, chosen), ("full", baseline, full))
+        wanted = [{"replicate_of": label, "source_study": source.study.study_name,
+                   "source_trial": int(row["trial"]), "seed": seed,
+                   "overrides": self._replicate_overrides(source, int(row["trial"]), seed)}
+                  for seed in range(1, n + 1) for label, source, row in sources]
         phase = Phase("replicate", study, SearchSpace({}), [], 0, ["objective"], wanted=wanted)
-        held = {_replicate_key(t.user_attrs) for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
+        trials = study.get_trials(deepcopy=False)
+        held = {_replicate_key(t.user_attrs) for t in trials if t.state != TrialState.FAIL}
         for spec in wanted:  # a rerun (or more seeds) queues only what is missing; a failed one runs again
             if _replicate_key(spec) not in held:
                 study.enqueue_trial({"train.seed": spec["seed"]}, user_attrs=spec)
         keys = {_replicate_key(spec) for spec in wanted}
         # replicates of an earlier pick (before the search grew) stay in the study and count as taken places
-        stale = sum(_replicate_key(t.user_attrs) not in keys for t in study.get_trials(deepcopy=False)
+        stale = sum(_replicate_key(t.user_attrs) not in keys for t in trials
                     if t.state in (*FINISHED, TrialState.RUNNING))
         phase.n_trials = len(keys) + stale
-        log.info("study %s (replicate): LoRA trial %d and full fine-tuning trial %d, seeds 1..%d; %d of %d finished",
-                 name, int(chosen["trial"]), int(full["trial"]), n,
-                 sum(_replicate_key(t.user_attrs) in keys for t in study.get_trials(deepcopy=False, states=FINISHED)),
-                 phase.n_trials)
+        finished = sum(_replicate_key(t.user_attrs) in keys for t in trials if t.state in FINISHED)
+        log.info("study %s (replicate): LoRA trial %d and full fine-tuning trial %d, seeds 1..%d; "
+                 "%d of %d finished", name, int(chosen["trial"]), int(full["trial"]), n, finished, len(keys))
         return phase
 
     def _replicate_overrides(self, phase: Phase, number: int, seed: int) -> list[str]:
@@ -195,7 +204,8 @@ class SweepRunner:
         params = phase.study.get_trials(deepcopy=False)[number].params
         values = {name: params[name] for name in phase.space.names if name in params}
         launched = [*phase.arguments, *phase.overrides, *phase.space.overrides(values)]
-        return [o for o in launched if o.split("=", 1)[0].lstrip("+~") != "train.seed"] + [f"train.seed={seed}"]
+        kept = [o for o in launched if o.split("=", 1)[0].lstrip("+~") != "train.seed"]
+        return [*kept, f"train.seed={seed}"]
 
     def _replicate_values(self, phase: Phase, trial: optuna.Trial) -> dict[str, Any]:
         """Which replicate this trial is: its enqueued attributes, or (a fresh trial after a failure) the
@@ -207,7 +217,8 @@ class SweepRunner:
             attrs = next((spec for spec in phase.wanted if _replicate_key(spec) not in held), phase.wanted[0])
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-        trial.suggest_int("train.seed", attrs["seed"], attrs["seed"])  # one fixed value: the space may differ per trial
+        # an int of one value: a categorical's choices could not differ from one trial to the next
+        trial.suggest_int("train.seed", attrs["seed"], attrs["seed"])
         return attrs
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -221,7 +232,8 @@ class SweepRunner:
             raise ConfigError("hydra.sweeper.keep_checkpoints", keep, "must be an integer >= 1, or null to keep every checkpoint")
         replicates = (settings.get("report") or {}).get("replicates", 3)
         if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 0:
-            raise ConfigError("hydra.sweeper.report.replicates", replicates, "must be an integer >= 0 (0: no replicates)")
+            raise ConfigError("hydra.sweeper.report.replicates", replicates,
+                              "must be an integer >= 0 (0: no replicates)")
         spec = storage_spec(settings.get("storage"), self.sweep_dir)
         storage = open_storage(spec, settings.get("heartbeat_interval"))
         study_name = settings["study_name"]
@@ -253,7 +265,8 @@ class SweepRunner:
         try:
             for phase in phases:
                 self._run_phase(phase)
-            with FileLock(str(self.sweep_dir / ".setup.lock")), study_lock(storage, spec, f"{study_name}/setup"):
+            setup = study_lock(storage, spec, f"{study_name}/setup")
+            with FileLock(str(self.sweep_dir / ".setup.lock")), setup:
                 self.replicates = self._replicate_phase(storage)
             if self.replicates is not None:
                 self._run_phase(self.replicates)
@@ -303,7 +316,8 @@ class SweepRunner:
                 if phase.role == "replicate":
                     values = self._replicate_values(phase, trial)
                 else:
-                    values = phase.space.sample(trial, {k: OmegaConf.select(self.config, k) for k in _condition_keys(phase.space)})
+                    fixed = {k: OmegaConf.select(self.config, k) for k in _condition_keys(phase.space)}
+                    values = phase.space.sample(trial, fixed)
             self._launch(phase, trial, values, device)
 
     def _launch(self, phase: Phase, trial: optuna.Trial, values: dict[str, Any], device: str | None) -> None:
@@ -315,11 +329,13 @@ class SweepRunner:
         if phase.role == "replicate":  # the source trial's launch with a new seed, scored on the test split
             task, evaluate_test, shown = list(values["overrides"]), "true", values["overrides"][-1:]
         else:
-            task, evaluate_test, shown = [*phase.arguments, *phase.overrides, *phase.space.overrides(values)], "false", None
+            task = [*phase.arguments, *phase.overrides, *phase.space.overrides(values)]
+            evaluate_test, shown = "false", None
         overrides = [*task,
                      f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
                      f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial._trial_id}", f"sweep.role={phase.role}",
-                     f"sweep.parent_run_id={format_value(self.parent.run_id)}", f"evaluate_test={evaluate_test}",
+                     f"sweep.parent_run_id={format_value(self.parent.run_id)}",
+                     f"evaluate_test={evaluate_test}",
                      f"hydra.sweep.subdir={subdir}"]
         if device:
             overrides.append(f"train.device={device}")
@@ -402,10 +418,10 @@ class SweepRunner:
         out = Path(report.get("dir", "reports")) / self.settings["study_name"]
         tracking = self._tracking_config()
         register_as = report.get("register_as") or (self.settings["study_name"] if tracking.backend == "mlflow" else None)
-        n = int(report.get("replicates", 3))
         summary = write_report(self.settings["study_name"], self.storage_spec, self.sweep_dir, out,
-                               float(report.get("tolerance", DEFAULT_TOLERANCE)), checkpoints=bool(report.get("checkpoints", True)),
-                               register_as=register_as, tracking_uri=self.parent.location, replicates=n)
+                               float(report.get("tolerance", DEFAULT_TOLERANCE)),
+                               checkpoints=bool(report.get("checkpoints", True)), register_as=register_as,
+                               tracking_uri=self.parent.location, replicates=int(report.get("replicates", 3)))
         self.parent.log_artifacts(out, "report")
         print(f"report: {out / 'report.html'}" + (f" (chosen: trial {summary['chosen']['trial']})" if summary.get("chosen") else ""))
 

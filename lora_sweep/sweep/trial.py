@@ -49,8 +49,9 @@ class TrialBridge:
                 "optuna.params": str(self.trial.params)}
         if sweep.role == "replicate":  # which configuration this run repeats, and with which seed
             attrs = self.trial.user_attrs
-            tags.update({"lora_sweep.replicate_of": str(attrs.get("replicate_of")), "lora_sweep.seed": str(attrs.get("seed")),
-                         "lora_sweep.source_trial": f"{attrs.get('source_study')}#{attrs.get('source_trial')}"})
+            source = f"{attrs.get('source_study')}#{attrs.get('source_trial')}"
+            tags.update({"lora_sweep.replicate_of": str(attrs.get("replicate_of")),
+                         "lora_sweep.seed": str(attrs.get("seed")), "lora_sweep.source_trial": source})
         if sweep.parent_run_id:
             tags["mlflow.parentRunId"] = sweep.parent_run_id  # nests the run under the sweep's parent in the UI
         return tags

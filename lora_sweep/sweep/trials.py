@@ -15,12 +15,19 @@ from optuna.trial import TrialState
 from lora_sweep.config import LoraMethodConfig
 from lora_sweep.schema import build
 
-STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-          TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+STATES = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
 
 
 def record_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
-    path = trial.user_attrs.get("record") or (Path(trial.user_attrs["output_dir"]) / "record.json" if "output_dir" in trial.user_attrs else None)
+    path = trial.user_attrs.get("record") or (
+        Path(trial.user_attrs["output_dir"]) / "record.json" if "output_dir" in trial.user_attrs else None
+    )
     if path and Path(path).is_file():
         return json.loads(Path(path).read_text())
     return None
@@ -47,35 +54,73 @@ def _method(record: dict | None, trial: optuna.trial.FrozenTrial, role: str) -> 
     rules); for a trial with no record yet, what Optuna sampled."""
     if record is None:
         p = trial.params
-        return {"method": "full" if role == "baseline" else "lora", "r": p.get("method.r"), "alpha": p.get("method.alpha"),
-                "scaling": None, "targets": p.get("method.targets"), "variant": p.get("method.variant"),
-                "dropout": p.get("method.dropout"), "lr": p.get("train.lr")}
+        return {
+            "method": "full" if role == "baseline" else "lora",
+            "r": p.get("method.r"),
+            "alpha": p.get("method.alpha"),
+            "scaling": None,
+            "targets": p.get("method.targets"),
+            "variant": p.get("method.variant"),
+            "dropout": p.get("method.dropout"),
+            "lr": p.get("train.lr"),
+        }
     config = record["config"]
-    method = {"method": config["method"]["name"], "r": None, "alpha": None, "scaling": None, "targets": None,
-              "variant": None, "dropout": None, "lr": config["train"]["lr"]}
+    method = {
+        "method": config["method"]["name"],
+        "r": None,
+        "alpha": None,
+        "scaling": None,
+        "targets": None,
+        "variant": None,
+        "dropout": None,
+        "lr": config["train"]["lr"],
+    }
     if method["method"] == "lora":
         lora = build(LoraMethodConfig, config["method"], "method")
         targets = lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets)
-        method.update(r=lora.r, alpha=lora.effective_alpha, scaling=lora.scaling, targets=targets, variant=lora.variant,
-                      dropout=lora.dropout)
+        method.update(
+            r=lora.r,
+            alpha=lora.effective_alpha,
+            scaling=lora.scaling,
+            targets=targets,
+            variant=lora.variant,
+            dropout=lora.dropout,
+        )
     return method
 
 
 def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, maximize: bool) -> dict[str, Any]:
-    metrics, params, checkpoints = (record or {}).get("metrics", {}), (record or {}).get("params", {}), (record or {}).get("checkpoints", {})
+    metrics, params, checkpoints = (
+        (record or {}).get("metrics", {}),
+        (record or {}).get("params", {}),
+        (record or {}).get("checkpoints", {}),
+    )
     value = metrics.get("objective")
-    if value is None and trial.intermediate_values:  # no record yet: the best validation value reported so far
+    if (
+        value is None and trial.intermediate_values
+    ):  # no record yet: the best validation value reported so far
         value = (max if maximize else min)(trial.intermediate_values.values())
     return {
-        "role": role, "trial": trial.number, "state": STATES.get(trial.state, trial.state.name.lower()),
-        "fail_reason": trial.user_attrs.get("fail_reason") or (record or {}).get("error"), **_method(record, trial, role),
-        "val_metric": value, "trainable_params": params.get("trainable_params"), "total_params": params.get("total_params"),
+        "role": role,
+        "trial": trial.number,
+        "state": STATES.get(trial.state, trial.state.name.lower()),
+        "fail_reason": trial.user_attrs.get("fail_reason") or (record or {}).get("error"),
+        **_method(record, trial, role),
+        "val_metric": value,
+        "trainable_params": params.get("trainable_params"),
+        "total_params": params.get("total_params"),
         "trainable_pct": 100 * params["trainable_ratio"] if "trainable_ratio" in params else None,
-        "peak_memory_mb": metrics.get("peak_memory_mb"), "train_seconds": metrics.get("train_seconds"),
-        "tokens_per_second": metrics.get("tokens_per_second"), "steps": metrics.get("steps"), "total_steps": metrics.get("total_steps"),
-        "checkpoint_mb": checkpoints.get("best_weights_mb"), "checkpoint": checkpoints.get("best"),
-        "mlflow_run_id": (record or {}).get("mlflow", {}).get("run_id"), "record": trial.user_attrs.get("record"),
-        "evaluations": (record or {}).get("evaluations", []), "seed": (record or {}).get("config", {}).get("train", {}).get("seed"),
+        "peak_memory_mb": metrics.get("peak_memory_mb"),
+        "train_seconds": metrics.get("train_seconds"),
+        "tokens_per_second": metrics.get("tokens_per_second"),
+        "steps": metrics.get("steps"),
+        "total_steps": metrics.get("total_steps"),
+        "checkpoint_mb": checkpoints.get("best_weights_mb"),
+        "checkpoint": checkpoints.get("best"),
+        "mlflow_run_id": (record or {}).get("mlflow", {}).get("run_id"),
+        "record": trial.user_attrs.get("record"),
+        "evaluations": (record or {}).get("evaluations", []),
+        "seed": (record or {}).get("config", {}).get("train", {}).get("seed"),
     }
 
 
@@ -90,19 +135,25 @@ class Choice:
     candidates: list[int]  # trial numbers within the tolerance
 
 
-def pick_best(table: pd.DataFrame, metric: str, direction: str, tolerance: float = DEFAULT_TOLERANCE) -> Choice:
+def pick_best(
+    table: pd.DataFrame, metric: str, direction: str, tolerance: float = DEFAULT_TOLERANCE
+) -> Choice:
     """Best validation metric; among the LoRA trials within ``tolerance`` of it, the fewest trainable
     parameters; then the better metric; then the earlier trial."""
     better = "highest" if direction == "maximize" else "lowest"
-    rule = (f"the {better} validation {metric} among completed LoRA trials; among the trials within {tolerance:g} of it, "
-            f"the one with the fewest trainable parameters (ties: better validation {metric}, then the earlier trial)")
+    rule = (
+        f"the {better} validation {metric} among completed LoRA trials; among the trials within "
+        f"{tolerance:g} of it, the one with the fewest trainable parameters (ties: better validation "
+        f"{metric}, then the earlier trial)"
+    )
     done = table[(table["role"] == "search") & (table["state"] == "complete") & table["val_metric"].notna()]
     if done.empty:
         return Choice(None, rule, None, [])
     best = done["val_metric"].max() if direction == "maximize" else done["val_metric"].min()
     close = done[(done["val_metric"] - best).abs() <= tolerance + 1e-12]
     ordered = close.assign(_rank=close["val_metric"] * (-1 if direction == "maximize" else 1)).sort_values(
-        ["trainable_params", "_rank", "trial"])
+        ["trainable_params", "_rank", "trial"]
+    )
     return Choice(ordered.iloc[0].drop("_rank"), rule, float(best), [int(t) for t in close["trial"]])
 
 
