@@ -1,4 +1,9 @@
-"""From a composed Hydra config to a run, its summary, and the objective a sweeper optimises."""
+"""From a composed Hydra config to a run, its summary, and the objective a sweeper optimises.
+
+Function-local imports in this package keep the fast error path fast: a bad config fails (config.py,
+schema.py) before torch, transformers, peft or mlflow are imported. They never hide an upward call: which
+layer may import which is checked by tests/test_layers.py.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,9 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep.config import RunConfig
-from lora_sweep.errors import ConfigError, LoraSweepError
+from lora_sweep.errors import LoraSweepError
 from lora_sweep.offline import package_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,18 +33,7 @@ def register_resolvers() -> None:
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve interpolations and validate; any problem becomes one ConfigError naming its key."""
-    try:
-        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "<config>"
-        cause = err.__cause__ or err
-        problem = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        value = None
-        if "Missing mandatory value" in str(err):
-            problem, value = "missing required value (set it on the command line: key=value)", "???"
-        raise ConfigError(key, value, problem) from None
-    container.pop("hydra", None)
-    return RunConfig.from_mapping(container)
+    return RunConfig.from_hydra(cfg)
 
 
 def summary(record) -> str:

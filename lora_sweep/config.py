@@ -324,6 +324,26 @@ class RunConfig:
     def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":
         return build(cls, dict(mapping))
 
+    @classmethod
+    def from_hydra(cls, cfg: Any) -> "RunConfig":
+        """A composed Hydra config (DictConfig), interpolations resolved, validated; any problem becomes
+        one ConfigError naming its key. Used by the Hydra task and by the sweep's up-front validation."""
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or "<config>"
+            cause = err.__cause__ or err
+            problem = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            value = None
+            if "Missing mandatory value" in str(err):
+                problem, value = "missing required value (set it on the command line: key=value)", "???"
+            raise ConfigError(key, value, problem) from None
+        container.pop("hydra", None)
+        return cls.from_mapping(container)
+
     @property
     def task(self):
         """The :class:`lora_sweep.tasks.Task` this run trains."""

@@ -1,34 +1,32 @@
 """One fine-tune from a validated config to a complete record: check, set up, train, test, record.
 
-Everything that can be wrong with the config is checked before a single weight is read: the model's
-config and module names (on the meta device), the target preset, the data columns and splits.
+Everything that can be wrong with the config is checked before a single weight is read
+(:func:`lora_sweep.prepare.prepare`: the model's config and module names on the meta device, the target
+preset, the data columns and splits).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from lora_sweep.checkpoint import RESUME_FILES, drop_training_state, is_peft_model, restore_weights, resume_point
 from lora_sweep.config import RunConfig
-from lora_sweep.data import TaskData, make_loader
+from lora_sweep.data import make_loader
 from lora_sweep.errors import ConfigError
-from lora_sweep.methods import apply_method, is_mergeable, peft_config, trained_head
+from lora_sweep.methods import apply_method, is_mergeable
 from lora_sweep.methods import derived_params as method_params
 from lora_sweep.methods import run_name as method_run_name
-from lora_sweep.models import (ModelSpec, count_parameters, inspect_model, load_base_model, load_tokenizer,
-                               pick_device, pick_precision, set_gradient_checkpointing)
+from lora_sweep.models import count_parameters, load_base_model, pick_device, pick_precision, set_gradient_checkpointing
 from lora_sweep.oom import evaluation_pass, guard_memory
+# _PREPARED: tests clear the per-process caches through this module
+from lora_sweep.prepare import _PREPARED, Prepared, cache_key, prepare  # noqa: F401
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
-from lora_sweep.targets import resolve_targets
 from lora_sweep.tracking import Tracker, make_tracker
 from lora_sweep.train import EvaluationHook, fit, plan_steps
 
@@ -37,43 +35,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-@dataclass
-class Prepared:
-    """What a run needs before training, all of it validated."""
-
-    spec: ModelSpec
-    tokenizer: object
-    data: TaskData
-    targets: list[str] | None
-    setup_seconds: float
-    reused: bool = False
-
-
-# Setup paid once per process: a sweep's later trials reuse the tokenized data and the loaded base model.
-_PREPARED: dict[str, Prepared] = {}
+# A sweep's later trials reuse the loaded base model (one per process).
 _MODELS: dict[str, tuple[object, dict]] = {}
-
-
-def _key(*parts: object) -> str:
-    return json.dumps(parts, sort_keys=True, default=str)
-
-
-def prepare(cfg: RunConfig) -> Prepared:
-    """Validate everything against the model's and the data's own description, before any weight loads."""
-    started = time.perf_counter()
-    key = _key(to_dict(cfg.model), to_dict(cfg.data), cfg.train.max_length)
-    cached = _PREPARED.get(key)
-    reused = cached is not None
-    if cached is None:
-        spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
-        tokenizer = load_tokenizer(spec, cfg.model)
-        data = cfg.task.prepare_data(cfg, tokenizer)
-        cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
-    targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.method.adapter else None
-    if cfg.method.adapter:  # PEFT's own checks of the method's values, before any weight loads
-        peft_config(cfg.method, targets, cached.spec.task, trained_head(cached.spec),
-                    total_steps=plan_steps(len(cached.data.splits["train"]), cfg)[1])
-    return dataclasses.replace(cached, targets=targets, setup_seconds=time.perf_counter() - started, reused=reused)
 
 
 def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
@@ -85,7 +48,7 @@ def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
     """
     from transformers import set_seed
 
-    key = _key(prepared.spec.source, cfg.model.revision, prepared.data.label_names, cfg.train.seed)
+    key = cache_key(prepared.spec.source, cfg.model.revision, prepared.data.label_names, cfg.train.seed)
     if key in _MODELS:
         model, pristine = _MODELS[key]
         if set(model.state_dict()) != set(pristine):

@@ -216,3 +216,40 @@ class SweepRun:
         if self._client is not None and self.run_id:
             self._client.set_tag(self.run_id, "lora_sweep.status", status)
             self._client.set_terminated(self.run_id, status=MLflowTracker._STATUS.get(status, "FINISHED"))
+
+
+# --- what the report reads from and writes to MLflow (it never starts a run) ------------------------------
+def use_tracking_uri(uri: str | None) -> None:
+    """Point MLflow's default store at ``uri`` for this process (None: leave MLflow's default)."""
+    if uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+
+
+def run_params(run_id: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """The params of an existing MLflow run; a LookupError naming the store when it cannot be read."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    try:
+        return dict(client.get_run(run_id).data.params)
+    except Exception as err:
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LookupError(f"no such MLflow run in {redact_url(client.tracking_uri)} ({problem})") from None
+
+
+def register_model(name: str, source: str, run_id: str | None, tags: dict[str, str], alias: str,
+                   tracking_uri: str | None = None, description: str = "") -> str:
+    """A new version of registered model ``name`` (created if missing) from ``source``; ``alias`` points at
+    it. Returns the version."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except Exception:  # not there yet
+        client.create_registered_model(name, description=description)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    return version.version

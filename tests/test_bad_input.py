@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
 from mlflow.entities import ViewType

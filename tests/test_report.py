@@ -15,7 +15,7 @@ import torch
 
 from lora_sweep.report.select import pick_best
 
-from .helpers import client, parents, run_sweep, write_sweep
+from tests.helpers import client, parents, run_sweep, write_sweep
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def swept(tmp_path_factory, tiny_bert_dir, tiny_csv):
 def test_report_is_written_when_the_sweep_ends_and_logged_on_the_parent(swept):
     root, result, _ = swept
     folder = root / "reports" / "rep"
-    assert f"report: reports/rep/report.html" in result.stdout
+    assert "report: reports/rep/report.html" in result.stdout
     for name in ("report.md", "report.html", "report.json", "metric_vs_params.png", "metric_vs_params.svg", "metric_vs_rank.png",
                  "learning_curves.png", "param_importance.png", "pruning_savings.png", "forgetting.png"):
         assert (folder / name).is_file(), name

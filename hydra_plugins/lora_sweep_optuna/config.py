@@ -47,7 +47,8 @@ class ReportConf:
     dir: str = "reports"  # the report goes to <dir>/<study>/, relative to the working directory
     tolerance: float = 0.005  # best-pick rule: trials this close to the best compete on size
     checkpoints: bool = True  # test scores of the chosen and baseline checkpoints, forgetting, export
-    replicates: int = 3  # seeds to re-train the chosen and the baseline configurations with (0: skip)
+    # the sweep's last phase: seeds to re-train the chosen and the best full FT config with (0: skip)
+    replicates: int = 3
     register_as: Optional[str] = None  # MLflow registered model name (alias "champion"); None: the study name
 
 

@@ -2,7 +2,8 @@
 
 ``python -m lora_sweep.report <study or MLflow parent run id>`` writes ``reports/<study>/`` with
 report.md, a self-contained report.html, report.json and the figures (PNG and SVG). It reads the study
-and the runs' records; it never retrains.
+and the runs' records (the replicates too: the sweep trains them, see :mod:`lora_sweep.report.replicates`); it
+never trains.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lora_sweep.ranking import ascending, best_of
+from lora_sweep.ranking import best_of
 from lora_sweep.report import figures as fig
 from lora_sweep.report.collect import Sweep, trials_table
 from lora_sweep.report.render import to_html, to_json, to_markdown
+from lora_sweep.report.replicates import summarize_replicates
 from lora_sweep.report.select import DEFAULT_TOLERANCE, pick_best, with_comparisons
+from lora_sweep.sweep.trials import best_full
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,12 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
     from lora_sweep.tasks import get_task, reference_texts
 
     records, extra, figures = _records(table), {}, {}
-    full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
-    full = full.sort_values("val_metric", ascending=ascending(sweep.direction)).head(1)
+    full = best_full(table, sweep.direction)
     picks = {}
     if choice.row is not None:
         picks["chosen LoRA"] = f"lora #{choice.row['trial']}"
-    if not full.empty:
-        picks["full fine-tuning"] = f"full #{full.iloc[0]['trial']}"
+    if full is not None:
+        picks["full fine-tuning"] = f"full #{full['trial']}"
     extra["test"] = {label: {"trial": key, **ck.test_metrics(records[key])} for label, key in picks.items()}
     tasks = {get_task(r["config"]["model"]["task"]) for r in records.values()}
     if len(tasks) == 1:
@@ -113,7 +115,8 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
 
 def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERANCE, *, checkpoints: bool = True,
                  reference: list[str] | None = None, register_as: str | None = None, tracking_uri: str | None = None,
-                 replicates: int = 3) -> dict[str, Any]:
+                 replicates: int | None = None) -> dict[str, Any]:
+    """``replicates``: use the first N seeds of the sweep's replicate runs (None: all; 0: leave them out)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = with_comparisons(trials_table(sweep.search, sweep.baseline), sweep.direction)
@@ -130,12 +133,12 @@ def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERAN
         extra, more = checkpoint_sections(sweep, table, choice, out_dir, reference=reference, register_as=register_as,
                                           tracking_uri=tracking_uri)
         figures.update(more)
-    if replicates > 0 and "test" in extra and len(extra["test"]) == 2:
-        from lora_sweep.report.replicates import run_replicates
-
-        records = _records(table)
-        extra["replicates"] = run_replicates(records[extra["test"]["chosen LoRA"]["trial"]], records[extra["test"]["full fine-tuning"]["trial"]],
-                                             list(range(1, replicates + 1)), sweep.folder / "replicates", sweep.parent_run_id)
+    full = best_full(table, sweep.direction)
+    if choice.row is not None and full is not None and (replicates is None or replicates > 0):
+        # trained by the sweep (its replicate phase); read here, never trained
+        found = summarize_replicates(sweep.replicates, int(choice.row["trial"]), int(full["trial"]),
+                                     replicates)
+        extra["replicates" if isinstance(found, dict) else "replicates_note"] = found
     chosen = None if choice.row is None else {k: (None if v != v else v) for k, v in choice.row.drop(labels=["evaluations"]).items()}
     summary = {"study": sweep.study_name, "metric": sweep.metric, "direction": sweep.direction, "tolerance": tolerance,
                "rule": choice.rule, "best_value": choice.best_value, "within_tolerance": choice.candidates, "chosen": chosen,
@@ -146,3 +149,11 @@ def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERAN
     (out_dir / "report.md").write_text(redact(to_markdown(summary, table, figures)))
     (out_dir / "report.html").write_text(redact(to_html(summary, table, figures)))
     return summary
+
+
+def write_report(study_name: str, storage_spec: str, folder: Path, out_dir: Path,
+                 tolerance: float = DEFAULT_TOLERANCE, **options: Any) -> dict[str, Any]:
+    """The report of the study ``study_name`` in ``storage_spec``: what the sweep calls when it ends."""
+    from lora_sweep.report.collect import open_sweep
+
+    return build_report(open_sweep(study_name, storage_spec, folder), out_dir, tolerance, **options)

@@ -22,7 +22,7 @@ REFERENCE_SIZE = 256
 
 def _setup(record: dict[str, Any]):
     from lora_sweep.models import load_base_model
-    from lora_sweep.run import prepare
+    from lora_sweep.prepare import prepare
 
     cfg = RunConfig.from_mapping(record["config"])
     prepared = prepare(cfg)
@@ -129,16 +129,11 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
 
 def register(record: dict[str, Any], export_info: dict[str, Any], name: str, tracking_uri: str | None, alias: str = "champion") -> dict:
     """Register the exported merged model in MLflow's model registry and point ``alias`` at it."""
-    import mlflow
+    from lora_sweep.tracking import register_model
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    try:
-        client.get_registered_model(name)
-    except Exception:  # not there yet
-        client.create_registered_model(name, description="LoRA checkpoint chosen by lora_sweep's report")
-    run_id = record.get("mlflow", {}).get("run_id")
     shipped = export_info["merged"] or export_info["adapter"]  # an unmergeable method ships its adapter
-    version = client.create_model_version(name, source=str(Path(shipped).resolve()), run_id=run_id,
-                                          tags={"lora_sweep.adapter": export_info["adapter"]})
-    client.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "version": version.version, "alias": alias}
+    source, run_id = str(Path(shipped).resolve()), record.get("mlflow", {}).get("run_id")
+    tags = {"lora_sweep.adapter": export_info["adapter"]}
+    version = register_model(name, source, run_id, tags, alias, tracking_uri,
+                             description="PEFT checkpoint chosen by lora_sweep's report")
+    return {"name": name, "version": version, "alias": alias}

@@ -111,11 +111,13 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
         lines += ["## Held-out test split (evaluated only for these two)", "", f"| model | trial | test {metric} | test {second} |", "|---|---|---|---|"]
         lines += [f"| {label} | {t['trial']} | {t[metric]:.4f} | {t[second]:.4f} |" for label, t in summary["test"].items()]
         lines.append("")
+    if summary.get("replicates_note"):
+        lines += ["## Replicates", "", summary["replicates_note"], ""]
     if summary.get("replicates"):
         rep = summary["replicates"]
         lines += ["## Replicates", "", f"The chosen LoRA configuration and the full fine-tuning baseline, trained again with seeds "
                   f"{rep['seeds']} (paired by seed): mean ± 95% confidence interval.", "",
-                  f"| split | LoRA | full FT | LoRA - full FT (paired) | paired t-test p |", "|---|---|---|---|---|"]
+                  "| split | LoRA | full FT | LoRA - full FT (paired) | paired t-test p |", "|---|---|---|---|---|"]
         for split in ("validation", "test"):
             r = rep[split]
             d = r["paired"]["difference"]

@@ -1,21 +1,19 @@
 """Replicates: is "LoRA matches full fine-tuning" more than one lucky seed?
 
-The chosen LoRA configuration and the best full fine-tuning configuration are trained again with N new
-seeds (the same seeds for both, so the runs pair up); each run is a normal lora_sweep run with its own
-record and an MLflow child run under the sweep's parent. Reported: mean and 95% confidence interval
+The sweep, not the report, trains them: after the search and the baseline, the sweeper runs the chosen LoRA
+configuration and the best full fine-tuning configuration again with seeds 1..N (the same seeds for both, so
+the runs pair up) as the trials of a third study, ``<study>-replicates``
+(``hydra.sweeper.report.replicates``).
+Each is a normal trial with its own Hydra job folder, record and MLflow child run under the sweep's parent.
+Here they are only read. Reported: mean and 95% confidence interval
 (Student t) of the validation and test metric, and the paired difference LoRA - full with its interval
 and a paired t-test.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any
-
-from lora_sweep.config import RunConfig
 
 
 def interval(values: list[float]) -> dict[str, float]:
@@ -40,35 +38,44 @@ def paired(lora: list[float], full: list[float]) -> dict[str, float]:
     return result
 
 
-def _config(record: dict[str, Any], seed: int, output_dir: Path, parent_run_id: str | None) -> RunConfig:
-    cfg = RunConfig.from_mapping(record["config"])
-    sweep = dataclasses.replace(cfg.sweep, trial_id=None, trial_number=None, role="replicate", parent_run_id=parent_run_id)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed), output_dir=str(output_dir),
-                               evaluate_test=True, sweep=sweep)
+def replicate_records(study) -> dict[tuple[str, int], dict[int, dict]]:
+    """The completed replicate runs of the sweep's ``<study>-replicates`` study, read from their records:
+    (``lora`` | ``full``, source trial number) -> seed -> record."""
+    from optuna.trial import TrialState
+
+    from lora_sweep.sweep.trials import record_of
+
+    found: dict[tuple[str, int], dict[int, dict]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        attrs, record = trial.user_attrs, record_of(trial)
+        if record is None or record.get("status") != "completed" or "replicate_of" not in attrs:
+            continue
+        found.setdefault((attrs["replicate_of"], int(attrs["source_trial"])), {})[int(attrs["seed"])] = record
+    return found
 
 
-def run_replicates(lora_record: dict, full_record: dict, seeds: list[int], out_dir: Path, parent_run_id: str | None) -> dict[str, Any]:
-    """Train both configurations once per seed (a finished replicate on disk is reused, not retrained)."""
-    from lora_sweep.record import read_record
-    from lora_sweep.run import run
-
-    results: dict[str, dict[int, dict]] = {"lora": {}, "full": {}}
-    for seed in seeds:
-        for label, record in (("lora", lora_record), ("full", full_record)):
-            folder = Path(out_dir) / f"{label}-seed{seed}"
-            done = folder / "record.json"
-            if done.is_file() and read_record(done)["status"] == "completed":
-                results[label][seed] = read_record(done)
-                continue
-            tags = {"lora_sweep.role": "replicate", "lora_sweep.replicate_of": label, "lora_sweep.seed": str(seed)}
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
-            replicate = run(_config(record, seed, folder, parent_run_id), extra_tags=tags, run_name_prefix=f"replicate {label} seed {seed} ")
-            results[label][seed] = json.loads(json.dumps(replicate.__dict__, default=str))
-    metric = lora_record["metrics"]["objective_metric"]
-    summary: dict[str, Any] = {"seeds": list(seeds), "metric": metric}
+def summarize_replicates(study, lora_trial: int, full_trial: int,
+                         limit: int | None = None) -> dict[str, Any] | str:
+    """Mean, 95% CI and the paired test over the seeds both configurations were replicated with (the
+    first ``limit`` of them); a sentence saying why not when there is nothing to pair."""
+    if study is None:
+        return "no replicates: run the sweep with hydra.sweeper.report.replicates=N"
+    found = replicate_records(study)
+    lora, full = found.get(("lora", lora_trial), {}), found.get(("full", full_trial), {})
+    seeds = sorted(set(lora) & set(full))[:limit]
+    if not seeds:
+        made = sorted({f"{label} #{trial}" for label, trial in found}) or ["none completed"]
+        return (f"no replicates of LoRA trial #{lora_trial} and full fine-tuning trial #{full_trial} "
+                f"(the sweep's replicates: {', '.join(made)}): "
+                "run the sweep with hydra.sweeper.report.replicates=N")
+    metric = lora[seeds[0]]["metrics"]["objective_metric"]
+    summary: dict[str, Any] = {"seeds": seeds, "metric": metric,
+                               "trials": {"lora": lora_trial, "full": full_trial},
+                               "runs": {label: {s: records[s].get("mlflow", {}).get("run_id") for s in seeds}
+                                        for label, records in (("lora", lora), ("full", full))}}
     for split, key in (("validation", f"best_val_{metric}"), ("test", f"test_{metric}")):
-        lora = [results["lora"][s]["metrics"][key] for s in seeds]
-        full = [results["full"][s]["metrics"][key] for s in seeds]
-        summary[split] = {"lora": {**interval(lora), "values": lora}, "full": {**interval(full), "values": full}, "paired": paired(lora, full)}
+        a = [lora[s]["metrics"][key] for s in seeds]
+        b = [full[s]["metrics"][key] for s in seeds]
+        summary[split] = {"lora": {**interval(a), "values": a}, "full": {**interval(b), "values": b},
+                          "paired": paired(a, b)}
     return summary

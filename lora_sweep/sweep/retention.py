@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from lora_sweep.ranking import rank_key
 from lora_sweep.record import RECORD_FILE, load_run_record, read_record
+from lora_sweep.sweep.trials import pick_best, trials_table
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,6 @@ def top_trials(study: optuna.Study, keep: int) -> set[int]:
 def report_choice(search: optuna.Study, baseline: optuna.Study | None, metric: str, direction: str, tolerance: float,
                   report_dir: Path | None) -> set[int]:
     """The LoRA trial the report's rule picks from the trials finished so far, and the one a written report chose."""
-    from lora_sweep.report.collect import trials_table
-    from lora_sweep.report.select import pick_best
-
     chosen = set()
     choice = pick_best(trials_table(search, baseline), metric, direction, tolerance)
     if choice.row is not None:

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.lora_sweep_optuna.config import (BaselineConf, LoraOptunaSweeperConf, ReportConf,
                                                     SamplerConf)
+from lora_sweep.config import RunConfig
 from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.schema import to_dict
 from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
@@ -31,7 +32,9 @@ from lora_sweep.sweep.locks import closes_the_sweep, study_lock
 from lora_sweep.sweep.optuna_api import heartbeat_enabled, storage_of
 from lora_sweep.sweep.optuna_api import trial_id as trial_id_of
 from lora_sweep.sweep.space import SearchSpace, format_value
-from lora_sweep.sweep.study import counts, make_pruner, make_sampler, open_storage, requeue, requeue_stale_trials, storage_spec, worker_identity
+from lora_sweep.sweep.study import (FINISHED, counts, make_pruner, make_sampler, open_storage, requeue,
+                                    requeue_stale_trials, storage_spec, worker_identity)
+from lora_sweep.sweep.trials import best_full, pick_best, trials_table
 from lora_sweep.tracking import SweepRun
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class Phase:
     n_trials: int
     objectives: list[str]
     arguments: list[str] = field(default_factory=list)  # the command line's overrides that apply to this phase
+    wanted: list[dict[str, Any]] = field(default_factory=list)  # replicates: which source trial, which seed
 
 
 class SweepRunner:
@@ -66,9 +70,7 @@ class SweepRunner:
         self._lock = threading.Lock()
 
     # --- setup: everything here runs, and fails, before any training ------------------------------------
-    def _task_config(self, overrides: list[str]):
-        from lora_sweep.cli import to_run_config
-
+    def _task_config(self, overrides: list[str]) -> RunConfig:
         try:
             composed = self.config_loader.load_sweep_config(self.config, list(overrides))
         except Exception as err:  # Hydra's own composition errors (bad group option, grammar)
@@ -76,7 +78,7 @@ class SweepRunner:
         composed_plain = OmegaConf.to_container(composed, resolve=False)
         composed_plain.pop("hydra", None)
         composed_plain["output_dir"] = str(self.sweep_dir / "validation")
-        return to_run_config(OmegaConf.create(composed_plain))
+        return RunConfig.from_hydra(OmegaConf.create(composed_plain))
 
     def _arguments_for(self, overrides: list[str]) -> list[str]:
         """Command-line overrides for a phase: when the phase switches the method group (the baseline's
@@ -111,7 +113,7 @@ class SweepRunner:
                     peft_kwargs(cfg.method, targets, trained_head(spec))
                 except ConfigError as err:
                     raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
-        from lora_sweep.run import prepare
+        from lora_sweep.prepare import prepare
 
         prepare(first_cfg)  # the data (path, columns, splits, labels) is the same for every trial: check it once, now
 
@@ -161,6 +163,82 @@ class SweepRunner:
             return metric_direction(OmegaConf.select(self.config, "objective.metric"))
         return OBJECTIVES[objective][1]
 
+    # --- replicates: the chosen LoRA and the best full FT config again, with new seeds ----------------
+    def _replicate_phase(self, storage) -> Phase | None:
+        """The third study, ``<study>-replicates``: seeds 1..N of the LoRA trial the report's rule picks and
+        of the best full fine-tuning trial, enqueued as trials with fixed params, run by the same worker
+        loop (exact resume, many workers, failure accounting, child runs under the parent)."""
+        report = self.conf.report
+        n = report.replicates
+        search, baseline = self.phases[-1], self.phases[0] if len(self.phases) > 1 else None
+        if n <= 0 or not report.enabled:  # they exist for the report's comparison
+            return None
+        if baseline is None:
+            log.info("no replicates: they pair the chosen LoRA config with full fine-tuning; "
+                     "set hydra.sweeper.baseline.n_trials")
+            return None
+        if any(counts(p.study)["running"] for p in (search, baseline)):
+            log.info("other workers still run search trials: the last one to finish runs the replicates")
+            return None
+        metric, direction = OmegaConf.select(self.config, "objective.metric"), self._direction("objective")
+        tolerance = report.tolerance
+        table = trials_table(search.study, baseline.study)
+        chosen, full = pick_best(table, metric, direction, tolerance).row, best_full(table, direction)
+        if chosen is None or full is None:
+            log.warning("no replicates: no %s trial completed",
+                        "LoRA" if chosen is None else "full fine-tuning")
+            return None
+        name = f"{self.settings['study_name']}-replicates"
+        # the sampler never samples (every trial is enqueued); no pruning: a replicate runs to its end
+        study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
+                                    pruner=optuna.pruners.NopPruner(), directions=[direction],
+                                    load_if_exists=True)
+        if "lora_sweep" not in study.user_attrs:
+            study.set_user_attr("lora_sweep", {"pruner": {"name": "none"}, "objectives": ["objective"],
+                                               "role": "replicate"})
+        sources = (("lora", search, chosen), ("full", baseline, full))
+        wanted = [{"replicate_of": label, "source_study": source.study.study_name,
+                   "source_trial": int(row["trial"]), "seed": seed,
+                   "overrides": self._replicate_overrides(source, int(row["trial"]), seed)}
+                  for seed in range(1, n + 1) for label, source, row in sources]
+        phase = Phase("replicate", study, SearchSpace({}), [], 0, ["objective"], wanted=wanted)
+        trials = study.get_trials(deepcopy=False)
+        held = {_replicate_key(t.user_attrs) for t in trials if t.state != TrialState.FAIL}
+        for spec in wanted:  # a rerun (or more seeds) queues only what is missing; a failed one runs again
+            if _replicate_key(spec) not in held:
+                study.enqueue_trial({"train.seed": spec["seed"]}, user_attrs=spec)
+        keys = {_replicate_key(spec) for spec in wanted}
+        # replicates of an earlier pick (before the search grew) stay in the study and count as taken places
+        stale = sum(_replicate_key(t.user_attrs) not in keys for t in trials
+                    if t.state in (*FINISHED, TrialState.RUNNING))
+        phase.n_trials = len(keys) + stale
+        finished = sum(_replicate_key(t.user_attrs) in keys for t in trials if t.state in FINISHED)
+        log.info("study %s (replicate): LoRA trial %d and full fine-tuning trial %d, seeds 1..%d; "
+                 "%d of %d finished", name, int(chosen["trial"]), int(full["trial"]), n, finished, len(keys))
+        return phase
+
+    def _replicate_overrides(self, phase: Phase, number: int, seed: int) -> list[str]:
+        """The source trial's overrides exactly as it was launched, with only the seed changed."""
+        params = phase.study.get_trials(deepcopy=False)[number].params
+        values = {name: params[name] for name in phase.space.names if name in params}
+        launched = [*phase.arguments, *phase.overrides, *phase.space.overrides(values)]
+        kept = [o for o in launched if o.split("=", 1)[0].lstrip("+~") != "train.seed"]
+        return [*kept, f"train.seed={seed}"]
+
+    def _replicate_values(self, phase: Phase, trial: optuna.Trial) -> dict[str, Any]:
+        """Which replicate this trial is: its enqueued attributes, or (a fresh trial after a failure) the
+        first wanted replicate no other trial holds."""
+        attrs = trial.user_attrs
+        if "replicate_of" not in attrs:
+            held = {_replicate_key(t.user_attrs) for t in phase.study.get_trials(deepcopy=False)
+                    if t.state != TrialState.FAIL and t.number != trial.number}
+            attrs = next((spec for spec in phase.wanted if _replicate_key(spec) not in held), phase.wanted[0])
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+        # an int of one value: a categorical's choices could not differ from one trial to the next
+        trial.suggest_int("train.seed", attrs["seed"], attrs["seed"])
+        return attrs
+
     # --- the loop ------------------------------------------------------------------------------------
     def run(self) -> list[Phase]:
         from filelock import FileLock
@@ -170,6 +248,10 @@ class SweepRunner:
         keep = settings.get("keep_checkpoints")
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ConfigError("hydra.sweeper.keep_checkpoints", keep, "must be an integer >= 1, or null to keep every checkpoint")
+        replicates = self.conf.report.replicates
+        if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 0:
+            raise ConfigError("hydra.sweeper.report.replicates", replicates,
+                              "must be an integer >= 0 (0: no replicates)")
         spec = storage_spec(self.conf.storage, self.sweep_dir)
         storage = open_storage(spec, self.conf.heartbeat_interval)
         study_name = settings["study_name"]
@@ -199,9 +281,15 @@ class SweepRunner:
             done = counts(phase.study)
             log.info("study %s (%s): %d of %d trials finished, %d failed; storage %s", phase.study.study_name, phase.role,
                      done["complete"] + done["pruned"], phase.n_trials, done["fail"], spec if "://" not in spec else "(url)")
+        self.replicates = None
         try:
             for phase in phases:
                 self._run_phase(phase)
+            setup = study_lock(storage, spec, f"{study_name}/setup")
+            with FileLock(str(self.sweep_dir / ".setup.lock")), setup:
+                self.replicates = self._replicate_phase(storage)
+            if self.replicates is not None:
+                self._run_phase(self.replicates)
         except BaseException:
             self.parent.finish("killed")
             raise
@@ -246,7 +334,10 @@ class SweepRunner:
                 trial = phase.study.ask()
                 trial.set_user_attr("worker", worker_identity())
                 trial.set_user_attr("sweeper", worker_identity())  # "worker" becomes the training process's (joblib)
-                values = phase.space.sample(trial, self._condition_values(phase.space))
+                if phase.role == "replicate":
+                    values = self._replicate_values(phase, trial)
+                else:
+                    values = phase.space.sample(trial, self._condition_values(phase.space))
             self._launch(phase, trial, values, device)
 
     def _launch(self, phase: Phase, trial: optuna.Trial, values: dict[str, Any], device: str | None) -> None:
@@ -254,17 +345,23 @@ class SweepRunner:
         if heartbeat_enabled(storage):  # a requeued trial's old heartbeat must not read as stale
             storage.record_heartbeat(trial_id)
         subdir = f"{phase.role}-{trial.number:03d}"
-        overrides = [*phase.arguments, *phase.overrides, *phase.space.overrides(values),
+        if phase.role == "replicate":  # the source trial's launch with a new seed, scored on the test split
+            task, evaluate_test, shown = list(values["overrides"]), "true", values["overrides"][-1:]
+        else:
+            task = [*phase.arguments, *phase.overrides, *phase.space.overrides(values)]
+            evaluate_test, shown = "false", None
+        overrides = [*task,
                      f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
-                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial_id}",
-                     f"sweep.role={phase.role}",
-                     f"sweep.parent_run_id={format_value(self.parent.run_id)}", "evaluate_test=false", f"hydra.sweep.subdir={subdir}"]
+                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial_id}", f"sweep.role={phase.role}",
+                     f"sweep.parent_run_id={format_value(self.parent.run_id)}",
+                     f"evaluate_test={evaluate_test}",
+                     f"hydra.sweep.subdir={subdir}"]
         if device:
             overrides.append(f"train.device={device}")
         trial.set_user_attr("output_dir", str((self.sweep_dir / subdir).resolve()))
         interrupted = storage.get_trial(trial_id).user_attrs.get("interruptions")
         log.info("trial %s-%d%s: %s", phase.role, trial.number, f" resumes ({interrupted[-1]})" if interrupted else "",
-                 " ".join(phase.space.overrides(values)) or "(defaults)")
+                 " ".join(shown or phase.space.overrides(values)) or "(defaults)")
         try:
             (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
         except BaseException:  # Ctrl-C or a launcher crash: the same trial resumes when the sweep is rerun
@@ -323,7 +420,10 @@ class SweepRunner:
 
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(redact(summary), indent=2, default=str))
         print_summary(phases, self.parent, OmegaConf.select(self.config, "objective.metric"))
-        if not closes_the_sweep([phase.study for phase in phases], self.storage_spec, worker_identity()):
+        studies = [phase.study for phase in phases]
+        if self.replicates is not None:
+            studies.insert(-1, self.replicates.study)  # the main study stays last
+        if not closes_the_sweep(studies, self.storage_spec, worker_identity()):
             log.info("other workers of this study are still at work: the last one out writes the report and closes the parent run")
             return
         if self.conf.report.enabled:
@@ -331,16 +431,14 @@ class SweepRunner:
         self.parent.finish("completed")
 
     def _report(self, report: ReportConf) -> None:
-        from lora_sweep.report import build_report
-        from lora_sweep.report.collect import open_sweep
+        from lora_sweep.report import write_report
 
         out = Path(report.dir) / self.settings["study_name"]
         tracking = self._tracking_config()
         register_as = report.register_as or (self.conf.study_name if tracking.backend == "mlflow" else None)
-        sweep = open_sweep(self.settings["study_name"], self.storage_spec, self.sweep_dir)
-        summary = build_report(sweep, out, report.tolerance, checkpoints=report.checkpoints,
-                               register_as=register_as, tracking_uri=self.parent.location,
-                               replicates=report.replicates)
+        summary = write_report(self.conf.study_name, self.storage_spec, self.sweep_dir, out, report.tolerance,
+                               checkpoints=report.checkpoints, register_as=register_as,
+                               tracking_uri=self.parent.location, replicates=report.replicates)
         self.parent.log_artifacts(out, "report")
         print(f"report: {out / 'report.html'}" + (f" (chosen: trial {summary['chosen']['trial']})" if summary.get("chosen") else ""))
 
@@ -397,6 +495,10 @@ class SweepRunner:
 
 def _first(distribution) -> Any:
     return distribution.choices[0] if hasattr(distribution, "choices") else distribution.low
+
+
+def _replicate_key(attrs: dict[str, Any]) -> tuple:
+    return attrs.get("replicate_of"), attrs.get("source_study"), attrs.get("source_trial"), attrs.get("seed")
 
 
 def _condition_keys(space: SearchSpace) -> set[str]:

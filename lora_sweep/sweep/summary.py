@@ -7,6 +7,7 @@ from optuna.trial import TrialState
 
 from lora_sweep.ranking import rank_key
 from lora_sweep.secrets import redact
+from lora_sweep.sweep.trials import trials_table
 
 
 def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -27,8 +28,6 @@ def print_summary(phases, parent, metric: str) -> None:
     """Every trial (the report's own rows), the best marked ★, and where its checkpoint and run are."""
     from rich.console import Console
     from rich.table import Table
-
-    from lora_sweep.report.collect import trials_table
 
     main, baseline = phases[-1], (phases[0] if len(phases) > 1 else None)
     rows = trials_table(main.study, baseline.study if baseline else None)

@@ -49,6 +49,11 @@ class TrialBridge:
         sweep = self.cfg.sweep
         tags = {"optuna.study": sweep.study_name, "optuna.trial_number": str(sweep.trial_number), "lora_sweep.role": sweep.role,
                 "optuna.params": str(self.trial.params)}
+        if sweep.role == "replicate":  # which configuration this run repeats, and with which seed
+            attrs = self.trial.user_attrs
+            source = f"{attrs.get('source_study')}#{attrs.get('source_trial')}"
+            tags.update({"lora_sweep.replicate_of": str(attrs.get("replicate_of")),
+                         "lora_sweep.seed": str(attrs.get("seed")), "lora_sweep.source_trial": source})
         if sweep.parent_run_id:
             tags["mlflow.parentRunId"] = sweep.parent_run_id  # nests the run under the sweep's parent in the UI
         return tags

@@ -1,0 +1,60 @@
+"""Everything a run needs before training, validated against the model's and the data's own description
+before a single weight is read: the model's config and module names (on the meta device), the target
+preset, the tokenizer, the prepared data. Cached per process (a sweep's later trials reuse it).
+
+Used by a run, by the sweep's up-front validation and by the report's checkpoint loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+from lora_sweep.config import RunConfig
+from lora_sweep.data import TaskData
+from lora_sweep.methods import peft_config, trained_head
+from lora_sweep.models import ModelSpec, inspect_model, load_tokenizer
+from lora_sweep.schema import to_dict
+from lora_sweep.targets import resolve_targets
+from lora_sweep.train import plan_steps
+
+
+@dataclass
+class Prepared:
+    """What a run needs before training, all of it validated."""
+
+    spec: ModelSpec
+    tokenizer: object
+    data: TaskData
+    targets: list[str] | None
+    setup_seconds: float
+    reused: bool = False
+
+
+# Setup paid once per process: a sweep's later trials reuse the tokenized data.
+_PREPARED: dict[str, Prepared] = {}
+
+
+def cache_key(*parts: object) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Validate everything against the model's and the data's own description, before any weight loads."""
+    started = time.perf_counter()
+    key = cache_key(to_dict(cfg.model), to_dict(cfg.data), cfg.train.max_length)
+    cached = _PREPARED.get(key)
+    reused = cached is not None
+    if cached is None:
+        spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
+        tokenizer = load_tokenizer(spec, cfg.model)
+        data = cfg.task.prepare_data(cfg, tokenizer)
+        cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
+    targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.method.adapter else None
+    if cfg.method.adapter:  # PEFT's own checks of the method's values, before any weight loads
+        peft_config(cfg.method, targets, cached.spec.task, trained_head(cached.spec),
+                    total_steps=plan_steps(len(cached.data.splits["train"]), cfg)[1])
+    seconds = time.perf_counter() - started
+    return dataclasses.replace(cached, targets=targets, setup_seconds=seconds, reused=reused)
