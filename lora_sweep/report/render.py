@@ -8,6 +8,7 @@ import html
 import json
 import math
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -219,20 +220,22 @@ def to_html(markdown_summary: dict[str, Any], table: pd.DataFrame, figures: dict
     images = "".join(
         f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
         f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in figures.items())
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sweep report: {html.escape(s['study'])}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;font-size:13px}}
-th,td{{border:1px solid #ccc;padding:3px 6px;text-align:right}}th{{background:#f2f4f4;cursor:pointer}}
-tr.chosen{{background:#eaf2f8;font-weight:bold}}table.small th{{cursor:default}}code{{background:#f4f6f6;padding:0 3px}}figure{{display:inline-block;margin:1em}}img{{max-width:640px}}</style></head><body>
-<h1>Sweep report: {html.escape(s['study'])}</h1>
-{lines_to_html(summary_lines(s))}
-<h2>Every trial</h2><p>Click a column to sort.</p><table id="trials"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
-<h2>Figures</h2>{images}
-<script>
-function sortBy(col){{const t=document.getElementById('trials').tBodies[0];const rows=[...t.rows];
-const dir=t.dataset.col==String(col)&&t.dataset.dir=='asc'?'desc':'asc';t.dataset.col=col;t.dataset.dir=dir;
-rows.sort((a,b)=>{{const x=a.cells[col].dataset.key,y=b.cells[col].dataset.key;const nx=parseFloat(x),ny=parseFloat(y);
-const c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return dir=='asc'?c:-c;}});rows.forEach(r=>t.appendChild(r));}}
-</script></body></html>"""
+    title = html.escape(s["study"])
+    return "\n".join([
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
+        f"<title>Sweep report: {title}</title><style>{_asset('report.css')}</style></head><body>",
+        f"<h1>Sweep report: {title}</h1>",
+        lines_to_html(summary_lines(s)),
+        "<h2>Every trial</h2><p>Click a column to sort.</p>",
+        f"<table id=\"trials\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
+        f"<h2>Figures</h2>{images}",
+        f"<script>{_asset('report.js')}</script></body></html>",
+    ])
+
+
+def _asset(name: str) -> str:
+    """The report's stylesheet and script, package data inlined so that report.html stands alone."""
+    return (resources.files("lora_sweep.report") / name).read_text()
 
 
 def _cell_text(text: str) -> str:
