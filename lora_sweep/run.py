@@ -28,7 +28,7 @@ from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_reco
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
 from lora_sweep.tracking import Tracker, make_tracker
-from lora_sweep.train import EvaluationHook, fit, plan_steps
+from lora_sweep.train import EvaluationHook, FitResult, fit, plan_steps
 
 log = logging.getLogger(__name__)
 # PEFT still calls a transformers property deprecated for v6; nothing for a user to act on.
@@ -102,127 +102,195 @@ def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: Evalua
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-file load/save bars; the run shows its own
-    output_dir = Path(cfg.output_dir)
-    setup_started = time.perf_counter()
+    started = time.perf_counter()
     prepared = prepare(cfg)
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
-    config_tree = to_dict(cfg)
-    previous = earlier_attempt(cfg, config_tree)
+    previous = earlier_attempt(cfg, to_dict(cfg))
     if previous is not None and previous.get("status") in FINAL_STATES:
-        log.info("%s already holds a %s run of this config: nothing to do", output_dir, previous["status"])
-        make_tracker(cfg.tracking).close_run(previous.get("mlflow", {}).get("run_id"), previous["status"])
-        return load_run_record(previous)
-    resume_from = resume_point(output_dir / "checkpoints") if previous is not None else None
-
-    record = RunRecord(output_dir=str(output_dir), config=config_tree, versions=package_versions(), git=git_info(),
-                       device=device_description(device), precision=precision)
-    if previous is not None:
-        record.started_at = previous.get("started_at", record.started_at)
-        record.resumes = [*previous.get("resumes", []), {"at": time.time(), "checkpoint": str(resume_from) if resume_from else None,
-                                                         "previous_status": previous.get("status")}]
-    record.data = {"sizes": prepared.data.sizes, "label_names": prepared.data.label_names,
-                   "cache": str(prepared.data.cache_path), "from_cache": prepared.data.from_cache}
-    record.params = {"target_modules": prepared.targets}
-    record.write()
-
-    tags = {"lora_sweep.method": cfg.method.name, "lora_sweep.model": cfg.model.name, "lora_sweep.data": cfg.data.name,
-            "lora_sweep.output_dir": str(output_dir.resolve()), "mlflow.source.git.commit": record.git.get("commit") or "unknown",
-            **{f"version.{k}": v for k, v in record.versions.items()}, **cfg.tags, **(extra_tags or {})}
-    earlier_run = (previous or {}).get("mlflow", {})
+        return _nothing_to_do(cfg, previous)
+    recipe = Recipe(cfg, prepared, device, precision, previous)
+    recipe.start_record()
+    recipe.start_tracking(tracker, extra_tags or {}, run_name_prefix)
     try:
-        tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
-        tracker.start(run_name_prefix + run_name(cfg), {**flatten(config_tree), **derived_params(cfg, prepared, str(device), precision)}, tags,
-                      resume_run_id=earlier_run.get("run_id") if earlier_run.get("tracking_uri") == tracker.location else None)
-    except BaseException as err:  # an unusable tracking store: the record must not stay "running"
-        record.finish("failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        recipe.setup_model(started)
+        result = recipe.train(on_evaluation)
+        recipe.evaluate_best(result)
+        recipe.record_results(result)
+        recipe.save_and_finish(result)
+        return recipe.record
+    except BaseException as err:
+        recipe.record_failure(err)
         raise
-    record.mlflow = {"run_id": tracker.run_id, "tracking_uri": tracker.location}
-    record.write()  # the run id on disk at once: a killed attempt is continued in the same MLflow run
-    tracker.log_dict(config_tree, "config.yaml")
-    model = None
-    try:
+    finally:
+        recipe.release_model()
+
+
+def _nothing_to_do(cfg: RunConfig, previous: dict) -> RunRecord:
+    log.info("%s already holds a %s run of this config: nothing to do", cfg.output_dir, previous["status"])
+    make_tracker(cfg.tracking).close_run(previous.get("mlflow", {}).get("run_id"), previous["status"])
+    return load_run_record(previous)
+
+
+class Recipe:
+    """One run's steps, in the order :func:`run` calls them; the state they share lives here."""
+
+    def __init__(self, cfg: RunConfig, prepared: Prepared, device, precision: str, previous: dict | None):
+        self.cfg, self.prepared, self.device, self.precision = cfg, prepared, device, precision
+        self.task = cfg.task
+        self.output_dir = Path(cfg.output_dir)
+        self.previous = previous
+        self.resume_from = resume_point(self.output_dir / "checkpoints") if previous is not None else None
+        self.record: RunRecord | None = None
+        self.tracker: Tracker | None = None
+        self.model = None
+        self.forgetting: dict[str, float] = {}
+        self.test: dict[str, float] = {}
+
+    def start_record(self) -> None:
+        """record.json says what this run is before anything can fail half way."""
+        cfg, prepared, previous = self.cfg, self.prepared, self.previous
+        record = RunRecord(output_dir=str(self.output_dir), config=to_dict(cfg), versions=package_versions(),
+                           git=git_info(), device=device_description(self.device), precision=self.precision)
+        if previous is not None:
+            record.started_at = previous.get("started_at", record.started_at)
+            resume = {"at": time.time(), "checkpoint": str(self.resume_from) if self.resume_from else None,
+                      "previous_status": previous.get("status")}
+            record.resumes = [*previous.get("resumes", []), resume]
+        record.data = {"sizes": prepared.data.sizes, "label_names": prepared.data.label_names,
+                       "cache": str(prepared.data.cache_path), "from_cache": prepared.data.from_cache}
+        record.params = {"target_modules": prepared.targets}
+        record.write()
+        self.record = record
+
+    def start_tracking(self, tracker: Tracker | None, extra_tags: dict[str, str], run_name_prefix: str) -> None:
+        """The MLflow run (or the one a killed attempt began), its params and tags."""
+        cfg, record = self.cfg, self.record
+        tags = {"lora_sweep.method": cfg.method.name, "lora_sweep.model": cfg.model.name,
+                "lora_sweep.data": cfg.data.name, "lora_sweep.output_dir": str(self.output_dir.resolve()),
+                "mlflow.source.git.commit": record.git.get("commit") or "unknown",
+                **{f"version.{k}": v for k, v in record.versions.items()}, **cfg.tags, **extra_tags}
+        params = {**flatten(record.config),
+                  **derived_params(cfg, self.prepared, str(self.device), self.precision)}
+        earlier_run = (self.previous or {}).get("mlflow", {})
+        try:
+            tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
+            same_store = earlier_run.get("tracking_uri") == tracker.location
+            tracker.start(run_name_prefix + run_name(cfg), params, tags,
+                          resume_run_id=earlier_run.get("run_id") if same_store else None)
+        except BaseException as err:  # an unusable tracking store: the record must not stay "running"
+            record.finish("failed", error=_one_line(err))
+            raise
+        self.tracker = tracker
+        record.mlflow = {"run_id": tracker.run_id, "tracking_uri": tracker.location}
+        record.write()  # the run id on disk at once: a killed attempt is continued in the same MLflow run
+        tracker.log_dict(record.config, "config.yaml")
+
+    def setup_model(self, started: float) -> None:
+        """The base model (reused in a sweep), what the task measures before training, then the method."""
         from transformers import set_seed
 
+        cfg, prepared = self.cfg, self.prepared
         model, reused_model = base_model(cfg, prepared)
+        self.model = model
         set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
-        task = cfg.task
-        forgetting = task.before_training(model, prepared.tokenizer, cfg, prepared.spec.source, device,
-                                          precision)
+        self.forgetting = self.task.before_training(model, prepared.tokenizer, cfg, prepared.spec.source,
+                                                    self.device, self.precision)
         set_seed(cfg.train.seed)  # LoRA's A matrices come from the RNG: same state whether the base was reused or not
         total_steps = plan_steps(len(prepared.data.splits["train"]), cfg)[1]
-        model = apply_method(model, cfg.method, prepared.spec, prepared.targets, total_steps)
-        setup_seconds = time.perf_counter() - setup_started
-        reused = "reused the loaded model and tokenized data" if prepared.reused and reused_model else "loaded model and data"
-        log.info("setup %.1f s (%s)", setup_seconds, reused)
+        self.model = model = apply_method(model, cfg.method, prepared.spec, prepared.targets, total_steps)
+        setup_seconds = time.perf_counter() - started
+        reused = prepared.reused and reused_model
+        log.info("setup %.1f s (%s)", setup_seconds,
+                 "reused the loaded model and tokenized data" if reused else "loaded model and data")
         counts = count_parameters(model)
-        record.params.update(counts, setup_seconds=setup_seconds, setup_reused=prepared.reused and reused_model,
-                             mergeable=is_mergeable(model) if cfg.method.adapter else None)
-        tracker.log_metrics({**counts, "setup_seconds": setup_seconds}, step=0)
+        self.record.params.update(counts, setup_seconds=setup_seconds, setup_reused=reused,
+                                  mergeable=is_mergeable(model) if cfg.method.adapter else None)
+        self.tracker.log_metrics({**counts, "setup_seconds": setup_seconds}, step=0)
 
-        if resume_from is not None:
-            log.info("resuming from %s", resume_from)
-        result = guard_memory(cfg, device, lambda: fit(model, prepared.tokenizer, prepared.data, cfg, tracker, device=device, precision=precision,
-                                                       checkpoint_dir=output_dir / "checkpoints", on_evaluation=on_evaluation,
-                                                       resume_from=resume_from), model)
-        if record.resumes:
-            record.resumes[-1]["from_step"] = result.resumed_from_step
+    def train(self, on_evaluation: EvaluationHook | None) -> FitResult:
+        if self.resume_from is not None:
+            log.info("resuming from %s", self.resume_from)
 
-        test: dict[str, float] = {}
-        if result.status == "completed" and (cfg.evaluate_test or task.after_training_needs_best):
-            restore_weights(model, Path(result.checkpoints["best"]))
-        if cfg.evaluate_test and result.status == "completed":
-            # The held-out test split is touched once, by the checkpoint that validation chose.
-            test_loader = make_loader(prepared.data.splits["test"], task.collator(prepared.tokenizer),
-                                      cfg.train.eval_batch_size, shuffle=False)
+        def fit_here() -> FitResult:
+            return fit(self.model, self.prepared.tokenizer, self.prepared.data, self.cfg, self.tracker,
+                       device=self.device, precision=self.precision,
+                       checkpoint_dir=self.output_dir / "checkpoints", on_evaluation=on_evaluation,
+                       resume_from=self.resume_from)
 
-            def test_pass():
+        result = guard_memory(self.cfg, self.device, fit_here, self.model)
+        if self.record.resumes:
+            self.record.resumes[-1]["from_step"] = result.resumed_from_step
+        return result
+
+    def evaluate_best(self, result: FitResult) -> None:
+        """With the checkpoint validation chose: the held-out test split (touched once, here), and what the
+        task measures after training (causal LMs: forgetting, what the model now says)."""
+        cfg, task, prepared = self.cfg, self.task, self.prepared
+        if result.status != "completed":
+            return
+        if cfg.evaluate_test or task.after_training_needs_best:
+            restore_weights(self.model, Path(result.checkpoints["best"]))
+        if cfg.evaluate_test:
+            loader = make_loader(prepared.data.splits["test"], task.collator(prepared.tokenizer),
+                                 cfg.train.eval_batch_size, shuffle=False)
+
+            def test_pass() -> dict[str, float]:
                 with evaluation_pass("the test split evaluation"):
-                    return task.evaluate(model, test_loader, device, precision,
+                    return task.evaluate(self.model, loader, self.device, self.precision,
                                          len(prepared.data.label_names), desc="test (best checkpoint)")
 
-            test = guard_memory(cfg, device, test_pass, model)
-        if result.status == "completed":  # e.g. causal LMs: forgetting after training, what the model says
-            after, record.generations = task.after_training(model, prepared.tokenizer, cfg,
-                                                            prepared.data.prompts, device, precision,
-                                                            output_dir)
-            forgetting.update(after)
-            if record.generations:
-                tracker.log_table(record.generations, "generations.json")
+            self.test = guard_memory(cfg, self.device, test_pass, self.model)
+        after, self.record.generations = task.after_training(self.model, prepared.tokenizer, cfg, prepared.data.prompts,
+                                                             self.device, self.precision, self.output_dir)
+        self.forgetting.update(after)
+        if self.record.generations:
+            self.tracker.log_table(self.record.generations, "generations.json")
 
-        # what stays on disk once the run ends (the resume state is dropped then)
+    def record_results(self, result: FitResult) -> None:
+        """Metrics and checkpoint sizes into the record and MLflow (sizes of what stays on disk: the resume
+        state is dropped when the run ends)."""
+        cfg, record = self.cfg, self.record
         sizes = {name: directory_size(Path(path), skip=RESUME_FILES) for name, path in result.checkpoints.items()}
         weights = {name: weights_size(Path(path)) for name, path in result.checkpoints.items()}
         record.evaluations = result.evaluations
         record.checkpoints = {**result.checkpoints, "best_step": result.best_step, "size_bytes": sizes,
-                              "weights_bytes": weights, "best_size_mb": sizes["best"] / 2**20, "best_weights_mb": weights["best"] / 2**20}
+                              "weights_bytes": weights, "best_size_mb": sizes["best"] / 2**20,
+                              "best_weights_mb": weights["best"] / 2**20}
         record.metrics = {
             "objective": result.best_metrics[cfg.objective.metric], "objective_metric": cfg.objective.metric,
             **{f"best_val_{k}": v for k, v in result.best_metrics.items() if k != "samples"},
-            **{f"test_{k}": v for k, v in test.items() if k != "samples"},
+            **{f"test_{k}": v for k, v in self.test.items() if k != "samples"},
             "steps": result.steps, "total_steps": result.total_steps, "train_seconds": result.train_seconds,
-            "seconds_per_step": result.seconds_per_step, "tokens_per_second": result.tokens_per_second, **result.memory,
-            **forgetting,
+            "seconds_per_step": result.seconds_per_step, "tokens_per_second": result.tokens_per_second,
+            **result.memory, **self.forgetting,
         }
-        tracker.log_metrics({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
-                            | {"checkpoint_best_mb": sizes["best"] / 2**20, "checkpoint_weights_mb": weights["best"] / 2**20})
-        if cfg.tracking.log_checkpoints:
-            tracker.log_artifacts(Path(result.checkpoints["best"]), "checkpoints/best")
+        numbers = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
+        self.tracker.log_metrics(numbers | {"checkpoint_best_mb": sizes["best"] / 2**20,
+                                            "checkpoint_weights_mb": weights["best"] / 2**20})
+
+    def save_and_finish(self, result: FitResult) -> None:
+        if self.cfg.tracking.log_checkpoints:
+            self.tracker.log_artifacts(Path(result.checkpoints["best"]), "checkpoints/best")
             # the resume state (optimizer moments, RNG) is only useful next to the run; keep it local
-            tracker.log_artifacts(Path(result.checkpoints["last"]), "checkpoints/last", skip=RESUME_FILES)
-        record.finish(result.status)
-        drop_training_state(output_dir / "checkpoints")  # finished: only a resume needed it
-        tracker.log_dict(record.__dict__, "record.json")
-        tracker.end(result.status)
-        return record
-    except BaseException as err:
+            self.tracker.log_artifacts(Path(result.checkpoints["last"]), "checkpoints/last", skip=RESUME_FILES)
+        self.record.finish(result.status)
+        drop_training_state(self.output_dir / "checkpoints")  # finished: only a resume needed it
+        self.tracker.log_dict(self.record.__dict__, "record.json")
+        self.tracker.end(result.status)
+
+    def record_failure(self, err: BaseException) -> None:
         status = "killed" if isinstance(err, KeyboardInterrupt) else "failed"
-        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        record.finish(status, error=message)
-        tracker.set_tags({"lora_sweep.error": message[:5000], "lora_sweep.traceback": traceback.format_exc()[-4000:]})
-        tracker.log_dict(record.__dict__, "record.json")
-        tracker.end(status)
-        raise
-    finally:
-        if model is not None and is_peft_model(model):
-            model.unload()  # leave the cached base model without adapters for the next trial
+        message = _one_line(err)
+        self.record.finish(status, error=message)
+        self.tracker.set_tags({"lora_sweep.error": message[:5000], "lora_sweep.traceback": traceback.format_exc()[-4000:]})
+        self.tracker.log_dict(self.record.__dict__, "record.json")
+        self.tracker.end(status)
+
+    def release_model(self) -> None:
+        if self.model is not None and is_peft_model(self.model):
+            self.model.unload()  # leave the cached base model without adapters for the next trial
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -74,6 +74,42 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
     return optimizer, scheduler
 
 
+@dataclass
+class Progress:
+    """Where training stands: the start of a fresh run, or what the last checkpoint recorded."""
+
+    step: int = 0
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    train_seconds: float = 0.0
+
+
+def resume(model, tokenizer, optimizer, scheduler, resume_from: Path, checkpoint_dir: Path, total_steps: int,
+           batches_per_epoch: int, meta: dict) -> Progress:
+    """Weights, optimizer, scheduler and every RNG as they were at the checkpoint's step, and where it was."""
+    restore_weights(model, resume_from)
+    state = load_training_state(resume_from, optimizer, scheduler)  # also every RNG, as it was at that step
+    if state["total_steps"] != total_steps:
+        raise RuntimeError(f"checkpoint {resume_from} plans {state['total_steps']} steps, this run {total_steps}: "
+                           "not the same run")
+    where = Progress(state["step"], state["best_step"], state["best_metrics"], state["evaluations"],
+                     state["epoch"], state["batch_in_epoch"], state.get("train_seconds", 0.0))
+    if where.batch_in_epoch >= batches_per_epoch:
+        where.epoch, where.batch_in_epoch = where.epoch + 1, 0
+    problem = verify(checkpoint_dir / "best") if where.best_step is not None else None
+    if problem and where.best_step == where.step:  # the weights just restored are the best ones: write them again
+        log.warning("checkpoint %s is unusable (%s); rewritten from %s", checkpoint_dir / "best", problem, resume_from)
+        save_checkpoint(checkpoint_dir / "best", model, tokenizer, dict(meta, step=where.step, metrics=where.best_metrics))
+    elif problem:
+        log.warning("checkpoint %s is unusable (%s); the best is chosen again from the evaluations still to come",
+                    checkpoint_dir / "best", problem)
+        where.best_step, where.best_metrics = None, {}
+    return where
+
+
 def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, device: torch.device, precision: str,
         checkpoint_dir: Path, on_evaluation: EvaluationHook | None = None, resume_from: Path | None = None) -> FitResult:
     train_cfg, objective = cfg.train, cfg.objective
@@ -90,25 +126,13 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     meter = MemoryMeter(device)
     meta = {"method": cfg.method.name, "base_model": cfg.model.name_or_path, "label_names": data.label_names}
 
-    step, best_step, best_metrics, evaluations, status = 0, None, {}, [], "completed"
-    start_epoch, skip_batches, seconds_before = 0, 0, 0.0
+    status = "completed"
+    where = Progress()
     if resume_from is not None:
-        restore_weights(model, resume_from)
-        state = load_training_state(resume_from, optimizer, scheduler)  # also every RNG, as it was at that step
-        if state["total_steps"] != total_steps:
-            raise RuntimeError(f"checkpoint {resume_from} plans {state['total_steps']} steps, this run {total_steps}: not the same run")
-        step, best_step, best_metrics, evaluations = state["step"], state["best_step"], state["best_metrics"], state["evaluations"]
-        start_epoch, skip_batches, seconds_before = state["epoch"], state["batch_in_epoch"], state.get("train_seconds", 0.0)
-        if skip_batches >= math.ceil(len(data.splits["train"]) / train_cfg.batch_size):
-            start_epoch, skip_batches = start_epoch + 1, 0
-        problem = verify(checkpoint_dir / "best") if best_step is not None else None
-        if problem and best_step == step:  # the weights just restored are the best ones: write them again
-            log.warning("checkpoint %s is unusable (%s); rewritten from %s", checkpoint_dir / "best", problem, resume_from)
-            save_checkpoint(checkpoint_dir / "best", model, tokenizer, dict(meta, step=step, metrics=best_metrics))
-        elif problem:
-            log.warning("checkpoint %s is unusable (%s); the best is chosen again from the evaluations still to come",
-                        checkpoint_dir / "best", problem)
-            best_step, best_metrics = None, {}
+        where = resume(model, tokenizer, optimizer, scheduler, resume_from, checkpoint_dir, total_steps,
+                       math.ceil(len(data.splits["train"]) / train_cfg.batch_size), meta)
+    step, best_step, best_metrics, evaluations = where.step, where.best_step, where.best_metrics, where.evaluations
+    start_epoch, skip_batches, seconds_before = where.epoch, where.batch_in_epoch, where.train_seconds
     resumed_from_step = step if resume_from is not None else None
     loss_since_log = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device, dtype=torch.int64)
