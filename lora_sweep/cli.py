@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lora_sweep.config import RunConfig
+from lora_sweep.tasks import check as check_task
 from lora_sweep.errors import LoraSweepError
 from lora_sweep.offline import package_dir
 
@@ -33,7 +34,7 @@ def register_resolvers() -> None:
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve interpolations and validate; any problem becomes one ConfigError naming its key."""
-    return RunConfig.from_hydra(cfg)
+    return check_task(RunConfig.from_hydra(cfg))
 
 
 def summary(record) -> str:

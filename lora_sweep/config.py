@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
-from lora_sweep.tasks import DATA_KINDS, TASKS, all_metrics, metric_direction, task_for_kind
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra config tree (conf/method/*.yaml, ...)
 TARGET_PRESETS = ("attention_qv", "attention_all", "mlp", "all_linear")
@@ -23,8 +22,8 @@ LORA_VARIANTS = ("lora", "rslora", "dora")
 LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
-# The task tables (data kinds, metrics and their directions, default metrics) are the tasks' own metadata:
-# lora_sweep.tasks is plain data at import time (no torch), so a bad config still fails fast.
+# What depends on the task (model.task, data.kind, objective.metric and its direction) is the tasks' own
+# metadata: lora_sweep.tasks.check validates it, one layer up, right after a config is built.
 
 
 def _positive(key: str, value: float | int | None, allow_none: bool = False) -> None:
@@ -51,7 +50,6 @@ class ModelConfig:
     cache_dir: str = "~/.cache/lora_sweep"
 
     def __post_init__(self) -> None:
-        _choice("task", self.task, ("auto", *TASKS))
         if not self.name_or_path.strip():
             raise ConfigError("name_or_path", self.name_or_path, "must name a model folder or hub id")
         if self.num_labels is not None and self.num_labels < 2:
@@ -103,7 +101,6 @@ class DataConfig:
     prompts: list[str] = field(default_factory=list)  # generated greedily at the end; empty: the first test prompts
 
     def __post_init__(self) -> None:
-        _choice("kind", self.kind, tuple(DATA_KINDS))
         if not self.path:
             raise ConfigError("path", self.path, f"data.source={self.source} needs a path")
         if self.packing and self.kind != "text":
@@ -241,6 +238,12 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError("device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
 
+    def plan_steps(self, train_size: int) -> tuple[int, int]:
+        """(optimizer steps per epoch, total optimizer steps) for ``train_size`` training rows."""
+        batches = math.ceil(train_size / self.batch_size)
+        per_epoch = math.ceil(batches / self.grad_accum)
+        return per_epoch, self.max_steps or per_epoch * self.epochs
+
 
 @dataclass
 class TrackingConfig:
@@ -254,14 +257,7 @@ class TrackingConfig:
 
 @dataclass
 class ObjectiveConfig:
-    metric: str = "accuracy"
-
-    def __post_init__(self) -> None:
-        _choice("metric", self.metric, all_metrics())
-
-    @property
-    def direction(self) -> str:
-        return metric_direction(self.metric)
+    metric: str = "accuracy"  # one of the task's metrics; its direction is the task's (tasks.metric_direction)
 
 
 @dataclass
@@ -309,17 +305,6 @@ class RunConfig:
     sweep: SweepContext = field(default_factory=SweepContext)
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
-    def __post_init__(self) -> None:
-        task = task_for_kind(self.data.kind)
-        if self.model.task == "auto":
-            self.model.task = task.name
-        elif self.model.task != task.name:
-            raise ConfigError("model.task", self.model.task,
-                              f"does not fit data.kind={self.data.kind} (which trains {task.name})")
-        if self.objective.metric not in task.metrics:
-            raise ConfigError("objective.metric", self.objective.metric,
-                              f"a {task.name} run reports {', '.join(task.metrics)}")
-
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":
         return build(cls, dict(mapping))
@@ -343,11 +328,6 @@ class RunConfig:
             raise ConfigError(key, value, problem) from None
         container.pop("hydra", None)
         return cls.from_mapping(container)
-
-    @property
-    def task(self):
-        """The :class:`lora_sweep.tasks.Task` this run trains."""
-        return TASKS[self.model.task]
 
     @property
     def is_causal(self) -> bool:

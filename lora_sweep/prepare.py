@@ -18,7 +18,8 @@ from lora_sweep.methods import peft_config, trained_head
 from lora_sweep.models import ModelSpec, inspect_model, load_tokenizer
 from lora_sweep.schema import to_dict
 from lora_sweep.targets import resolve_targets
-from lora_sweep.train import plan_steps
+from lora_sweep.tasks import check as check_task
+from lora_sweep.tasks import get_task
 
 
 @dataclass
@@ -44,17 +45,18 @@ def cache_key(*parts: object) -> str:
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate everything against the model's and the data's own description, before any weight loads."""
     started = time.perf_counter()
+    check_task(cfg)  # idempotent: a config built outside the CLI is checked here too
     key = cache_key(to_dict(cfg.model), to_dict(cfg.data), cfg.train.max_length)
     cached = _PREPARED.get(key)
     reused = cached is not None
     if cached is None:
         spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
         tokenizer = load_tokenizer(spec, cfg.model)
-        data = cfg.task.prepare_data(cfg, tokenizer)
+        data = get_task(cfg).prepare_data(cfg, tokenizer)
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
     targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.method.adapter else None
     if cfg.method.adapter:  # PEFT's own checks of the method's values, before any weight loads
         peft_config(cfg.method, targets, cached.spec.task, trained_head(cached.spec),
-                    total_steps=plan_steps(len(cached.data.splits["train"]), cfg)[1])
+                    total_steps=cfg.train.plan_steps(len(cached.data.splits["train"]))[1])
     seconds = time.perf_counter() - started
     return dataclasses.replace(cached, targets=targets, setup_seconds=seconds, reused=reused)

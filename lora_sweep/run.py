@@ -27,6 +27,7 @@ from lora_sweep.prepare import _PREPARED, Prepared, cache_key, prepare  # noqa: 
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
+from lora_sweep.tasks import get_task
 from lora_sweep.tracking import Tracker, make_tracker
 from lora_sweep.train import EvaluationHook, FitResult, fit, plan_steps
 
@@ -137,7 +138,7 @@ class Recipe:
 
     def __init__(self, cfg: RunConfig, prepared: Prepared, device, precision: str, previous: dict | None):
         self.cfg, self.prepared, self.device, self.precision = cfg, prepared, device, precision
-        self.task = cfg.task
+        self.task = get_task(cfg)
         self.output_dir = Path(cfg.output_dir)
         self.previous = previous
         self.resume_from = resume_point(self.output_dir / "checkpoints") if previous is not None else None

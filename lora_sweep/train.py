@@ -28,6 +28,7 @@ from lora_sweep.methods import after_optimizer_step
 from lora_sweep.oom import evaluation_pass
 from lora_sweep.ranking import is_better as ranks_better
 from lora_sweep.system import MemoryMeter
+from lora_sweep.tasks import get_task, metric_direction
 from lora_sweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,7 @@ class FitResult:
 
 def plan_steps(train_size: int, cfg: RunConfig) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
-    batches = math.ceil(train_size / cfg.train.batch_size)
-    per_epoch = math.ceil(batches / cfg.train.grad_accum)
-    return per_epoch, cfg.train.max_steps or per_epoch * cfg.train.epochs
+    return cfg.train.plan_steps(train_size)
 
 
 def build_optimizer(model, cfg: RunConfig, total_steps: int):
@@ -116,7 +115,7 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     num_labels = len(data.label_names)
     torch.manual_seed(train_cfg.seed)
     model.to(device).train()
-    task = cfg.task
+    task = get_task(cfg)
     collator = task.collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
     pin = device.type == "cuda"
     val_loader = make_loader(data.splits["validation"], collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
@@ -143,7 +142,7 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     def is_better(metrics: dict[str, float]) -> bool:
         if best_step is None:
             return True
-        return ranks_better(metrics[objective.metric], best_metrics[objective.metric], objective.direction)
+        return ranks_better(metrics[objective.metric], best_metrics[objective.metric], metric_direction(objective.metric))
 
     if resume_from is not None and on_evaluation is not None and evaluations and evaluations[-1]["step"] == step:
         # the kill may have come between this evaluation's checkpoint and the pruner's answer: ask again

@@ -13,6 +13,7 @@ import torch
 from lora_sweep.errors import ConfigError
 from lora_sweep.lm_data import IGNORE, encode_conversation, pack, prepare_lm_data
 from lora_sweep.lm_eval import evaluate_lm, lm_collator, token_nll
+from lora_sweep.tasks import metric_direction
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_instruction_file_with_prompt_response_or_messages(tmp_path, compose, ch
                             + "\n" for r in rows))
     cfg_flat = compose("model=local", f"model.name_or_path={tiny_chat_llama_dir}", "data=instruction", f"data.path={flat}")
     cfg_chat = compose("model=local", f"model.name_or_path={tiny_chat_llama_dir}", "data=instruction", f"data.path={chat}")
-    assert cfg_flat.model.task == "causal_lm" and cfg_flat.objective.metric == "loss" and cfg_flat.objective.direction == "minimize"
+    assert cfg_flat.model.task == "causal_lm" and cfg_flat.objective.metric == "loss" and metric_direction(cfg_flat.objective.metric) == "minimize"
     a = prepare_lm_data(cfg_flat.data, chat_tokenizer, 64)
     b = prepare_lm_data(cfg_chat.data, chat_tokenizer, 64)
     assert a.sizes == b.sizes == {"train": 32, "validation": 4, "test": 4}

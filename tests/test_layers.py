@@ -58,7 +58,10 @@ LAYERS: dict[str, int] = {
         )
     },
     # foundations
-    **{f"lora_sweep.{name}": FOUNDATION for name in ("config", "schema", "errors", "record", "secrets")},
+    **{
+        f"lora_sweep.{name}": FOUNDATION
+        for name in ("config", "schema", "errors", "record", "secrets", "ranking", "sweep.settings")
+    },
     "lora_sweep": FOUNDATION,  # the package's __init__: environment defaults only
 }
 

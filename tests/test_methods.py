@@ -14,6 +14,7 @@ from lora_sweep.config import CONF_DIR, method_config
 from lora_sweep.errors import ConfigError
 from lora_sweep.methods import SUBSET_FIELDS, config_class, peft_config, peft_kwargs
 from lora_sweep.run import run
+from lora_sweep.tasks import get_task
 from lora_sweep.weights import require_safetensors
 
 ADAPTERS = ["lora", "loha", "lokr", "ia3", "adalora", "vera"]
@@ -81,17 +82,17 @@ def _train(compose, tiny_overrides, tmp_path, *overrides, conf_dir=None):
 
 def _reload(cfg, record):
     """The best checkpoint loaded as a user would (PeftModel on a fresh base), scored on validation."""
+    from lora_sweep.data import make_loader
     from lora_sweep.methods import load_adapter
     from lora_sweep.models import load_base_model
     from lora_sweep.run import prepare
-    from lora_sweep.data import make_loader
 
     prepared = prepare(cfg)
     base = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
     model = load_adapter(base, require_safetensors(record.checkpoints["best"]))
-    loader = make_loader(prepared.data.splits["validation"], cfg.task.collator(prepared.tokenizer),
+    loader = make_loader(prepared.data.splits["validation"], get_task(cfg).collator(prepared.tokenizer),
                          cfg.train.eval_batch_size, shuffle=False)
-    return cfg.task.evaluate(model, loader, torch.device("cpu"), "fp32", 2, desc="reload")
+    return get_task(cfg).evaluate(model, loader, torch.device("cpu"), "fp32", 2, desc="reload")
 
 
 @pytest.mark.parametrize("name", ADAPTERS)

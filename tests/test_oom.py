@@ -24,8 +24,8 @@ def out_of_memory(monkeypatch):
     def arm(when):
         real = run_module.apply_method
 
-        def apply_method(model, method, spec):
-            model = real(model, method, spec)
+        def apply_method(model, *args, **kwargs):
+            model = real(model, *args, **kwargs)
 
             def hook(module, args, kwargs):
                 if when(module):

@@ -12,7 +12,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from hydra_plugins.lora_sweep_optuna.config import SamplerConf, sweeper_conf
+from lora_sweep.sweep.settings import SamplerConf, sweeper_conf
 from lora_sweep.sweep.runner import _job_error, phase_sampler
 
 from .helpers import children, client, load, parents, write_sweep

@@ -8,7 +8,7 @@ import itertools
 import optuna
 import pytest
 
-from hydra_plugins.lora_sweep_optuna.config import PrunerConf, SamplerConf
+from lora_sweep.sweep.settings import PrunerConf, SamplerConf
 from lora_sweep.errors import ConfigError
 from lora_sweep.sweep.space import SearchSpace
 from lora_sweep.sweep.study import PRUNERS, SAMPLERS, make_pruner, make_sampler

@@ -1,4 +1,4 @@
-"""The sweeper's schema (``hydra_plugins/lora_sweep_optuna/config.py``) is where its defaults live: the
+"""The sweeper's schema (``lora_sweep/sweep/settings.py``) is where its defaults live: the
 settings become the typed schema, and the sweep code repeats none of its defaults."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_plugins.lora_sweep_optuna.config import (
+from lora_sweep.sweep.settings import (
     BaselineConf,
     LoraOptunaSweeperConf,
     PrunerConf,
@@ -76,7 +76,7 @@ def repeated_defaults(path: Path) -> list[str]:
 
 def test_the_sweep_code_repeats_no_schema_default():
     found = [use for name in READERS for use in repeated_defaults(ROOT / name)]
-    assert not found, "defaults belong in hydra_plugins/lora_sweep_optuna/config.py:\n" + "\n".join(found)
+    assert not found, "defaults belong in lora_sweep/sweep/settings.py:\n" + "\n".join(found)
 
 
 def test_the_repeated_default_check_catches_one(tmp_path):

@@ -29,7 +29,7 @@ class LoraOptunaSweeper(Sweeper):
         from lora_sweep.errors import LoraSweepError
         from lora_sweep.sweep.runner import SweepRunner
 
-        from hydra_plugins.lora_sweep_optuna.config import sweeper_conf
+        from lora_sweep.sweep.settings import sweeper_conf
 
         from hydra.core.override_parser.overrides_parser import OverridesParser
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from lora_sweep.config import RunConfig
+from lora_sweep.tasks import check as check_task
+from lora_sweep.tasks import get_task
 from lora_sweep.weights import require_safetensors
 
 REFERENCE_SIZE = 256
@@ -24,7 +26,7 @@ def _setup(record: dict[str, Any]):
     from lora_sweep.models import load_base_model
     from lora_sweep.prepare import prepare
 
-    cfg = RunConfig.from_mapping(record["config"])
+    cfg = check_task(RunConfig.from_mapping(record["config"]))
     prepared = prepare(cfg)
     torch.manual_seed(cfg.train.seed)
     base = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
@@ -40,7 +42,7 @@ def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
 
         model = load_adapter(base, checkpoint)
     else:
-        model = cfg.task.auto_class().from_pretrained(str(checkpoint), use_safetensors=True)
+        model = get_task(cfg).auto_class().from_pretrained(str(checkpoint), use_safetensors=True)
     return cfg, prepared, model.eval()
 
 
@@ -48,9 +50,9 @@ def test_metrics(record: dict[str, Any]) -> dict[str, float]:
     from lora_sweep.data import make_loader
 
     cfg, prepared, model = load_trained(record)
-    loader = make_loader(prepared.data.splits["test"], cfg.task.collator(prepared.tokenizer),
+    loader = make_loader(prepared.data.splits["test"], get_task(cfg).collator(prepared.tokenizer),
                          cfg.train.eval_batch_size, shuffle=False)
-    return cfg.task.evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names),
+    return get_task(cfg).evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names),
                              desc="test")
 
 
@@ -119,7 +121,7 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     # reload both from disk, as a user would, and compare
     _, _, base = _setup(record)
     reloaded_adapter = load_adapter(base, adapter_dir)
-    reloaded_merged = cfg.task.auto_class().from_pretrained(str(merged_dir), use_safetensors=True).eval()
+    reloaded_merged = get_task(cfg).auto_class().from_pretrained(str(merged_dir), use_safetensors=True).eval()
     with torch.no_grad():
         a, m = reloaded_adapter(**batch).logits, reloaded_merged(**batch).logits
     difference = float(max((a - m).abs().max(), (a - adapter_logits).abs().max()))

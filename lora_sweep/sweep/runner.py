@@ -22,9 +22,10 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from hydra_plugins.lora_sweep_optuna.config import (BaselineConf, LoraOptunaSweeperConf, ReportConf,
+from lora_sweep.sweep.settings import (BaselineConf, LoraOptunaSweeperConf, ReportConf,
                                                     SamplerConf)
 from lora_sweep.config import RunConfig
+from lora_sweep.tasks import check as check_task
 from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.schema import to_dict
 from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
@@ -78,7 +79,7 @@ class SweepRunner:
         composed_plain = OmegaConf.to_container(composed, resolve=False)
         composed_plain.pop("hydra", None)
         composed_plain["output_dir"] = str(self.sweep_dir / "validation")
-        return RunConfig.from_hydra(OmegaConf.create(composed_plain))
+        return check_task(RunConfig.from_hydra(OmegaConf.create(composed_plain)))
 
     def _arguments_for(self, overrides: list[str]) -> list[str]:
         """Command-line overrides for a phase: when the phase switches the method group (the baseline's

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hydra_plugins.lora_sweep_optuna.config import PrunerConf, SamplerConf
+from lora_sweep.sweep.settings import PrunerConf, SamplerConf
 from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
 from lora_sweep.sweep.optuna_api import stale_trial_ids, storage_of, trial_id

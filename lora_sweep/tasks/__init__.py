@@ -125,6 +125,28 @@ def get_task(task: str | Task | RunConfig) -> Task:
     return TASKS[task]
 
 
+def check(cfg: RunConfig) -> RunConfig:
+    """The task-dependent checks of a built config, each a one-line ``ConfigError`` naming its key:
+    ``data.kind`` and ``model.task`` known and fitting each other (``auto``: the data's task), and
+    ``objective.metric`` one the task reports. Needs no torch: a bad config still fails fast."""
+    from lora_sweep.errors import ConfigError
+
+    if cfg.model.task not in ("auto", *TASKS):
+        raise ConfigError("model.task", cfg.model.task, f"must be one of {', '.join(('auto', *TASKS))}")
+    task = task_for_kind(cfg.data.kind)
+    if cfg.model.task == "auto":
+        cfg.model.task = task.name
+    elif cfg.model.task != task.name:
+        raise ConfigError("model.task", cfg.model.task,
+                          f"does not fit data.kind={cfg.data.kind} (which trains {task.name})")
+    if cfg.objective.metric not in all_metrics():
+        raise ConfigError("objective.metric", cfg.objective.metric, f"must be one of {', '.join(all_metrics())}")
+    if cfg.objective.metric not in task.metrics:
+        raise ConfigError("objective.metric", cfg.objective.metric,
+                          f"a {task.name} run reports {', '.join(task.metrics)}")
+    return cfg
+
+
 def all_metrics() -> tuple[str, ...]:
     """Every metric some task reports, each once, in registry order."""
     return tuple(dict.fromkeys(metric for task in TASKS.values() for metric in task.metrics))
