@@ -42,8 +42,17 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_checkpoint(directory: Path, model, tokenizer, meta: dict[str, Any], *, optimizer=None, scheduler=None,
-                    trainer_state: dict[str, Any] | None = None, keep_previous: Path | None = None) -> Path:
+def save_checkpoint(
+    directory: Path,
+    model,
+    tokenizer,
+    meta: dict[str, Any],
+    *,
+    optimizer=None,
+    scheduler=None,
+    trainer_state: dict[str, Any] | None = None,
+    keep_previous: Path | None = None,
+) -> Path:
     """Write the checkpoint into a temp folder, then swap it in: a crash never leaves half a checkpoint.
 
     With ``keep_previous``, the checkpoint being replaced moves there instead of being deleted.
@@ -153,7 +162,9 @@ def restore_weights(model, directory: Path) -> None:
         state.update(load_file(shard))
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {directory} does not fit the model: unexpected {result.unexpected_keys[:5]}")
+        raise RuntimeError(
+            f"checkpoint {directory} does not fit the model: unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 def load_training_state(directory: Path, optimizer, scheduler) -> dict[str, Any]:

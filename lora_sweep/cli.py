@@ -13,9 +13,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lora_sweep.config import RunConfig
-from lora_sweep.tasks import check as check_task
 from lora_sweep.errors import LoraSweepError
 from lora_sweep.offline import package_dir
+from lora_sweep.tasks import check as check_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
@@ -40,22 +40,45 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 def summary(record) -> str:
     m, p = record.metrics, record.params
     lines = [
-        f"lora_sweep: {record.status} {record.config['method']['name']} on {record.config['model']['name']} / {record.config['data']['name']}",
-        f"  validation {m['objective_metric']}: {m['objective']:.4f} (best at step {record.checkpoints['best_step']}/{m['total_steps']})"
-        + (f"   test {m['objective_metric']}: {m['test_' + m['objective_metric']]:.4f}" if 'test_' + m['objective_metric'] in m else ""),
-        *([f"  perplexity: validation {m['best_val_perplexity']:.2f}" + (f", test {m['test_perplexity']:.2f}" if "test_perplexity" in m else "")]
-          if "best_val_perplexity" in m else []),
-        f"  trainable: {p['trainable_params']:,} of {p['total_params']:,} parameters ({100 * p['trainable_ratio']:.2f}%)",
-        f"  time: {m['train_seconds']:.0f} s training, {m['seconds_per_step']:.2f} s/step, {m['tokens_per_second']:.0f} tokens/s;"
+        f"lora_sweep: {record.status} {record.config['method']['name']} on {record.config['model']['name']} "
+        f"/ {record.config['data']['name']}",
+        f"  validation {m['objective_metric']}: {m['objective']:.4f} (best at step "
+        f"{record.checkpoints['best_step']}/{m['total_steps']})"
+        + (
+            f"   test {m['objective_metric']}: {m['test_' + m['objective_metric']]:.4f}"
+            if "test_" + m["objective_metric"] in m
+            else ""
+        ),
+        *(
+            [
+                f"  perplexity: validation {m['best_val_perplexity']:.2f}"
+                + (f", test {m['test_perplexity']:.2f}" if "test_perplexity" in m else "")
+            ]
+            if "best_val_perplexity" in m
+            else []
+        ),
+        f"  trainable: {p['trainable_params']:,} of {p['total_params']:,} parameters "
+        f"({100 * p['trainable_ratio']:.2f}%)",
+        f"  time: {m['train_seconds']:.0f} s training, {m['seconds_per_step']:.2f} s/step, "
+        f"{m['tokens_per_second']:.0f} tokens/s;"
         f" peak memory {m['peak_memory_mb']:.0f} MB",
         f"  best checkpoint: {record.checkpoints['best']} ({record.checkpoints['best_size_mb']:.1f} MB)",
-        *([f"  forgetting: perplexity on out-of-task text {m['reference_perplexity_before']:.2f} before, "
-           f"{m['reference_perplexity_after']:.2f} after"] if "reference_perplexity_after" in m else []),
+        *(
+            [
+                f"  forgetting: perplexity on out-of-task text {m['reference_perplexity_before']:.2f} "
+                "before, "
+                f"{m['reference_perplexity_after']:.2f} after"
+            ]
+            if "reference_perplexity_after" in m
+            else []
+        ),
         *[f"  generated: {g['prompt']!r} -> {g['response'][:100]!r}" for g in record.generations[:2]],
         f"  record: {Path(record.output_dir) / 'record.json'}",
     ]
     if record.mlflow.get("run_id"):
-        lines.append(f"  mlflow: run {record.mlflow['run_id']} in {record.mlflow['tracking_uri']} (see it: mlflow ui)")
+        lines.append(
+            f"  mlflow: run {record.mlflow['run_id']} in {record.mlflow['tracking_uri']} (see it: mlflow ui)"
+        )
     from lora_sweep.secrets import redact
 
     return redact("\n".join(lines))  # the tracking URI may carry a password
@@ -75,13 +98,19 @@ def main(cfg: DictConfig) -> float:
 
         # the run's description in the MLflow UI: how to run it again
         tags = {"mlflow.note.content": f"Reproduce with:\n\n    {command}", "lora_sweep.command": command}
-        if run_cfg.sweep.active:  # a trial of the Optuna sweeper: report to its study, nest under its parent run
+        if (
+            run_cfg.sweep.active
+        ):  # a trial of the Optuna sweeper: report to its study, nest under its parent run
             from lora_sweep.sweep.trial import TrialBridge
 
             bridge = TrialBridge(run_cfg)
             with bridge.heartbeat():
-                record = run(run_cfg, on_evaluation=bridge.on_evaluation, extra_tags={**tags, **bridge.tags()},
-                             run_name_prefix=f"{run_cfg.sweep.role}-{run_cfg.sweep.trial_number:03d} ")
+                record = run(
+                    run_cfg,
+                    on_evaluation=bridge.on_evaluation,
+                    extra_tags={**tags, **bridge.tags()},
+                    run_name_prefix=f"{run_cfg.sweep.role}-{run_cfg.sweep.trial_number:03d} ",
+                )
         else:
             record = run(run_cfg, extra_tags=tags)
     except LoraSweepError as err:
@@ -91,7 +120,9 @@ def main(cfg: DictConfig) -> float:
 
         from lora_sweep.secrets import redact
 
-        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open by the failure: end its line first
+        for bar in list(
+            getattr(tqdm, "_instances", ())
+        ):  # a bar left open by the failure: end its line first
             bar.close()
         print(f"error: {redact(str(err))}", file=sys.stderr)
         sys.exit(2)

@@ -20,8 +20,17 @@ LORA_VARIANTS = ("lora", "rslora", "dora")
 # PEFT's init_lora_weights that need no extra data pass or quantization config. "default" stands for
 # PEFT's True: B = 0, so the adapter starts as a no-op. pissa/olora rewrite the base weights at init.
 LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
 # What depends on the task (model.task, data.kind, objective.metric and its direction) is the tasks' own
 # metadata: lora_sweep.tasks.check validates it, one layer up, right after a config is built.
 
@@ -46,7 +55,9 @@ class ModelConfig:
     num_labels: int | None = None  # None: as many as the data has
     revision: str | None = None
     trust_remote_code: bool = False
-    gguf_file: str | None = None  # a GGUF file in name_or_path: dequantized once into cache_dir, loaded from there
+    gguf_file: str | None = (
+        None  # a GGUF file in name_or_path: dequantized once into cache_dir, loaded from there
+    )
     cache_dir: str = "~/.cache/lora_sweep"
 
     def __post_init__(self) -> None:
@@ -73,7 +84,11 @@ class SplitConfig:
             if not 0 < value < 1:
                 raise ConfigError(name, value, "must be a fraction strictly between 0 and 1")
         if self.validation + self.test >= 1:
-            raise ConfigError("test", self.test, f"validation + test = {self.validation + self.test:g} leaves no training data")
+            raise ConfigError(
+                "test",
+                self.test,
+                f"validation + test = {self.validation + self.test:g} leaves no training data",
+            )
 
 
 @dataclass
@@ -98,13 +113,17 @@ class DataConfig:
     messages_column: str = "messages"  # used instead of prompt/response when the data has it
     system_prompt: str | None = None  # null: the chat template's own default
     packing: bool = False  # text: concatenate documents and cut blocks of train.max_length tokens
-    prompts: list[str] = field(default_factory=list)  # generated greedily at the end; empty: the first test prompts
+    prompts: list[str] = field(
+        default_factory=list
+    )  # generated greedily at the end; empty: the first test prompts
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("path", self.path, f"data.source={self.source} needs a path")
         if self.packing and self.kind != "text":
-            raise ConfigError("packing", self.packing, f"packing applies to data.kind=text (this is {self.kind})")
+            raise ConfigError(
+                "packing", self.packing, f"packing applies to data.kind=text (this is {self.kind})"
+            )
         _positive("max_train_samples", self.max_train_samples, allow_none=True)
         _positive("max_eval_samples", self.max_eval_samples, allow_none=True)
 
@@ -136,7 +155,9 @@ class MethodConfig:
         if self.peft is None:
             used = [k for k in ADAPTER_KEYS if getattr(self, k) not in (None, [], {})]
             if used:
-                raise ConfigError(used[0], getattr(self, used[0]), "full fine-tuning has no adapter to configure")
+                raise ConfigError(
+                    used[0], getattr(self, used[0]), "full fine-tuning has no adapter to configure"
+                )
             return
         if self.r is not None and self.r <= 0:
             raise ConfigError("r", self.r, "must be a positive integer")
@@ -145,17 +166,25 @@ class MethodConfig:
         elif self.alpha_ratio is not None:
             _positive("alpha_ratio", self.alpha_ratio)
         if self.alpha_ratio is not None and self.r is None and self.alpha is None:
-            raise ConfigError("alpha_ratio", self.alpha_ratio, "ties alpha to method.r, which this method has not")
+            raise ConfigError(
+                "alpha_ratio", self.alpha_ratio, "ties alpha to method.r, which this method has not"
+            )
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError("dropout", self.dropout, "must be in [0, 1)")
         if self.targets is None:
-            raise ConfigError("targets", None, f"an adapter needs targets: a preset ({', '.join(TARGET_PRESETS)}) "
-                              "or module names")
+            raise ConfigError(
+                "targets",
+                None,
+                f"an adapter needs targets: a preset ({', '.join(TARGET_PRESETS)}) or module names",
+            )
         if isinstance(self.targets, str):
             _choice("targets", self.targets, TARGET_PRESETS)
         elif not self.targets:
-            raise ConfigError("targets", self.targets, "an empty list adapts nothing; use a preset "
-                              f"({', '.join(TARGET_PRESETS)}) or module names")
+            raise ConfigError(
+                "targets",
+                self.targets,
+                f"an empty list adapts nothing; use a preset ({', '.join(TARGET_PRESETS)}) or module names",
+            )
         if self.variant is not None:
             _choice("variant", self.variant, LORA_VARIANTS)
         if self.init is not None and self.peft in ("LORA", "ADALORA"):
@@ -182,8 +211,18 @@ class MethodConfig:
 
 
 # the shorthand keys an adapter may set; full fine-tuning sets none of them
-ADAPTER_KEYS = ("targets", "r", "alpha", "alpha_ratio", "dropout", "variant", "init", "bias", "modules_to_save",
-                "options")
+ADAPTER_KEYS = (
+    "targets",
+    "r",
+    "alpha",
+    "alpha_ratio",
+    "dropout",
+    "variant",
+    "init",
+    "bias",
+    "modules_to_save",
+    "options",
+)
 
 
 def method_config(name: str, conf_dir: Path | None = None, **overrides: Any) -> MethodConfig:
@@ -217,7 +256,9 @@ class TrainConfig:
     device: str = "auto"
     max_length: int = 64
     num_workers: int = 0
-    resume: bool = True  # an output folder holding an unfinished run of this config resumes from its last checkpoint
+    resume: bool = (
+        True  # an output folder holding an unfinished run of this config resumes from its last checkpoint
+    )
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
 
     def __post_init__(self) -> None:
@@ -257,12 +298,15 @@ class TrackingConfig:
 
 @dataclass
 class ObjectiveConfig:
-    metric: str = "accuracy"  # one of the task's metrics; its direction is the task's (tasks.metric_direction)
+    metric: str = (
+        "accuracy"  # one of the task's metrics; its direction is the task's (tasks.metric_direction)
+    )
 
 
 @dataclass
 class LMEvalConfig:
-    """Causal LMs only: what a run generates at the end, and the out-of-task text forgetting is measured on."""
+    """Causal LMs only: what a run generates at the end, and the out-of-task text forgetting is measured
+    on."""
 
     max_new_tokens: int = 48
     num_prompts: int = 4  # generated prompts when data.prompts is empty (the first test prompts)
@@ -306,11 +350,11 @@ class RunConfig:
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
     @classmethod
-    def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":
+    def from_mapping(cls, mapping: dict[str, Any]) -> RunConfig:
         return build(cls, dict(mapping))
 
     @classmethod
-    def from_hydra(cls, cfg: Any) -> "RunConfig":
+    def from_hydra(cls, cfg: Any) -> RunConfig:
         """A composed Hydra config (DictConfig), interpolations resolved, validated; any problem becomes
         one ConfigError naming its key. Used by the Hydra task and by the sweep's up-front validation."""
         from omegaconf import OmegaConf
@@ -332,4 +376,3 @@ class RunConfig:
     @property
     def is_causal(self) -> bool:
         return self.model.task == "causal_lm"
-

@@ -20,14 +20,27 @@ from lora_sweep.hub import require_hub_dataset
 from lora_sweep.offline import builtin_dataset
 
 CACHE_VERSION = 1  # bump when the prepared format changes
-SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
-               "dev": "validation", "test": "test"}
-SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+SPLIT_NAMES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 @dataclass
 class TaskData:
-    splits: "datasets.DatasetDict"  # noqa: F821  train/validation/test: input_ids, attention_mask, labels
+    splits: datasets.DatasetDict  # noqa: F821  train/validation/test: input_ids, attention_mask, labels
     label_names: list[str]
     cache_path: Path
     from_cache: bool
@@ -68,8 +81,10 @@ def load_raw(cfg: DataConfig, files: list[Path]):
     if cfg.source == "hub":
         if not Path(cfg.path).expanduser().exists():  # a local dataset folder loads the same way, offline
             require_hub_dataset(cfg.path)
-        raw = datasets.load_dataset(str(Path(cfg.path).expanduser()) if Path(cfg.path).expanduser().exists() else cfg.path,
-                                    cfg.hub_config)
+        raw = datasets.load_dataset(
+            str(Path(cfg.path).expanduser()) if Path(cfg.path).expanduser().exists() else cfg.path,
+            cfg.hub_config,
+        )
         return datasets.DatasetDict({SPLIT_NAMES.get(name, name): split for name, split in raw.items()})
 
     if Path(cfg.path).expanduser().is_dir():
@@ -77,25 +92,40 @@ def load_raw(cfg: DataConfig, files: list[Path]):
         for file in files:
             split = _split_of(file)
             if split is None:
-                raise ConfigError("data.path", cfg.path, f"cannot tell the split of {file.name}: name files train.*, validation.* (or dev.*), test.*")
+                raise ConfigError(
+                    "data.path",
+                    cfg.path,
+                    f"cannot tell the split of {file.name}: name files train.*, validation.* (or dev.*), "
+                    "test.*",
+                )
             by_split.setdefault(split, []).append(file)
     else:
         by_split = {"train": files}
     fmt = cfg.format if cfg.format != "auto" else SUFFIX_FORMATS.get(files[0].suffix)
     if fmt is None:
-        raise ConfigError("data.format", cfg.format, f"cannot tell the format of {files[0].name}; set data.format")
+        raise ConfigError(
+            "data.format", cfg.format, f"cannot tell the format of {files[0].name}; set data.format"
+        )
     builder = {"tsv": "csv", "jsonl": "json"}.get(fmt, fmt)
     extra = {"delimiter": "\t"} if fmt == "tsv" else {}
     raw = {}
     for split, split_files in by_split.items():
         try:
-            raw[split] = datasets.load_dataset(builder, data_files={split: [str(f) for f in split_files]}, split=split, **extra)
+            raw[split] = datasets.load_dataset(
+                builder, data_files={split: [str(f) for f in split_files]}, split=split, **extra
+            )
         except ValueError as err:
             if "corresponds to no data" in str(err):
-                raise ConfigError("data.path", cfg.path, f"the {split} split is empty ({split_files[0].name} has no rows)") from err
-            raise ConfigError("data.path", cfg.path, f"could not be read as {fmt}: {str(err).splitlines()[0]}") from err
+                raise ConfigError(
+                    "data.path", cfg.path, f"the {split} split is empty ({split_files[0].name} has no rows)"
+                ) from err
+            raise ConfigError(
+                "data.path", cfg.path, f"could not be read as {fmt}: {str(err).splitlines()[0]}"
+            ) from err
         except Exception as err:  # a file datasets cannot parse: name it, do not dump a traceback
-            raise ConfigError("data.path", cfg.path, f"could not be read as {fmt}: {str(err).splitlines()[0]}") from err
+            raise ConfigError(
+                "data.path", cfg.path, f"could not be read as {fmt}: {str(err).splitlines()[0]}"
+            ) from err
     return datasets.DatasetDict(raw)
 
 
@@ -104,7 +134,11 @@ def _check_columns(cfg: DataConfig, raw) -> None:
         for key in ("text_column", "text_pair_column", "label_column"):
             column = getattr(cfg, key)
             if column is not None and column not in split.column_names:
-                raise ConfigError(f"data.{key}", column, f"no such column in the {split_name} split (columns: {', '.join(split.column_names)})")
+                raise ConfigError(
+                    f"data.{key}",
+                    column,
+                    f"no such column in the {split_name} split (columns: {', '.join(split.column_names)})",
+                )
 
 
 def _label_names(raw, column: str) -> list[str]:
@@ -124,8 +158,12 @@ def _check_labels_seen_in_train(cfg: DataConfig, raw) -> None:
     for name, split in raw.items():
         unseen = sorted({str(v) for v in split[cfg.label_column]} - taught)
         if unseen:
-            raise ConfigError("data.label_column", cfg.label_column, f"the {name} split has label(s) {', '.join(unseen[:5])} that the "
-                              f"train split never has (train labels: {', '.join(sorted(taught)[:10])})")
+            raise ConfigError(
+                "data.label_column",
+                cfg.label_column,
+                f"the {name} split has label(s) {', '.join(unseen[:5])} that the "
+                f"train split never has (train labels: {', '.join(sorted(taught)[:10])})",
+            )
 
 
 def _split(cfg: DataConfig, raw):
@@ -139,16 +177,28 @@ def _split(cfg: DataConfig, raw):
     splits = dict(raw)
     try:
         if "test" not in splits:
-            cut = splits["train"].train_test_split(test_size=split.test, seed=split.seed, stratify_by_column=stratify)
+            cut = splits["train"].train_test_split(
+                test_size=split.test, seed=split.seed, stratify_by_column=stratify
+            )
             splits["train"], splits["test"] = cut["train"], cut["test"]
         if "validation" not in splits:
             rows = round(split.validation * len(raw["train"]))  # a share of all the data, not of what is left
-            cut = splits["train"].train_test_split(test_size=max(rows, 1), seed=split.seed, stratify_by_column=stratify)
+            cut = splits["train"].train_test_split(
+                test_size=max(rows, 1), seed=split.seed, stratify_by_column=stratify
+            )
             splits["train"], splits["validation"] = cut["train"], cut["test"]
     except ValueError as err:  # too few rows of some class to stratify, or a split that rounds to zero
-        raise ConfigError("data.split", f"validation={split.validation}, test={split.test}", f"cannot cut the splits from {len(raw['train'])} rows: {err}") from err
+        raise ConfigError(
+            "data.split",
+            f"validation={split.validation}, test={split.test}",
+            f"cannot cut the splits from {len(raw['train'])} rows: {err}",
+        ) from err
     result = datasets.DatasetDict({name: splits[name] for name in ("train", "validation", "test")})
-    for name, limit in (("train", cfg.max_train_samples), ("validation", cfg.max_eval_samples), ("test", cfg.max_eval_samples)):
+    for name, limit in (
+        ("train", cfg.max_train_samples),
+        ("validation", cfg.max_eval_samples),
+        ("test", cfg.max_eval_samples),
+    ):
         if limit is not None and len(result[name]) > limit:
             result[name] = result[name].shuffle(seed=split.seed).select(range(limit))
     for name, part in result.items():
@@ -160,7 +210,10 @@ def _split(cfg: DataConfig, raw):
 def _tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # without the truncation/padding state that each tokenizer call leaves behind
-        text = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}, sort_keys=True)
+        text = json.dumps(
+            {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")},
+            sort_keys=True,
+        )
     else:
         text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(f"{type(tokenizer).__name__}|{text}".encode()).hexdigest()[:16]
@@ -188,20 +241,40 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
     datasets.disable_progress_bars()  # one-off preprocessing of small data; our own bars show training
 
     files = source_files(cfg)
-    cache_path = Path(cfg.cache_dir).expanduser() / "tokenized" / f"{cfg.name}-{cache_key(cfg, files, tokenizer, max_length)}"
+    cache_path = (
+        Path(cfg.cache_dir).expanduser()
+        / "tokenized"
+        / f"{cfg.name}-{cache_key(cfg, files, tokenizer, max_length)}"
+    )
     meta_file = cache_path / "lora_sweep_data.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
-        return TaskData(datasets.load_from_disk(str(cache_path / "splits")), meta["label_names"], cache_path, True)
+        return TaskData(
+            datasets.load_from_disk(str(cache_path / "splits")), meta["label_names"], cache_path, True
+        )
 
     raw = load_raw(cfg, files)
     _check_columns(cfg, raw)
-    raw = datasets.DatasetDict({n: s.filter(lambda row: row[cfg.label_column] is not None and row[cfg.text_column] is not None) for n, s in raw.items()})
+    raw = datasets.DatasetDict(
+        {
+            n: s.filter(lambda row: row[cfg.label_column] is not None and row[cfg.text_column] is not None)
+            for n, s in raw.items()
+        }
+    )
     label_names = _label_names(raw, cfg.label_column)
     if len(label_names) < 2:
-        raise ConfigError("data.label_column", cfg.label_column, f"holds {len(label_names)} distinct label(s); a classifier needs at least 2")
+        raise ConfigError(
+            "data.label_column",
+            cfg.label_column,
+            f"holds {len(label_names)} distinct label(s); a classifier needs at least 2",
+        )
     if num_labels is not None and len(label_names) > num_labels:
-        raise ConfigError("data.label_column", cfg.label_column, f"holds {len(label_names)} labels ({', '.join(label_names[:10])}) but model.num_labels={num_labels}")
+        raise ConfigError(
+            "data.label_column",
+            cfg.label_column,
+            f"holds {len(label_names)} labels ({', '.join(label_names[:10])}) but "
+            f"model.num_labels={num_labels}",
+        )
     _check_labels_seen_in_train(cfg, raw)
     index = {name: i for i, name in enumerate(label_names)}
     class_label = datasets.ClassLabel(names=label_names)
@@ -213,12 +286,18 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
         encoded["labels"] = [index[str(v)] for v in batch[cfg.label_column]]
         return encoded
 
-    encoded = datasets.DatasetDict({
-        name: split.map(encode, batched=True, remove_columns=split.column_names, desc=f"tokenizing {name}").cast_column("labels", class_label)
-        for name, split in raw.items()
-    })
+    encoded = datasets.DatasetDict(
+        {
+            name: split.map(
+                encode, batched=True, remove_columns=split.column_names, desc=f"tokenizing {name}"
+            ).cast_column("labels", class_label)
+            for name, split in raw.items()
+        }
+    )
     splits = _split(cfg, encoded)
-    return TaskData(save_to_cache(splits, cache_path, {"label_names": label_names}), label_names, cache_path, False)
+    return TaskData(
+        save_to_cache(splits, cache_path, {"label_names": label_names}), label_names, cache_path, False
+    )
 
 
 def save_to_cache(splits, cache_path: Path, meta: dict):
@@ -229,7 +308,9 @@ def save_to_cache(splits, cache_path: Path, meta: dict):
     tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     splits.save_to_disk(str(tmp / "splits"))
-    (tmp / "lora_sweep_data.json").write_text(json.dumps({**meta, "sizes": {n: len(s) for n, s in splits.items()}}))
+    (tmp / "lora_sweep_data.json").write_text(
+        json.dumps({**meta, "sizes": {n: len(s) for n, s in splits.items()}})
+    )
     try:
         os.replace(tmp, cache_path)  # atomic: a concurrent worker may have won the race, which is fine
     except OSError:
@@ -237,8 +318,18 @@ def save_to_cache(splits, cache_path: Path, meta: dict):
     return datasets.load_from_disk(str(cache_path / "splits"))
 
 
-def make_loader(dataset, collator, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                pin_memory: bool = False, num_workers: int = 0, skip_batches: int = 0):
+def make_loader(
+    dataset,
+    collator,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    pin_memory: bool = False,
+    num_workers: int = 0,
+    skip_batches: int = 0,
+):
     """Batches in a deterministic order: epoch ``e`` of seed ``s`` always shuffles the same way.
 
     The loader draws nothing from the global RNG (DataLoader would, for its worker seed, unless given a
@@ -253,5 +344,12 @@ def make_loader(dataset, collator, batch_size: int, *, shuffle: bool, seed: int 
         order = list(RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed)))
     else:
         order = list(range(len(dataset)))
-    return DataLoader(dataset, batch_size=batch_size, sampler=order[skip_batches * batch_size:], collate_fn=collator,
-                      pin_memory=pin_memory, num_workers=num_workers, generator=torch.Generator().manual_seed(epoch_seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order[skip_batches * batch_size :],
+        collate_fn=collator,
+        pin_memory=pin_memory,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(epoch_seed),
+    )

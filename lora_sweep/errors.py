@@ -24,9 +24,11 @@ class ConfigError(LoraSweepError):
             value = value[:200] + "..."
         from lora_sweep.secrets import redact
 
-        return redact(f"{self.key}={value!r}: {self.problem}")  # a storage URL or token in a value never reaches the screen
+        return redact(
+            f"{self.key}={value!r}: {self.problem}"
+        )  # a storage URL or token in a value never reaches the screen
 
-    def under(self, prefix: str) -> "ConfigError":
+    def under(self, prefix: str) -> ConfigError:
         """The same error with its key placed under a parent key (``r`` -> ``method.r``)."""
         key = f"{prefix}.{self.key}" if prefix and self.key else (prefix or self.key)
         return ConfigError(key, self.value, self.problem)

@@ -27,7 +27,14 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> fl
 def progress(total: int, desc: str, leave: bool = True, initial: int = 0):
     """A progress bar that redraws smoothly on a terminal and rarely in a log file."""
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, mininterval=0.5 if interactive else 30, initial=initial)
+    return tqdm(
+        total=total,
+        desc=desc,
+        leave=leave,
+        dynamic_ncols=True,
+        mininterval=0.5 if interactive else 30,
+        initial=initial,
+    )
 
 
 def autocast(device: torch.device, precision: str):
@@ -37,7 +44,9 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, precision: str, num_labels: int, desc: str = "eval") -> dict[str, float]:
+def evaluate(
+    model, loader, device: torch.device, precision: str, num_labels: int, desc: str = "eval"
+) -> dict[str, float]:
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)

@@ -76,7 +76,9 @@ def convert(path: Path, out_dir: Path) -> None:
 
     transformers_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     config = quantized.config
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attribute):
@@ -90,5 +92,9 @@ def convert(path: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / MARKER).write_text(json.dumps({"gguf_file": str(path), "size_bytes": path.stat().st_size,
-                                              "version": CONVERSION_VERSION}, indent=2))
+    (out_dir / MARKER).write_text(
+        json.dumps(
+            {"gguf_file": str(path), "size_bytes": path.stat().st_size, "version": CONVERSION_VERSION},
+            indent=2,
+        )
+    )

@@ -82,7 +82,11 @@ def locate_model(name_or_path: str, revision: str | None = None, key: str = "mod
             go_offline()  # the cached copy is all we need; never wait on retries
         return name_or_path
     if not hub_reachable():
-        raise ConfigError(key, name_or_path, "not a local folder, not in the Hugging Face cache, and the hub is unreachable (offline?)")
+        raise ConfigError(
+            key,
+            name_or_path,
+            "not a local folder, not in the Hugging Face cache, and the hub is unreachable (offline?)",
+        )
     return name_or_path
 
 

@@ -29,8 +29,10 @@ def conversation(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
     if cfg.messages_column in row and row[cfg.messages_column] is not None:
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row[cfg.messages_column]]
     else:
-        messages = [{"role": "user", "content": str(row[cfg.prompt_column])},
-                    {"role": "assistant", "content": str(row[cfg.response_column])}]
+        messages = [
+            {"role": "user", "content": str(row[cfg.prompt_column])},
+            {"role": "assistant", "content": str(row[cfg.response_column])},
+        ]
     if cfg.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
     return messages
@@ -46,12 +48,18 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]], max_length: i
         prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(prefix) and text.startswith(through)):
-            raise LoraSweepError("the chat template renders a conversation's beginning differently from the whole "
-                                 "conversation, so the answers cannot be located for prompt masking")
+            raise LoraSweepError(
+                "the chat template renders a conversation's beginning differently from the whole "
+                "conversation, so the answers cannot be located for prompt masking"
+            )
         spans.append((len(prefix), len(through)))
-    encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=True)
-    labels = [token if any(start <= offset[0] < end for start, end in spans) else IGNORE
-              for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    encoded = tokenizer(
+        text, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=True
+    )
+    labels = [
+        token if any(start <= offset[0] < end for start, end in spans) else IGNORE
+        for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
 
 
@@ -69,20 +77,32 @@ def pack(split, block: int, eos_id: int | None):
     stream: list[int] = []
     for ids in split["input_ids"]:
         stream.extend(ids + ([eos_id] if eos_id is not None else []))
-    blocks = [stream[i:i + block] for i in range(0, len(stream), block)]
+    blocks = [stream[i : i + block] for i in range(0, len(stream), block)]
     blocks = [b for b in blocks if len(b) > 1]  # one token predicts nothing
-    return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks],
-                                       "labels": [list(b) for b in blocks]})
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": blocks,
+            "attention_mask": [[1] * len(b) for b in blocks],
+            "labels": [list(b) for b in blocks],
+        }
+    )
 
 
 def cache_key(cfg: DataConfig, files: list[Path], tokenizer, max_length: int) -> str:
     identity = {
-        "version": CACHE_VERSION, "kind": cfg.kind, "source": cfg.source, "path": cfg.path, "format": cfg.format,
+        "version": CACHE_VERSION,
+        "kind": cfg.kind,
+        "source": cfg.source,
+        "path": cfg.path,
+        "format": cfg.format,
         "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         "columns": [cfg.prompt_column, cfg.response_column, cfg.messages_column, cfg.text_column],
-        "system_prompt": cfg.system_prompt, "packing": cfg.packing,
-        "split": [cfg.split.validation, cfg.split.test, cfg.split.seed], "limits": [cfg.max_train_samples, cfg.max_eval_samples],
-        "tokenizer": _tokenizer_fingerprint(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None),
+        "system_prompt": cfg.system_prompt,
+        "packing": cfg.packing,
+        "split": [cfg.split.validation, cfg.split.test, cfg.split.seed],
+        "limits": [cfg.max_train_samples, cfg.max_eval_samples],
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "chat_template": getattr(tokenizer, "chat_template", None),
         "max_length": max_length,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -96,10 +116,15 @@ def _check_columns(cfg: DataConfig, raw) -> None:
         elif cfg.messages_column in columns:
             continue
         else:
-            needed = [("data.prompt_column", cfg.prompt_column), ("data.response_column", cfg.response_column)]
+            needed = [
+                ("data.prompt_column", cfg.prompt_column),
+                ("data.response_column", cfg.response_column),
+            ]
         for key, column in needed:
             if column not in columns:
-                raise ConfigError(key, column, f"no such column in the {split_name} split (columns: {', '.join(columns)})")
+                raise ConfigError(
+                    key, column, f"no such column in the {split_name} split (columns: {', '.join(columns)})"
+                )
 
 
 def _tokenize(cfg: DataConfig, raw, tokenizer, max_length: int):
@@ -107,24 +132,38 @@ def _tokenize(cfg: DataConfig, raw, tokenizer, max_length: int):
 
     if cfg.kind == "instruction":
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("data.kind", cfg.kind, "instruction data needs a tokenizer with a chat template; use data=text")
+            raise ConfigError(
+                "data.kind",
+                cfg.kind,
+                "instruction data needs a tokenizer with a chat template; use data=text",
+            )
 
         def encode(row):
             messages = conversation(row, cfg)
-            return {**encode_conversation(tokenizer, messages, max_length), "prompt": json.dumps(prompt_messages(messages))}
+            return {
+                **encode_conversation(tokenizer, messages, max_length),
+                "prompt": json.dumps(prompt_messages(messages)),
+            }
     else:
+
         def encode(row):
             text = str(row[cfg.text_column])
-            encoded = tokenizer(text, truncation=not cfg.packing, max_length=None if cfg.packing else max_length)
-            return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-                    "labels": list(encoded["input_ids"]), "prompt": json.dumps(" ".join(text.split()[:8]))}
+            encoded = tokenizer(
+                text, truncation=not cfg.packing, max_length=None if cfg.packing else max_length
+            )
+            return {
+                "input_ids": encoded["input_ids"],
+                "attention_mask": encoded["attention_mask"],
+                "labels": list(encoded["input_ids"]),
+                "prompt": json.dumps(" ".join(text.split()[:8])),
+            }
 
     encoded = {}
+    least = 1 if cfg.kind == "text" else 0  # a text's first token is never predicted
     for name, split in raw.items():
         split = split.filter(lambda row: cfg.kind != "text" or bool(str(row[cfg.text_column] or "").strip()))
         split = split.map(encode, remove_columns=split.column_names, desc=f"tokenizing {name}")
         # a prompt that fills max_length leaves no answer to learn from
-        least = 1 if cfg.kind == "text" else 0  # a text's first token is never predicted
         encoded[name] = split.filter(lambda row: sum(label != IGNORE for label in row["labels"]) > least)
     return datasets.DatasetDict(encoded)
 
@@ -134,11 +173,17 @@ def prepare_lm_data(cfg: DataConfig, tokenizer, max_length: int) -> TaskData:
 
     datasets.disable_progress_bars()
     files = source_files(cfg)
-    cache_path = Path(cfg.cache_dir).expanduser() / "tokenized" / f"{cfg.name}-{cache_key(cfg, files, tokenizer, max_length)}"
+    cache_path = (
+        Path(cfg.cache_dir).expanduser()
+        / "tokenized"
+        / f"{cfg.name}-{cache_key(cfg, files, tokenizer, max_length)}"
+    )
     meta_file = cache_path / "lora_sweep_data.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
-        return TaskData(datasets.load_from_disk(str(cache_path / "splits")), [], cache_path, True, meta["prompts"])
+        return TaskData(
+            datasets.load_from_disk(str(cache_path / "splits")), [], cache_path, True, meta["prompts"]
+        )
 
     raw = load_raw(cfg, files)
     _check_columns(cfg, raw)
@@ -148,5 +193,7 @@ def prepare_lm_data(cfg: DataConfig, tokenizer, max_length: int) -> TaskData:
     prompts = [json.loads(p) for p in splits["test"]["prompt"][:STORED_PROMPTS]]
     splits = splits.remove_columns("prompt")
     if cfg.packing:
-        splits = datasets.DatasetDict({name: pack(split, max_length, tokenizer.eos_token_id) for name, split in splits.items()})
+        splits = datasets.DatasetDict(
+            {name: pack(split, max_length, tokenizer.eos_token_id) for name, split in splits.items()}
+        )
     return TaskData(save_to_cache(splits, cache_path, {"prompts": prompts}), [], cache_path, False, prompts)

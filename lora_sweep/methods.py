@@ -42,7 +42,9 @@ def config_class(method: MethodConfig):
     mapping = peft.PEFT_TYPE_TO_CONFIG_MAPPING
     if method.peft not in mapping:
         known = ", ".join(sorted(str(k) for k in mapping))
-        raise ConfigError("method.peft", method.peft, f"not a PEFT method type (PEFT {peft.__version__} has: {known})")
+        raise ConfigError(
+            "method.peft", method.peft, f"not a PEFT method type (PEFT {peft.__version__} has: {known})"
+        )
     return mapping[method.peft]
 
 
@@ -54,22 +56,34 @@ def _field_for(shorthand: str, fields: set[str], peft_type: str) -> str | None:
     return None
 
 
-def peft_kwargs(method: MethodConfig, target_names: list[str], head_names: list[str] | None = None,
-                total_steps: int | None = None) -> dict[str, Any]:
+def peft_kwargs(
+    method: MethodConfig,
+    target_names: list[str],
+    head_names: list[str] | None = None,
+    total_steps: int | None = None,
+) -> dict[str, Any]:
     """The keyword arguments of PEFT's config class for this method, every key checked against its fields."""
     cls = config_class(method)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {"target_modules": list(target_names)}
-    values = {"r": method.r, "alpha": method.effective_alpha, "dropout": method.dropout, "bias": method.bias,
-              "init": None if method.init in (None, "default") else method.init}
+    values = {
+        "r": method.r,
+        "alpha": method.effective_alpha,
+        "dropout": method.dropout,
+        "bias": method.bias,
+        "init": None if method.init in (None, "default") else method.init,
+    }
     for shorthand, value in values.items():
         if value is None:
             continue
         name = _field_for(shorthand, fields, method.peft)
         if name is None:
             key = "alpha" if shorthand == "alpha" and method.alpha is None else shorthand
-            raise ConfigError(f"method.{key}", getattr(method, key), f"{cls.__name__} has no such setting; "
-                              "set the method's own fields under method.options")
+            raise ConfigError(
+                f"method.{key}",
+                getattr(method, key),
+                f"{cls.__name__} has no such setting; set the method's own fields under method.options",
+            )
         kwargs[name] = value
     for flag in VARIANT_FIELDS.get(method.variant or "lora", ()):
         if flag not in fields:
@@ -92,8 +106,13 @@ def peft_kwargs(method: MethodConfig, target_names: list[str], head_names: list[
     return kwargs
 
 
-def peft_config(method: MethodConfig, target_names: list[str], task: str, head_names: list[str] | None = None,
-                total_steps: int | None = None):
+def peft_config(
+    method: MethodConfig,
+    target_names: list[str],
+    task: str,
+    head_names: list[str] | None = None,
+    total_steps: int | None = None,
+):
     """PEFT's config object for the method; PEFT's own checks of the values become one key-named line."""
     from peft import TaskType
 
@@ -107,7 +126,9 @@ def peft_config(method: MethodConfig, target_names: list[str], task: str, head_n
         raise ConfigError("method", method.name, f"peft.{cls.__name__}: {str(err).splitlines()[0]}") from None
 
 
-def apply_method(model, method: MethodConfig, spec, targets: list[str] | None = None, total_steps: int | None = None):
+def apply_method(
+    model, method: MethodConfig, spec, targets: list[str] | None = None, total_steps: int | None = None
+):
     """Adapter methods: wrap in a PeftModel whose only trainable parameters are the adapter and the head.
     Full fine-tuning: every weight trains. A run passes the targets it resolved once (its prepared state);
     a direct caller may leave them to be resolved here from the model's description."""
@@ -120,7 +141,9 @@ def apply_method(model, method: MethodConfig, spec, targets: list[str] | None = 
     if targets is None:
         targets = resolve_targets(method.targets, spec.linear_names)
 
-    return get_peft_model(model, peft_config(method, list(targets or []), spec.task, trained_head(spec), total_steps))
+    return get_peft_model(
+        model, peft_config(method, list(targets or []), spec.task, trained_head(spec), total_steps)
+    )
 
 
 def trained_head(spec) -> list[str]:
@@ -146,7 +169,8 @@ def is_mergeable(model) -> bool:
 
 
 def run_name(method: MethodConfig, lr: float) -> str:
-    """A short, readable name: ``lora-r8-a16-attention_qv-lr0.002``, ``ia3-all_linear-lr0.01``, ``full-lr1e-05``."""
+    """A short, readable name: ``lora-r8-a16-attention_qv-lr0.002``, ``ia3-all_linear-lr0.01``,
+    ``full-lr1e-05``."""
     parts = [method.name + ("" if method.variant in (None, "lora") else f"-{method.variant}")]
     if method.r is not None:
         parts.append(f"r{method.r}")

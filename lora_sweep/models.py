@@ -65,7 +65,9 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
     source = model_source(cfg)
     # RunConfig resolves "auto" from data.kind; a bare ModelConfig means a classifier, as it always did
     task = cfg.task if cfg.task != "auto" else "sequence_classification"
-    config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
+    config = AutoConfig.from_pretrained(
+        source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels
+    )
     with torch.device("meta"), _quiet_transformers():
         skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
     heads = _head_names(skeleton, config, cfg.trust_remote_code)
@@ -96,7 +98,9 @@ def _head_names(skeleton, config, trust_remote_code: bool) -> list[str]:
 def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     if tokenizer.pad_token is None:  # decoder LMs ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -108,8 +112,9 @@ def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], p
     from lora_sweep.tasks import get_task
 
     if not get_task(spec.task).new_head:  # e.g. a causal LM keeps its own LM head
-        model = auto_class(spec.task).from_pretrained(spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                                      dtype=torch.float32)
+        model = auto_class(spec.task).from_pretrained(
+            spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+        )
         if model.generation_config.pad_token_id is None and pad_token_id is not None:
             model.generation_config.pad_token_id = pad_token_id  # generate() warns on every call otherwise
         return model
@@ -135,7 +140,9 @@ def set_gradient_checkpointing(model, enabled: bool) -> None:
         if enabled:
             from lora_sweep.errors import ConfigError
 
-            raise ConfigError("train.gradient_checkpointing", enabled, f"{type(model).__name__} does not support it")
+            raise ConfigError(
+                "train.gradient_checkpointing", enabled, f"{type(model).__name__} does not support it"
+            )
         return
     if enabled:
         # non-reentrant: gradients reach LoRA layers even though the frozen embeddings need none

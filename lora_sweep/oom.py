@@ -65,8 +65,9 @@ def _size(text: str) -> str:
     return f", tried to allocate {size}"
 
 
-def describe(err: BaseException, cfg: RunConfig, device: torch.device,
-             evaluating: str | bool | None) -> OutOfMemory:
+def describe(
+    err: BaseException, cfg: RunConfig, device: torch.device, evaluating: str | bool | None
+) -> OutOfMemory:
     from lora_sweep.models import pick_precision
 
     train = cfg.train
@@ -75,13 +76,20 @@ def describe(err: BaseException, cfg: RunConfig, device: torch.device,
         context += f", method.r={cfg.method.r}"
     where = f"out of memory on {device}{_size(str(err))}"
     if evaluating:
-        return OutOfMemory("train.eval_batch_size", train.eval_batch_size,
-                           f"{where} during {evaluating if isinstance(evaluating, str) else 'validation'} "
-                           f"({context}); "
-                           "lower train.eval_batch_size")
-    return OutOfMemory("train.batch_size", train.batch_size,
-                       f"{where} ({context}, train.grad_accum={train.grad_accum}); lower train.batch_size or train.max_length, "
-                       "or raise train.grad_accum")
+        return OutOfMemory(
+            "train.eval_batch_size",
+            train.eval_batch_size,
+            f"{where} during {evaluating if isinstance(evaluating, str) else 'validation'} "
+            f"({context}); "
+            "lower train.eval_batch_size",
+        )
+    return OutOfMemory(
+        "train.batch_size",
+        train.batch_size,
+        f"{where} ({context}, train.grad_accum={train.grad_accum}); lower train.batch_size or "
+        "train.max_length, "
+        "or raise train.grad_accum",
+    )
 
 
 def release(device: torch.device, model=None) -> None:
@@ -97,7 +105,8 @@ def release(device: torch.device, model=None) -> None:
 
 
 def guard_memory(cfg: RunConfig, device: torch.device, work: Callable[[], T], model=None) -> T:
-    """``work()``, with an out-of-memory error turned into :class:`OutOfMemory` after the memory is released."""
+    """``work()``, with an out-of-memory error turned into :class:`OutOfMemory` after the memory is
+    released."""
     try:
         return work()
     except Exception as err:  # noqa: BLE001 - anything else is re-raised untouched

@@ -56,7 +56,12 @@ def prepare(cfg: RunConfig) -> Prepared:
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
     targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.method.adapter else None
     if cfg.method.adapter:  # PEFT's own checks of the method's values, before any weight loads
-        peft_config(cfg.method, targets, cached.spec.task, trained_head(cached.spec),
-                    total_steps=cfg.train.plan_steps(len(cached.data.splits["train"]))[1])
+        peft_config(
+            cfg.method,
+            targets,
+            cached.spec.task,
+            trained_head(cached.spec),
+            total_steps=cfg.train.plan_steps(len(cached.data.splits["train"]))[1],
+        )
     seconds = time.perf_counter() - started
     return dataclasses.replace(cached, targets=targets, setup_seconds=seconds, reused=reused)

@@ -38,8 +38,12 @@ class RunRecord:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, Any] = field(default_factory=dict)
     mlflow: dict[str, Any] = field(default_factory=dict)
-    resumes: list[dict[str, Any]] = field(default_factory=list)  # one entry per restart: when, from which step
-    generations: list[dict[str, str]] = field(default_factory=list)  # causal LMs: fixed prompts, greedy answers
+    resumes: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # one entry per restart: when, from which step
+    generations: list[dict[str, str]] = field(
+        default_factory=list
+    )  # causal LMs: fixed prompts, greedy answers
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -50,7 +54,9 @@ class RunRecord:
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{RECORD_FILE}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(redact(self.__dict__), indent=2, default=str))  # no password or token on disk
+        tmp.write_text(
+            json.dumps(redact(self.__dict__), indent=2, default=str)
+        )  # no password or token on disk
         os.replace(tmp, path)
         return path
 

@@ -13,15 +13,28 @@ import traceback
 import warnings
 from pathlib import Path
 
-from lora_sweep.checkpoint import RESUME_FILES, drop_training_state, is_peft_model, restore_weights, resume_point
+from lora_sweep.checkpoint import (
+    RESUME_FILES,
+    drop_training_state,
+    is_peft_model,
+    restore_weights,
+    resume_point,
+)
 from lora_sweep.config import RunConfig
 from lora_sweep.data import make_loader
 from lora_sweep.errors import ConfigError
 from lora_sweep.methods import apply_method, is_mergeable
 from lora_sweep.methods import derived_params as method_params
 from lora_sweep.methods import run_name as method_run_name
-from lora_sweep.models import count_parameters, load_base_model, pick_device, pick_precision, set_gradient_checkpointing
+from lora_sweep.models import (
+    count_parameters,
+    load_base_model,
+    pick_device,
+    pick_precision,
+    set_gradient_checkpointing,
+)
 from lora_sweep.oom import evaluation_pass, guard_memory
+
 # _PREPARED: tests clear the per-process caches through this module
 from lora_sweep.prepare import _PREPARED, Prepared, cache_key, prepare  # noqa: F401
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
@@ -53,12 +66,16 @@ def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
     if key in _MODELS:
         model, pristine = _MODELS[key]
         if set(model.state_dict()) != set(pristine):
-            raise RuntimeError("the cached base model still carries adapter layers: the last run did not unload them")
+            raise RuntimeError(
+                "the cached base model still carries adapter layers: the last run did not unload them"
+            )
         model.load_state_dict(pristine)
         return model, True
     _MODELS.clear()  # one base model per process: a new one replaces the old
     set_seed(cfg.train.seed)
-    model = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
+    model = load_base_model(
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+    )
     _MODELS[key] = (model, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     return model, False
 
@@ -68,8 +85,12 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def derived_params(cfg: RunConfig, prepared: Prepared, device: str, precision: str) -> dict[str, object]:
-    params: dict[str, object] = {"run.device": device, "run.precision": precision, "model.model_type": prepared.spec.model_type,
-                                 "data.num_labels": len(prepared.data.label_names)}
+    params: dict[str, object] = {
+        "run.device": device,
+        "run.precision": precision,
+        "model.model_type": prepared.spec.model_type,
+        "data.num_labels": len(prepared.data.label_names),
+    }
     params.update({f"data.size.{name}": size for name, size in prepared.data.sizes.items()})
     params.update(method_params(cfg.method, prepared.targets))
     return params
@@ -92,13 +113,23 @@ def earlier_attempt(cfg: RunConfig, config_tree: dict) -> dict | None:
     theirs = {k: v for k, v in previous.get("config", {}).items() if k != "output_dir"}
     if mine != theirs:
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        raise ConfigError("output_dir", str(cfg.output_dir), f"holds a run of another config (differs in {', '.join(changed)}); "
-                          "pick another folder, or set train.resume=false to overwrite it")
+        raise ConfigError(
+            "output_dir",
+            str(cfg.output_dir),
+            f"holds a run of another config (differs in {', '.join(changed)}); "
+            "pick another folder, or set train.resume=false to overwrite it",
+        )
     return previous
 
 
-def run(cfg: RunConfig, *, tracker: Tracker | None = None, on_evaluation: EvaluationHook | None = None,
-        extra_tags: dict[str, str] | None = None, run_name_prefix: str = "") -> RunRecord:
+def run(
+    cfg: RunConfig,
+    *,
+    tracker: Tracker | None = None,
+    on_evaluation: EvaluationHook | None = None,
+    extra_tags: dict[str, str] | None = None,
+    run_name_prefix: str = "",
+) -> RunRecord:
     """Train one configuration end to end. Raises on failure, after recording it as failed."""
     from transformers.utils import logging as transformers_logging
 
@@ -151,34 +182,61 @@ class Recipe:
     def start_record(self) -> None:
         """record.json says what this run is before anything can fail half way."""
         cfg, prepared, previous = self.cfg, self.prepared, self.previous
-        record = RunRecord(output_dir=str(self.output_dir), config=to_dict(cfg), versions=package_versions(),
-                           git=git_info(), device=device_description(self.device), precision=self.precision)
+        record = RunRecord(
+            output_dir=str(self.output_dir),
+            config=to_dict(cfg),
+            versions=package_versions(),
+            git=git_info(),
+            device=device_description(self.device),
+            precision=self.precision,
+        )
         if previous is not None:
             record.started_at = previous.get("started_at", record.started_at)
-            resume = {"at": time.time(), "checkpoint": str(self.resume_from) if self.resume_from else None,
-                      "previous_status": previous.get("status")}
+            resume = {
+                "at": time.time(),
+                "checkpoint": str(self.resume_from) if self.resume_from else None,
+                "previous_status": previous.get("status"),
+            }
             record.resumes = [*previous.get("resumes", []), resume]
-        record.data = {"sizes": prepared.data.sizes, "label_names": prepared.data.label_names,
-                       "cache": str(prepared.data.cache_path), "from_cache": prepared.data.from_cache}
+        record.data = {
+            "sizes": prepared.data.sizes,
+            "label_names": prepared.data.label_names,
+            "cache": str(prepared.data.cache_path),
+            "from_cache": prepared.data.from_cache,
+        }
         record.params = {"target_modules": prepared.targets}
         record.write()
         self.record = record
 
-    def start_tracking(self, tracker: Tracker | None, extra_tags: dict[str, str], run_name_prefix: str) -> None:
+    def start_tracking(
+        self, tracker: Tracker | None, extra_tags: dict[str, str], run_name_prefix: str
+    ) -> None:
         """The MLflow run (or the one a killed attempt began), its params and tags."""
         cfg, record = self.cfg, self.record
-        tags = {"lora_sweep.method": cfg.method.name, "lora_sweep.model": cfg.model.name,
-                "lora_sweep.data": cfg.data.name, "lora_sweep.output_dir": str(self.output_dir.resolve()),
-                "mlflow.source.git.commit": record.git.get("commit") or "unknown",
-                **{f"version.{k}": v for k, v in record.versions.items()}, **cfg.tags, **extra_tags}
-        params = {**flatten(record.config),
-                  **derived_params(cfg, self.prepared, str(self.device), self.precision)}
+        tags = {
+            "lora_sweep.method": cfg.method.name,
+            "lora_sweep.model": cfg.model.name,
+            "lora_sweep.data": cfg.data.name,
+            "lora_sweep.output_dir": str(self.output_dir.resolve()),
+            "mlflow.source.git.commit": record.git.get("commit") or "unknown",
+            **{f"version.{k}": v for k, v in record.versions.items()},
+            **cfg.tags,
+            **extra_tags,
+        }
+        params = {
+            **flatten(record.config),
+            **derived_params(cfg, self.prepared, str(self.device), self.precision),
+        }
         earlier_run = (self.previous or {}).get("mlflow", {})
         try:
             tracker = tracker if tracker is not None else make_tracker(cfg.tracking)
             same_store = earlier_run.get("tracking_uri") == tracker.location
-            tracker.start(run_name_prefix + run_name(cfg), params, tags,
-                          resume_run_id=earlier_run.get("run_id") if same_store else None)
+            tracker.start(
+                run_name_prefix + run_name(cfg),
+                params,
+                tags,
+                resume_run_id=earlier_run.get("run_id") if same_store else None,
+            )
         except BaseException as err:  # an unusable tracking store: the record must not stay "running"
             record.finish("failed", error=_one_line(err))
             raise
@@ -195,18 +253,28 @@ class Recipe:
         model, reused_model = base_model(cfg, prepared)
         self.model = model
         set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
-        self.forgetting = self.task.before_training(model, prepared.tokenizer, cfg, prepared.spec.source,
-                                                    self.device, self.precision)
-        set_seed(cfg.train.seed)  # LoRA's A matrices come from the RNG: same state whether the base was reused or not
+        self.forgetting = self.task.before_training(
+            model, prepared.tokenizer, cfg, prepared.spec.source, self.device, self.precision
+        )
+        set_seed(
+            cfg.train.seed
+        )  # LoRA's A matrices come from the RNG: same state whether the base was reused or not
         total_steps = plan_steps(len(prepared.data.splits["train"]), cfg)[1]
         self.model = model = apply_method(model, cfg.method, prepared.spec, prepared.targets, total_steps)
         setup_seconds = time.perf_counter() - started
         reused = prepared.reused and reused_model
-        log.info("setup %.1f s (%s)", setup_seconds,
-                 "reused the loaded model and tokenized data" if reused else "loaded model and data")
+        log.info(
+            "setup %.1f s (%s)",
+            setup_seconds,
+            "reused the loaded model and tokenized data" if reused else "loaded model and data",
+        )
         counts = count_parameters(model)
-        self.record.params.update(counts, setup_seconds=setup_seconds, setup_reused=reused,
-                                  mergeable=is_mergeable(model) if cfg.method.adapter else None)
+        self.record.params.update(
+            counts,
+            setup_seconds=setup_seconds,
+            setup_reused=reused,
+            mergeable=is_mergeable(model) if cfg.method.adapter else None,
+        )
         self.tracker.log_metrics({**counts, "setup_seconds": setup_seconds}, step=0)
 
     def train(self, on_evaluation: EvaluationHook | None) -> FitResult:
@@ -214,10 +282,18 @@ class Recipe:
             log.info("resuming from %s", self.resume_from)
 
         def fit_here() -> FitResult:
-            return fit(self.model, self.prepared.tokenizer, self.prepared.data, self.cfg, self.tracker,
-                       device=self.device, precision=self.precision,
-                       checkpoint_dir=self.output_dir / "checkpoints", on_evaluation=on_evaluation,
-                       resume_from=self.resume_from)
+            return fit(
+                self.model,
+                self.prepared.tokenizer,
+                self.prepared.data,
+                self.cfg,
+                self.tracker,
+                device=self.device,
+                precision=self.precision,
+                checkpoint_dir=self.output_dir / "checkpoints",
+                on_evaluation=on_evaluation,
+                resume_from=self.resume_from,
+            )
 
         result = guard_memory(self.cfg, self.device, fit_here, self.model)
         if self.record.resumes:
@@ -233,17 +309,34 @@ class Recipe:
         if cfg.evaluate_test or task.after_training_needs_best:
             restore_weights(self.model, Path(result.checkpoints["best"]))
         if cfg.evaluate_test:
-            loader = make_loader(prepared.data.splits["test"], task.collator(prepared.tokenizer),
-                                 cfg.train.eval_batch_size, shuffle=False)
+            loader = make_loader(
+                prepared.data.splits["test"],
+                task.collator(prepared.tokenizer),
+                cfg.train.eval_batch_size,
+                shuffle=False,
+            )
 
             def test_pass() -> dict[str, float]:
                 with evaluation_pass("the test split evaluation"):
-                    return task.evaluate(self.model, loader, self.device, self.precision,
-                                         len(prepared.data.label_names), desc="test (best checkpoint)")
+                    return task.evaluate(
+                        self.model,
+                        loader,
+                        self.device,
+                        self.precision,
+                        len(prepared.data.label_names),
+                        desc="test (best checkpoint)",
+                    )
 
             self.test = guard_memory(cfg, self.device, test_pass, self.model)
-        after, self.record.generations = task.after_training(self.model, prepared.tokenizer, cfg, prepared.data.prompts,
-                                                             self.device, self.precision, self.output_dir)
+        after, self.record.generations = task.after_training(
+            self.model,
+            prepared.tokenizer,
+            cfg,
+            prepared.data.prompts,
+            self.device,
+            self.precision,
+            self.output_dir,
+        )
         self.forgetting.update(after)
         if self.record.generations:
             self.tracker.log_table(self.record.generations, "generations.json")
@@ -252,29 +345,45 @@ class Recipe:
         """Metrics and checkpoint sizes into the record and MLflow (sizes of what stays on disk: the resume
         state is dropped when the run ends)."""
         cfg, record = self.cfg, self.record
-        sizes = {name: directory_size(Path(path), skip=RESUME_FILES) for name, path in result.checkpoints.items()}
+        sizes = {
+            name: directory_size(Path(path), skip=RESUME_FILES) for name, path in result.checkpoints.items()
+        }
         weights = {name: weights_size(Path(path)) for name, path in result.checkpoints.items()}
         record.evaluations = result.evaluations
-        record.checkpoints = {**result.checkpoints, "best_step": result.best_step, "size_bytes": sizes,
-                              "weights_bytes": weights, "best_size_mb": sizes["best"] / 2**20,
-                              "best_weights_mb": weights["best"] / 2**20}
+        record.checkpoints = {
+            **result.checkpoints,
+            "best_step": result.best_step,
+            "size_bytes": sizes,
+            "weights_bytes": weights,
+            "best_size_mb": sizes["best"] / 2**20,
+            "best_weights_mb": weights["best"] / 2**20,
+        }
         record.metrics = {
-            "objective": result.best_metrics[cfg.objective.metric], "objective_metric": cfg.objective.metric,
+            "objective": result.best_metrics[cfg.objective.metric],
+            "objective_metric": cfg.objective.metric,
             **{f"best_val_{k}": v for k, v in result.best_metrics.items() if k != "samples"},
             **{f"test_{k}": v for k, v in self.test.items() if k != "samples"},
-            "steps": result.steps, "total_steps": result.total_steps, "train_seconds": result.train_seconds,
-            "seconds_per_step": result.seconds_per_step, "tokens_per_second": result.tokens_per_second,
-            **result.memory, **self.forgetting,
+            "steps": result.steps,
+            "total_steps": result.total_steps,
+            "train_seconds": result.train_seconds,
+            "seconds_per_step": result.seconds_per_step,
+            "tokens_per_second": result.tokens_per_second,
+            **result.memory,
+            **self.forgetting,
         }
         numbers = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
-        self.tracker.log_metrics(numbers | {"checkpoint_best_mb": sizes["best"] / 2**20,
-                                            "checkpoint_weights_mb": weights["best"] / 2**20})
+        self.tracker.log_metrics(
+            numbers
+            | {"checkpoint_best_mb": sizes["best"] / 2**20, "checkpoint_weights_mb": weights["best"] / 2**20}
+        )
 
     def save_and_finish(self, result: FitResult) -> None:
         if self.cfg.tracking.log_checkpoints:
             self.tracker.log_artifacts(Path(result.checkpoints["best"]), "checkpoints/best")
             # the resume state (optimizer moments, RNG) is only useful next to the run; keep it local
-            self.tracker.log_artifacts(Path(result.checkpoints["last"]), "checkpoints/last", skip=RESUME_FILES)
+            self.tracker.log_artifacts(
+                Path(result.checkpoints["last"]), "checkpoints/last", skip=RESUME_FILES
+            )
         self.record.finish(result.status)
         drop_training_state(self.output_dir / "checkpoints")  # finished: only a resume needed it
         self.tracker.log_dict(self.record.__dict__, "record.json")
@@ -284,7 +393,9 @@ class Recipe:
         status = "killed" if isinstance(err, KeyboardInterrupt) else "failed"
         message = _one_line(err)
         self.record.finish(status, error=message)
-        self.tracker.set_tags({"lora_sweep.error": message[:5000], "lora_sweep.traceback": traceback.format_exc()[-4000:]})
+        self.tracker.set_tags(
+            {"lora_sweep.error": message[:5000], "lora_sweep.traceback": traceback.format_exc()[-4000:]}
+        )
         self.tracker.log_dict(self.record.__dict__, "record.json")
         self.tracker.end(status)
 

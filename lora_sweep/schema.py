@@ -61,7 +61,9 @@ def coerce(annotation: Any, value: Any, key: str) -> Any:
                 return coerce(option, value, key)
             except ConfigError as err:
                 errors.append(err)
-        raise ConfigError(key, value, "expected " + " or ".join(_describe(o) for o in options if o is not type(None)))
+        raise ConfigError(
+            key, value, "expected " + " or ".join(_describe(o) for o in options if o is not type(None))
+        )
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
@@ -138,7 +140,9 @@ def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin in (list, tuple) or annotation in (list, tuple):
         args = typing.get_args(annotation)
-        inner = _TYPE_WORDS.get(args[0], "values").removeprefix("a ").removeprefix("an ") if args else "values"
+        inner = (
+            _TYPE_WORDS.get(args[0], "values").removeprefix("a ").removeprefix("an ") if args else "values"
+        )
         return f"a list of {inner}s"
     if origin is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(annotation)))

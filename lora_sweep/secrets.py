@@ -16,11 +16,19 @@ from collections.abc import Mapping
 from typing import Any
 
 MASK = "***"
-SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PGPASSWORD",
-                    "AWS_SECRET_ACCESS_KEY", "AZURE_STORAGE_ACCESS_KEY")
+SECRET_VARIABLES = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PGPASSWORD",
+    "AWS_SECRET_ACCESS_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+)
 SECRET_SUFFIXES = ("_TOKEN", "_PASSWORD", "_SECRET", "_KEY")
 MIN_SUFFIX_LENGTH = 8
-# A named secret this short would mask ordinary text ("pw" in "pwd"); URL passwords are masked by position anyway.
+# A named secret this short would mask ordinary text ("pw" in "pwd"); URL passwords are masked by position
+# anyway.
 MIN_NAMED_LENGTH = 4
 
 # scheme:/[/]user:password@ -- also in URLs too malformed for urlsplit ("postgresql:/u:pw@h/db"); the password

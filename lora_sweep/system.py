@@ -9,8 +9,21 @@ from pathlib import Path
 
 import torch
 
-TRACKED_PACKAGES = ("lora_sweep", "torch", "transformers", "peft", "datasets", "tokenizers", "safetensors",
-                    "hydra-core", "omegaconf", "optuna", "mlflow", "numpy", "pandas")
+TRACKED_PACKAGES = (
+    "lora_sweep",
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "hydra-core",
+    "omegaconf",
+    "optuna",
+    "mlflow",
+    "numpy",
+    "pandas",
+)
 
 
 class MemoryMeter:
@@ -59,7 +72,9 @@ def git_info(start: Path | None = None) -> dict[str, str | bool | None]:
 
     def git(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 

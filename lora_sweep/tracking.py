@@ -27,7 +27,9 @@ class Tracker:
     run_id: str | None = None
     location: str | None = None
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None) -> None:
+    def start(
+        self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None
+    ) -> None:
         """Open the run; with ``resume_run_id``, continue that run (an interrupted attempt of this one)."""
 
     def close_run(self, run_id: str | None, status: str) -> None:
@@ -63,7 +65,9 @@ class MLflowTracker(Tracker):
         self.location = mlflow.get_tracking_uri()
         self._run = None
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None) -> None:
+    def start(
+        self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None
+    ) -> None:
         mlflow = self._mlflow
         _use_experiment(self.cfg, self.location)
         if self.cfg.system_metrics:
@@ -73,16 +77,24 @@ class MLflowTracker(Tracker):
             try:
                 logged = dict(mlflow.MlflowClient().get_run(resume_run_id).data.params)
             except Exception as err:  # deleted, or another store: a new run is better than none
-                log.warning("cannot continue MLflow run %s (%s); starting a new one", resume_run_id, str(err).splitlines()[0])
+                log.warning(
+                    "cannot continue MLflow run %s (%s); starting a new one",
+                    resume_run_id,
+                    str(err).splitlines()[0],
+                )
                 resume_run_id = None
         if resume_run_id:
             self._run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=self.cfg.system_metrics)
             mlflow.set_tags(redact({**tags, "lora_sweep.resumed": "true"}))
         else:
-            self._run = mlflow.start_run(run_name=redact(run_name), tags=redact(tags), log_system_metrics=self.cfg.system_metrics)
+            self._run = mlflow.start_run(
+                run_name=redact(run_name), tags=redact(tags), log_system_metrics=self.cfg.system_metrics
+            )
         self.run_id = self._run.info.run_id
         try:  # MLflow params are write-once: a resumed run logs only what the first attempt did not
-            mlflow.log_params({key: _param_value(value) for key, value in params.items() if key not in logged})
+            mlflow.log_params(
+                {key: _param_value(value) for key, value in params.items() if key not in logged}
+            )
         except BaseException:  # never leave a half-made run RUNNING
             self.end("failed")
             raise
@@ -110,15 +122,22 @@ class MLflowTracker(Tracker):
         for file in sorted(Path(local_dir).rglob("*")):
             if file.is_file() and file.name not in skip:
                 relative = file.parent.relative_to(local_dir).as_posix()
-                self._mlflow.log_artifact(str(file), artifact_path if relative == "." else f"{artifact_path}/{relative}")
+                self._mlflow.log_artifact(
+                    str(file), artifact_path if relative == "." else f"{artifact_path}/{relative}"
+                )
 
     def log_dict(self, data: dict, filename: str) -> None:
-        self._mlflow.log_dict(redact(json.loads(json.dumps(data, default=str))), filename)  # .json or .yaml by name
+        self._mlflow.log_dict(
+            redact(json.loads(json.dumps(data, default=str))), filename
+        )  # .json or .yaml by name
 
     def log_table(self, rows: list[dict[str, Any]], filename: str) -> None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
-        # MLflow's table artifact: the run's Artifacts tab shows it as a table, mlflow.load_table reads it back
-        self._mlflow.log_table({c: [str(row.get(c, "")) for row in rows] for c in columns}, artifact_file=filename)
+        # MLflow's table artifact: the run's Artifacts tab shows it as a table, mlflow.load_table reads it
+        # back
+        self._mlflow.log_table(
+            {c: [str(row.get(c, "")) for row in rows] for c in columns}, artifact_file=filename
+        )
 
     def end(self, status: str) -> None:
         if self._run is not None:
@@ -134,10 +153,16 @@ def _use_experiment(cfg: TrackingConfig, location: str | None):
     try:
         experiment = mlflow.set_experiment(cfg.experiment)
     except Exception as err:  # unwritable folder, bad URI scheme, unreachable server
-        raise ConfigError("tracking.tracking_uri", redact_url(str(location)), f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
+        raise ConfigError(
+            "tracking.tracking_uri",
+            redact_url(str(location)),
+            f"MLflow cannot use this store: {str(err).splitlines()[0]}",
+        ) from err
     if "mlflow.experimentKind" not in experiment.tags:
         # MLflow 3's UI opens untyped experiments in its GenAI view; ours is model training
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        mlflow.MlflowClient().set_experiment_tag(
+            experiment.experiment_id, "mlflow.experimentKind", "custom_model_development"
+        )
     return experiment
 
 
@@ -171,9 +196,15 @@ class SweepRun:
             try:
                 self._client = mlflow.MlflowClient()  # opens (creates) the store now
             except Exception as err:
-                raise ConfigError("tracking.tracking_uri", self.location, f"MLflow cannot use this store: {str(err).splitlines()[0]}") from err
+                raise ConfigError(
+                    "tracking.tracking_uri",
+                    self.location,
+                    f"MLflow cannot use this store: {str(err).splitlines()[0]}",
+                ) from err
 
-    def open(self, existing_run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+    def open(
+        self, existing_run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]
+    ) -> str | None:
         if self._client is None:
             return None
         client = self._client
@@ -239,8 +270,15 @@ def run_params(run_id: str, tracking_uri: str | None = None) -> dict[str, str]:
         raise LookupError(f"no such MLflow run in {redact_url(client.tracking_uri)} ({problem})") from None
 
 
-def register_model(name: str, source: str, run_id: str | None, tags: dict[str, str], alias: str,
-                   tracking_uri: str | None = None, description: str = "") -> str:
+def register_model(
+    name: str,
+    source: str,
+    run_id: str | None,
+    tags: dict[str, str],
+    alias: str,
+    tracking_uri: str | None = None,
+    description: str = "",
+) -> str:
     """A new version of registered model ``name`` (created if missing) from ``source``; ``alias`` points at
     it. Returns the version."""
     import mlflow

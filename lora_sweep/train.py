@@ -66,10 +66,17 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
-    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        cfg.train.scheduler,
+        optimizer,
+        num_warmup_steps=round(cfg.train.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
     return optimizer, scheduler
 
 
@@ -86,31 +93,69 @@ class Progress:
     train_seconds: float = 0.0
 
 
-def resume(model, tokenizer, optimizer, scheduler, resume_from: Path, checkpoint_dir: Path, total_steps: int,
-           batches_per_epoch: int, meta: dict) -> Progress:
+def resume(
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    resume_from: Path,
+    checkpoint_dir: Path,
+    total_steps: int,
+    batches_per_epoch: int,
+    meta: dict,
+) -> Progress:
     """Weights, optimizer, scheduler and every RNG as they were at the checkpoint's step, and where it was."""
     restore_weights(model, resume_from)
     state = load_training_state(resume_from, optimizer, scheduler)  # also every RNG, as it was at that step
     if state["total_steps"] != total_steps:
-        raise RuntimeError(f"checkpoint {resume_from} plans {state['total_steps']} steps, this run {total_steps}: "
-                           "not the same run")
-    where = Progress(state["step"], state["best_step"], state["best_metrics"], state["evaluations"],
-                     state["epoch"], state["batch_in_epoch"], state.get("train_seconds", 0.0))
+        raise RuntimeError(
+            f"checkpoint {resume_from} plans {state['total_steps']} steps, this run {total_steps}: "
+            "not the same run"
+        )
+    where = Progress(
+        state["step"],
+        state["best_step"],
+        state["best_metrics"],
+        state["evaluations"],
+        state["epoch"],
+        state["batch_in_epoch"],
+        state.get("train_seconds", 0.0),
+    )
     if where.batch_in_epoch >= batches_per_epoch:
         where.epoch, where.batch_in_epoch = where.epoch + 1, 0
     problem = verify(checkpoint_dir / "best") if where.best_step is not None else None
-    if problem and where.best_step == where.step:  # the weights just restored are the best ones: write them again
-        log.warning("checkpoint %s is unusable (%s); rewritten from %s", checkpoint_dir / "best", problem, resume_from)
-        save_checkpoint(checkpoint_dir / "best", model, tokenizer, dict(meta, step=where.step, metrics=where.best_metrics))
+    if (
+        problem and where.best_step == where.step
+    ):  # the weights just restored are the best ones: write them again
+        log.warning(
+            "checkpoint %s is unusable (%s); rewritten from %s", checkpoint_dir / "best", problem, resume_from
+        )
+        save_checkpoint(
+            checkpoint_dir / "best", model, tokenizer, dict(meta, step=where.step, metrics=where.best_metrics)
+        )
     elif problem:
-        log.warning("checkpoint %s is unusable (%s); the best is chosen again from the evaluations still to come",
-                    checkpoint_dir / "best", problem)
+        log.warning(
+            "checkpoint %s is unusable (%s); the best is chosen again from the evaluations still to come",
+            checkpoint_dir / "best",
+            problem,
+        )
         where.best_step, where.best_metrics = None, {}
     return where
 
 
-def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, device: torch.device, precision: str,
-        checkpoint_dir: Path, on_evaluation: EvaluationHook | None = None, resume_from: Path | None = None) -> FitResult:
+def fit(
+    model,
+    tokenizer,
+    data: TaskData,
+    cfg: RunConfig,
+    tracker: Tracker,
+    *,
+    device: torch.device,
+    precision: str,
+    checkpoint_dir: Path,
+    on_evaluation: EvaluationHook | None = None,
+    resume_from: Path | None = None,
+) -> FitResult:
     train_cfg, objective = cfg.train, cfg.objective
     num_labels = len(data.label_names)
     torch.manual_seed(train_cfg.seed)
@@ -118,7 +163,9 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     task = get_task(cfg)
     collator = task.collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
     pin = device.type == "cuda"
-    val_loader = make_loader(data.splits["validation"], collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
+    val_loader = make_loader(
+        data.splits["validation"], collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin
+    )
     steps_per_epoch, total_steps = plan_steps(len(data.splits["train"]), cfg)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -128,9 +175,23 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     status = "completed"
     where = Progress()
     if resume_from is not None:
-        where = resume(model, tokenizer, optimizer, scheduler, resume_from, checkpoint_dir, total_steps,
-                       math.ceil(len(data.splits["train"]) / train_cfg.batch_size), meta)
-    step, best_step, best_metrics, evaluations = where.step, where.best_step, where.best_metrics, where.evaluations
+        where = resume(
+            model,
+            tokenizer,
+            optimizer,
+            scheduler,
+            resume_from,
+            checkpoint_dir,
+            total_steps,
+            math.ceil(len(data.splits["train"]) / train_cfg.batch_size),
+            meta,
+        )
+    step, best_step, best_metrics, evaluations = (
+        where.step,
+        where.best_step,
+        where.best_metrics,
+        where.evaluations,
+    )
     start_epoch, skip_batches, seconds_before = where.epoch, where.batch_in_epoch, where.train_seconds
     resumed_from_step = step if resume_from is not None else None
     loss_since_log = torch.zeros((), device=device)
@@ -142,18 +203,38 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
     def is_better(metrics: dict[str, float]) -> bool:
         if best_step is None:
             return True
-        return ranks_better(metrics[objective.metric], best_metrics[objective.metric], metric_direction(objective.metric))
+        return ranks_better(
+            metrics[objective.metric], best_metrics[objective.metric], metric_direction(objective.metric)
+        )
 
-    if resume_from is not None and on_evaluation is not None and evaluations and evaluations[-1]["step"] == step:
+    if (
+        resume_from is not None
+        and on_evaluation is not None
+        and evaluations
+        and evaluations[-1]["step"] == step
+    ):
         # the kill may have come between this evaluation's checkpoint and the pruner's answer: ask again
         if on_evaluation(step, {k: v for k, v in evaluations[-1].items() if k != "step"}):
             status = "pruned"
     batches_per_epoch = math.ceil(len(data.splits["train"]) / train_cfg.batch_size)
-    epochs = range(start_epoch, math.ceil(total_steps / steps_per_epoch)) if status == "completed" and step < total_steps else ()
+    epochs = (
+        range(start_epoch, math.ceil(total_steps / steps_per_epoch))
+        if status == "completed" and step < total_steps
+        else ()
+    )
     for epoch in epochs:
         skip = skip_batches if epoch == start_epoch else 0
-        loader = make_loader(data.splits["train"], collator, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                             epoch=epoch, pin_memory=pin, num_workers=train_cfg.num_workers, skip_batches=skip)
+        loader = make_loader(
+            data.splits["train"],
+            collator,
+            train_cfg.batch_size,
+            shuffle=True,
+            seed=train_cfg.seed,
+            epoch=epoch,
+            pin_memory=pin,
+            num_workers=train_cfg.num_workers,
+            skip_batches=skip,
+        )
         for batch_index, batch in enumerate(loader, start=skip):
             # forward/backward on one micro-batch; the loss is averaged over the accumulation window
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -173,7 +254,9 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            after_optimizer_step(model, step)  # AdaLoRA re-allocates ranks from the gradients: before zero_grad
+            after_optimizer_step(
+                model, step
+            )  # AdaLoRA re-allocates ranks from the gradients: before zero_grad
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_since_log += 1
@@ -184,13 +267,22 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
                 now = time.perf_counter()
                 train_loss = loss_since_log.item() / steps_since_log
                 if not math.isfinite(train_loss):
-                    raise TrainingDiverged(f"train.lr={train_cfg.lr:g}: training diverged, loss is {train_loss} at step {step}")
+                    raise TrainingDiverged(
+                        f"train.lr={train_cfg.lr:g}: training diverged, loss is {train_loss} at step {step}"
+                    )
                 token_count = int(tokens.item())
                 elapsed = now - last_log
                 meter.sample()
-                tracker.log_metrics({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                                     "step_time_s": elapsed / steps_since_log,
-                                     "tokens_per_s": (token_count - tokens_logged) / elapsed, "epoch": epoch + batch_index / batches_per_epoch}, step)
+                tracker.log_metrics(
+                    {
+                        "train_loss": train_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "step_time_s": elapsed / steps_since_log,
+                        "tokens_per_s": (token_count - tokens_logged) / elapsed,
+                        "epoch": epoch + batch_index / batches_per_epoch,
+                    },
+                    step,
+                )
                 bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
                 loss_since_log.zero_()
                 steps_since_log, tokens_logged, last_log = 0, token_count, time.perf_counter()
@@ -199,19 +291,36 @@ def fit(model, tokenizer, data: TaskData, cfg: RunConfig, tracker: Tracker, *, d
             if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == total_steps:
                 pause = time.perf_counter()
                 with evaluation_pass():  # an out-of-memory error here names train.eval_batch_size
-                    metrics = task.evaluate(model, val_loader, device, precision, num_labels,
-                                            desc=f"validation @ {step}")
+                    metrics = task.evaluate(
+                        model, val_loader, device, precision, num_labels, desc=f"validation @ {step}"
+                    )
                 evaluations.append({"step": step, **metrics})
                 tracker.log_metrics({f"val_{k}": v for k, v in metrics.items() if k != "samples"}, step)
                 if is_better(metrics):
                     best_step, best_metrics = step, metrics
-                    save_checkpoint(checkpoint_dir / "best", model, tokenizer, dict(meta, step=step, metrics=metrics))
-                trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_index + 1, "total_steps": total_steps,
-                                 "best_step": best_step, "best_metrics": best_metrics, "evaluations": evaluations,
-                                 "train_seconds": seconds_before + pause - started - overhead}
-                save_checkpoint(checkpoint_dir / "last", model, tokenizer, dict(meta, step=step, metrics=metrics),
-                                optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
-                                keep_previous=checkpoint_dir / "previous")
+                    save_checkpoint(
+                        checkpoint_dir / "best", model, tokenizer, dict(meta, step=step, metrics=metrics)
+                    )
+                trainer_state = {
+                    "step": step,
+                    "epoch": epoch,
+                    "batch_in_epoch": batch_index + 1,
+                    "total_steps": total_steps,
+                    "best_step": best_step,
+                    "best_metrics": best_metrics,
+                    "evaluations": evaluations,
+                    "train_seconds": seconds_before + pause - started - overhead,
+                }
+                save_checkpoint(
+                    checkpoint_dir / "last",
+                    model,
+                    tokenizer,
+                    dict(meta, step=step, metrics=metrics),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    trainer_state=trainer_state,
+                    keep_previous=checkpoint_dir / "previous",
+                )
                 stop = on_evaluation is not None and on_evaluation(step, metrics)
                 overhead += time.perf_counter() - pause
                 last_log += time.perf_counter() - pause  # keep eval time out of the step-time figures

@@ -22,8 +22,13 @@ class UnsafeCheckpoint(LoraSweepError):
 def require_safetensors(directory: str | Path) -> Path:
     """``directory`` if it holds safetensors weights; else one line saying which pickles were not loaded."""
     directory = Path(directory)
-    if any((directory / name).is_file() for name in SAFE_WEIGHT_FILES) or any(directory.glob("*.safetensors")):
+    if any((directory / name).is_file() for name in SAFE_WEIGHT_FILES) or any(
+        directory.glob("*.safetensors")
+    ):
         return directory
     pickles = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
     found = f"; refusing to unpickle {', '.join(pickles)}" if pickles else ""
-    raise UnsafeCheckpoint(f"checkpoint {directory}: no safetensors weights (adapter_model.safetensors or model.safetensors){found}")
+    raise UnsafeCheckpoint(
+        f"checkpoint {directory}: no safetensors weights (adapter_model.safetensors or "
+        f"model.safetensors){found}"
+    )

@@ -12,7 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from tests.helpers import (  # noqa: F401 - these names stay importable from here
-    CHAT_WORDS, NEGATIVE, NEUTRAL, POSITIVE, WORDS, qa_rows, sentiment_rows, write_csv)
+    CHAT_WORDS,
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    WORDS,
+    qa_rows,
+    sentiment_rows,
+    write_csv,
+)
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +32,15 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     BertModel(config).save_pretrained(folder)  # a base encoder, like MiniLM: the task head is new
     tokenizer.save_pretrained(folder)
     return folder
@@ -42,16 +57,27 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     vocab = {token: i for i, token in enumerate(specials + WORDS + ["user", "assistant", "\n", ":"])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|> {{ m['role'] }} \n {{ m['content'] }} <|im_end|> \n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|> assistant \n{% endif %}"
     )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=vocab["<pad>"], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -67,20 +93,39 @@ def tiny_chat_llama_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny_chat_llama")
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + WORDS + CHAT_WORDS + ["?", ".", ","]))}
+    vocab = {
+        token: i for i, token in enumerate(dict.fromkeys(specials + WORDS + CHAT_WORDS + ["?", ".", ","]))
+    }
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-                                        pad_token="<pad>", additional_special_tokens=["<|im_start|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     tokenizer.chat_template = (
-        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system say answer<|im_end|>{% endif %}"
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system say "
+        "answer<|im_end|>{% endif %}"
         "<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
     )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=vocab["<pad>"], bos_token_id=1, eos_token_id=vocab["<|im_end|>"], tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=1,
+        eos_token_id=vocab["<|im_end|>"],
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -99,15 +144,27 @@ def tiny_jsonl(tmp_path_factory) -> Path:
 def tiny_causal(tiny_chat_llama_dir, tiny_jsonl):
     """Overrides for a fast causal-LM run of the tiny chat Llama on the tiny instruction data."""
     return [
-        "model=local", f"model.name_or_path={tiny_chat_llama_dir}", "data=instruction", f"data.path={tiny_jsonl}",
-        "train.batch_size=16", "train.eval_batch_size=32", "train.epochs=2", "train.eval_every=8", "train.log_every=2",
-        "train.max_length=48", "tracking.system_metrics=false", "lm_eval.reference_texts=16", "lm_eval.max_new_tokens=8",
+        "model=local",
+        f"model.name_or_path={tiny_chat_llama_dir}",
+        "data=instruction",
+        f"data.path={tiny_jsonl}",
+        "train.batch_size=16",
+        "train.eval_batch_size=32",
+        "train.epochs=2",
+        "train.eval_every=8",
+        "train.log_every=2",
+        "train.max_length=48",
+        "tracking.system_metrics=false",
+        "lm_eval.reference_texts=16",
+        "lm_eval.max_new_tokens=8",
     ]
 
 
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory) -> Path:
-    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", sentiment_rows(480))  # 336 train rows: 21 steps per epoch at batch 16
+    return write_csv(
+        tmp_path_factory.mktemp("data") / "reviews.csv", sentiment_rows(480)
+    )  # 336 train rows: 21 steps per epoch at batch 16
 
 
 @pytest.fixture
@@ -121,8 +178,11 @@ def compose(tmp_path):
     cli.register_resolvers()
 
     def _compose(*overrides: str, output_dir: Path | None = None):
-        base = [f"output_dir={output_dir or tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
-                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        base = [
+            f"output_dir={output_dir or tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
         with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=base + list(overrides))
         return cli.to_run_config(cfg)
@@ -134,9 +194,17 @@ def compose(tmp_path):
 def tiny_overrides(tiny_bert_dir, tiny_csv):
     """Overrides for a fast run of the tiny BERT on the tiny data (a few seconds on CPU)."""
     return [
-        "model=local", f"model.name_or_path={tiny_bert_dir}", "data=local", f"data.path={tiny_csv}",
-        "train.batch_size=16", "train.eval_batch_size=32", "train.epochs=3", "train.eval_every=6", "train.log_every=2",
-        "train.max_length=16", "tracking.system_metrics=false",
+        "model=local",
+        f"model.name_or_path={tiny_bert_dir}",
+        "data=local",
+        f"data.path={tiny_csv}",
+        "train.batch_size=16",
+        "train.eval_batch_size=32",
+        "train.epochs=3",
+        "train.eval_every=6",
+        "train.log_every=2",
+        "train.max_length=16",
+        "tracking.system_metrics=false",
     ]
 
 
@@ -144,7 +212,10 @@ def tiny_overrides(tiny_bert_dir, tiny_csv):
 def tiny(tiny_overrides):
     """Sweep trials on the tiny BERT: two epochs of 21 steps, validation every 7 (reports for the pruner)."""
     return [o for o in tiny_overrides if not o.startswith(("train.epochs", "train.eval_every"))] + [
-        "train.epochs=2", "train.eval_every=7", "method.targets=all_linear"]
+        "train.epochs=2",
+        "train.eval_every=7",
+        "method.targets=all_linear",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -173,7 +244,8 @@ def fresh_database(postgres):
 
 @pytest.fixture(autouse=True)
 def _mlflow_uri_stays_in_its_test():
-    """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which every later subprocess (a sweep under
+    """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which every later subprocess (a sweep
+    under
     test) would inherit and write its runs to: restore the variable after each test."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield

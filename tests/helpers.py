@@ -98,7 +98,12 @@ def run_sweep(
     root: Path, name: str, tiny: list[str], *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        sweep_command(root, name, tiny, *extra), cwd=root, capture_output=True, text=True, timeout=900, check=False
+        sweep_command(root, name, tiny, *extra),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -47,12 +47,15 @@ def _missing(reason: str) -> None:
 
 @contextlib.contextmanager
 def postgres_server() -> Iterator[dict[str, str]]:
-    """Start a cluster, create a password user owning databases ``optuna`` and ``mlflow``; yield their URLs."""
+    """Start a cluster, create a password user owning databases ``optuna`` and ``mlflow``; yield their
+    URLs."""
     bindir = postgres_bin()
     if bindir is None:
         _missing("PostgreSQL server binaries (initdb, pg_ctl) not found")
     as_user: list[str] = []
-    folder = Path(tempfile.mkdtemp(prefix="lora_sweep_pg_"))  # not under pytest's root-only tmp: postgres must reach it
+    folder = Path(
+        tempfile.mkdtemp(prefix="lora_sweep_pg_")
+    )  # not under pytest's root-only tmp: postgres must reach it
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the postgres system user
         try:
             account = pwd.getpwnam("postgres")
@@ -66,22 +69,79 @@ def postgres_server() -> Iterator[dict[str, str]]:
         (folder / "pw").write_text("postgres\n")
         if as_user:
             os.chown(folder / "pw", account.pw_uid, account.pw_gid)
-        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(folder / "pw"),
-                        "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                *as_user,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--pwfile",
+                str(folder / "pw"),
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder} -c fsync=off"
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
-                       check=True, capture_output=True, text=True, timeout=60)
-        psql = [*as_user, str(bindir / "psql"), "-h", str(folder), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
-        for statement in (f"CREATE USER {PG_USER} CREATEDB PASSWORD '{PG_PASSWORD}'", f"CREATE DATABASE optuna OWNER {PG_USER}",
-                          f"CREATE DATABASE mlflow OWNER {PG_USER}"):
+        subprocess.run(
+            [
+                *as_user,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(folder / "log"),
+                "-w",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        psql = [
+            *as_user,
+            str(bindir / "psql"),
+            "-h",
+            str(folder),
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+        ]
+        for statement in (
+            f"CREATE USER {PG_USER} CREATEDB PASSWORD '{PG_PASSWORD}'",
+            f"CREATE DATABASE optuna OWNER {PG_USER}",
+            f"CREATE DATABASE mlflow OWNER {PG_USER}",
+        ):
             subprocess.run([*psql, "-c", statement], check=True, capture_output=True, text=True)
         base = f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{port}"
-        yield {"optuna": f"{base}/optuna", "mlflow": f"{base}/mlflow", "port": str(port), "log": str(folder / "log")}
+        yield {
+            "optuna": f"{base}/optuna",
+            "mlflow": f"{base}/mlflow",
+            "port": str(port),
+            "log": str(folder / "log"),
+        }
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"{err.cmd[len(as_user)]} failed: {err.stderr or err.stdout}") from err
     finally:
         if (data / "postmaster.pid").exists():
-            subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+            subprocess.run(
+                [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -92,9 +152,29 @@ def mlflow_server(backend_store_uri: str, folder: Path) -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     log = open(folder / "mlflow_server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
-                               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend_store_uri,
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -104,7 +184,9 @@ def mlflow_server(backend_store_uri: str, folder: Path) -> Iterator[str]:
                 break
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
-                    pytest.fail("mlflow server did not come up: " + (folder / "mlflow_server.log").read_text()[-2000:])
+                    pytest.fail(
+                        "mlflow server did not come up: " + (folder / "mlflow_server.log").read_text()[-2000:]
+                    )
                 time.sleep(0.5)
         yield url
     finally:

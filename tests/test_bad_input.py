@@ -25,17 +25,30 @@ from lora_sweep.oom import OutOfMemory
 from lora_sweep.record import read_record
 from lora_sweep.run import prepare, run
 
-from .helpers import sentiment_rows, write_csv
-from .helpers import client, load, run_sweep, sweep_command, write_sweep
+from .helpers import client, load, run_sweep, sentiment_rows, sweep_command, write_csv, write_sweep
 
-DIVERGING_LR = "1e6"  # AdamW moves every adapter weight by ~lr per step: the tiny model's loss is NaN within 6 steps
+DIVERGING_LR = (
+    "1e6"  # AdamW moves every adapter weight by ~lr per step: the tiny model's loss is NaN within 6 steps
+)
 
 
 # --- snapshots of everything a bad input must not touch ------------------------------------------------
 
+
 def optuna_snapshot(root: Path, study: str) -> dict:
-    return {t.number: (t.state, t.values, t.params, t.distributions, t.intermediate_values, t.user_attrs, t.datetime_start,
-                       t.datetime_complete) for t in load(root, study).get_trials()}
+    return {
+        t.number: (
+            t.state,
+            t.values,
+            t.params,
+            t.distributions,
+            t.intermediate_values,
+            t.user_attrs,
+            t.datetime_start,
+            t.datetime_complete,
+        )
+        for t in load(root, study).get_trials()
+    }
 
 
 def mlflow_snapshot(root: Path) -> dict:
@@ -44,9 +57,20 @@ def mlflow_snapshot(root: Path) -> dict:
     experiments = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
     snapshot = {}
     for r in c.search_runs(experiments, run_view_type=ViewType.ALL):
-        histories = {key: [(m.step, m.value, m.timestamp) for m in c.get_metric_history(r.info.run_id, key)] for key in r.data.metrics}
-        snapshot[r.info.run_id] = {"status": r.info.status, "start": r.info.start_time, "end": r.info.end_time, "name": r.info.run_name,
-                                   "params": r.data.params, "tags": r.data.tags, "metrics": r.data.metrics, "histories": histories}
+        histories = {
+            key: [(m.step, m.value, m.timestamp) for m in c.get_metric_history(r.info.run_id, key)]
+            for key in r.data.metrics
+        }
+        snapshot[r.info.run_id] = {
+            "status": r.info.status,
+            "start": r.info.start_time,
+            "end": r.info.end_time,
+            "name": r.info.run_name,
+            "params": r.data.params,
+            "tags": r.data.tags,
+            "metrics": r.data.metrics,
+            "histories": histories,
+        }
     return snapshot
 
 
@@ -61,9 +85,18 @@ def error_lines(stderr: str) -> list[str]:
 
 # --- one run -------------------------------------------------------------------------------------------
 
+
 def single(root: Path, tiny_overrides: list[str], name: str, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lora_sweep", *tiny_overrides, f"data.cache_dir={root / 'cache'}", "train.epochs=1",
-               f"hydra.run.dir=outputs/{name}", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "lora_sweep",
+        *tiny_overrides,
+        f"data.cache_dir={root / 'cache'}",
+        "train.epochs=1",
+        f"hydra.run.dir=outputs/{name}",
+        *overrides,
+    ]
     return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
 
 
@@ -80,9 +113,15 @@ def test_single_run_bad_inputs_leave_the_existing_store_intact(tmp_path, tiny_ov
     bad = {
         "rank": (["method.r=0"], "error: method.r=0: must be a positive integer"),
         "data": (["data.path=missing.csv"], "error: data.path='missing.csv': no such file or folder"),
-        "diverged": ([f"train.lr={DIVERGING_LR}"], "error: train.lr=1e+06: training diverged, loss is nan at step"),
-        "store": ([f"tracking.tracking_uri=sqlite:///{tmp_path}/afile/mlflow.db"],
-                  f"error: tracking.tracking_uri='sqlite:///{tmp_path}/afile/mlflow.db': MLflow cannot use this store:"),
+        "diverged": (
+            [f"train.lr={DIVERGING_LR}"],
+            "error: train.lr=1e+06: training diverged, loss is nan at step",
+        ),
+        "store": (
+            [f"tracking.tracking_uri=sqlite:///{tmp_path}/afile/mlflow.db"],
+            f"error: tracking.tracking_uri='sqlite:///{tmp_path}/afile/mlflow.db': MLflow cannot use this "
+            "store:",
+        ),
     }
     for name, (overrides, expected) in bad.items():
         result = single(tmp_path, tiny_overrides, name, *overrides)
@@ -93,18 +132,31 @@ def test_single_run_bad_inputs_leave_the_existing_store_intact(tmp_path, tiny_ov
     after = mlflow_snapshot(tmp_path)
     assert {k: after[k] for k in before} == before  # the old run, value for value
     new = [r for k, r in after.items() if k not in before]
-    assert [r["status"] for r in new] == ["FAILED"]  # only the diverged run reached MLflow, and it ended FAILED
-    assert new[0]["tags"]["lora_sweep.status"] == "failed" and "training diverged" in new[0]["tags"]["lora_sweep.error"]
+    assert [r["status"] for r in new] == [
+        "FAILED"
+    ]  # only the diverged run reached MLflow, and it ended FAILED
+    assert (
+        new[0]["tags"]["lora_sweep.status"] == "failed"
+        and "training diverged" in new[0]["tags"]["lora_sweep.error"]
+    )
     assert {k: v for k, v in records(tmp_path).items() if k in before_records} == before_records
     statuses = {Path(k).parent.name: json.loads(v)["status"] for k, v in records(tmp_path).items()}
-    assert statuses == {"good": "completed", "diverged": "failed", "store": "failed"}  # nothing left "running"
+    assert statuses == {
+        "good": "completed",
+        "diverged": "failed",
+        "store": "failed",
+    }  # nothing left "running"
 
 
 # --- a sweep ---------------------------------------------------------------------------------------------
 
-SWEEP = {"n_trials": 2, "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
-         "params": {"method.r": "choice(2, 4)", "train.lr": "tag(log, interval(1e-3, 1e-2))"},
-         "enqueue": [{"method.r": 4, "train.lr": 5e-3}]}
+SWEEP = {
+    "n_trials": 2,
+    "sampler": {"name": "random", "seed": 0},
+    "pruner": {"name": "none"},
+    "params": {"method.r": "choice(2, 4)", "train.lr": "tag(log, interval(1e-3, 1e-2))"},
+    "enqueue": [{"method.r": 4, "train.lr": 5e-3}],
+}
 
 
 @pytest.fixture
@@ -120,11 +172,19 @@ def test_bad_search_range_on_rerun_changes_nothing(swept, tiny):
     root = swept
     before = optuna_snapshot(root, "intact"), mlflow_snapshot(root), records(root)
     assert [s[0] for s in before[0].values()] == [TrialState.COMPLETE] * 2
-    write_sweep(root, "intact", {**SWEEP, "params": {**SWEEP["params"], "train.lr": "tag(log, interval(1e-2, 1e-4))"}})  # edited by hand
+    write_sweep(
+        root, "intact", {**SWEEP, "params": {**SWEEP["params"], "train.lr": "tag(log, interval(1e-2, 1e-4))"}}
+    )  # edited by hand
     result = run_sweep(root, "intact", tiny, "train.epochs=1", "hydra.sweeper.n_trials=3", check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: hydra.sweeper.params.train.lr='tag(log, interval(1e-2, 1e-4))': low 0.01 > high 0.0001")
-    assert (optuna_snapshot(root, "intact"), mlflow_snapshot(root), records(root)) == before  # parent run included
+    assert result.stderr.strip() == (
+        "error: hydra.sweeper.params.train.lr='tag(log, interval(1e-2, 1e-4))': low 0.01 > high 0.0001"
+    )
+    assert (
+        optuna_snapshot(root, "intact"),
+        mlflow_snapshot(root),
+        records(root),
+    ) == before  # parent run included
 
 
 @pytest.mark.slow
@@ -140,10 +200,17 @@ def test_trial_with_a_diverging_value_fails_and_the_sweep_goes_on(swept, tiny):
     assert "the sweep goes on" in result.stdout + result.stderr
 
     after = load(root, "intact").get_trials()
-    assert [t.state for t in after] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in after] == [
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+    ]
     bad = after[2]
     assert bad.params["train.lr"] == float(DIVERGING_LR)
-    assert bad.user_attrs["fail_reason"].startswith("TrainingDiverged: train.lr=1e+06: training diverged, loss is nan at step")
+    assert bad.user_attrs["fail_reason"].startswith(
+        "TrainingDiverged: train.lr=1e+06: training diverged, loss is nan at step"
+    )
     bad_run = client(root).get_run(bad.user_attrs["mlflow_run_id"])
     assert bad_run.info.status == "FAILED" and bad_run.data.tags["optuna.state"] == "failed"
     assert bad_run.data.tags["lora_sweep.error"] == bad.user_attrs["fail_reason"]
@@ -152,7 +219,9 @@ def test_trial_with_a_diverging_value_fails_and_the_sweep_goes_on(swept, tiny):
     assert {n: s for n, s in optuna_snapshot(root, "intact").items() if n in trials} == trials
     now = mlflow_snapshot(root)
     assert {k: now[k] for k in runs if k != parent_id} == {k: v for k, v in runs.items() if k != parent_id}
-    assert now[parent_id]["params"] == runs[parent_id]["params"] and now[parent_id]["status"] == "FINISHED"  # reopened, not duplicated
+    assert (
+        now[parent_id]["params"] == runs[parent_id]["params"] and now[parent_id]["status"] == "FINISHED"
+    )  # reopened, not duplicated
     assert {k: v for k, v in records(root).items() if k in disk} == disk
 
 
@@ -163,7 +232,9 @@ def test_unwritable_mlflow_store_stops_the_sweep_before_any_trial(tmp_path, tiny
     uri = f"sqlite:///{tmp_path}/afile/mlflow.db"
     result = run_sweep(tmp_path, "store", tiny, f"tracking.tracking_uri={uri}", check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith(f"error: tracking.tracking_uri='{uri}': MLflow cannot use this store:"), result.stderr[-3000:]
+    assert result.stderr.strip().startswith(
+        f"error: tracking.tracking_uri='{uri}': MLflow cannot use this store:"
+    ), result.stderr[-3000:]
     assert not list((tmp_path / "outputs").rglob("record.json"))
 
 
@@ -172,11 +243,15 @@ def test_unwritable_mlflow_store_stops_the_sweep_before_any_trial(tmp_path, tiny
     ("override", "expected"),
     [
         ("data.path={root}/missing.csv", "error: data.path='{root}/missing.csv': no such file or folder"),
-        ("data.text_column=review", "error: data.text_column='review': no such column in the train split (columns: text, label)"),
+        (
+            "data.text_column=review",
+            "error: data.text_column='review': no such column in the train split (columns: text, label)",
+        ),
     ],
 )
 def test_bad_data_stops_the_sweep_before_any_trial(tmp_path, tiny, override, expected):
-    """Data is the same for every trial: a sweep checks it once, before training, instead of failing every trial."""
+    """Data is the same for every trial: a sweep checks it once, before training, instead of failing every
+    trial."""
     write_sweep(tmp_path, "data", {"n_trials": 2, "params": {"train.lr": "tag(log, interval(1e-3, 1e-2))"}})
     result = run_sweep(tmp_path, "data", tiny, override.format(root=tmp_path), check=False)
     assert result.returncode == 2
@@ -187,9 +262,13 @@ def test_bad_data_stops_the_sweep_before_any_trial(tmp_path, tiny, override, exp
 # --- out of memory ---------------------------------------------------------------------------------------
 
 OOM_ERRORS = {
-    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"),
-    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: not enough memory: "
-                                "you tried to allocate 1073741824 bytes."),
+    "cuda": lambda: torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+    ),
+    "cpu": lambda: RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: not enough memory: "
+        "you tried to allocate 1073741824 bytes."
+    ),
 }
 
 
@@ -210,7 +289,9 @@ def out_of_memory(monkeypatch):
                 if module.training == (during == "training"):
                     raise OOM_ERRORS[kind]()
 
-            model.register_forward_pre_hook(hook, with_kwargs=True)  # on the PeftModel wrapper, dropped after the run
+            model.register_forward_pre_hook(
+                hook, with_kwargs=True
+            )  # on the PeftModel wrapper, dropped after the run
             return model
 
         monkeypatch.setattr(run_module, "apply_method", apply_method)
@@ -218,16 +299,29 @@ def out_of_memory(monkeypatch):
     return arm
 
 
-TRAINING_OOM = (r"^train.batch_size=16: out of memory on cpu, tried to allocate {size} \(train.max_length=16, precision fp32, "
-                r"method.r=8, train.grad_accum=1\); lower train.batch_size or train.max_length, or raise train.grad_accum$")
-VALIDATION_OOM = (r"^train.eval_batch_size=32: out of memory on cpu, tried to allocate {size} during validation "
-                  r"\(train.max_length=16, precision fp32, method.r=8\); lower train.eval_batch_size$")
+TRAINING_OOM = (
+    r"^train.batch_size=16: out of memory on cpu, tried to allocate {size} \(train.max_length=16, precision "
+    r"fp32, "
+    r"method.r=8, train.grad_accum=1\); lower train.batch_size or train.max_length, or raise "
+    r"train.grad_accum$"
+)
+VALIDATION_OOM = (
+    r"^train.eval_batch_size=32: out of memory on cpu, tried to allocate {size} during validation "
+    r"\(train.max_length=16, precision fp32, method.r=8\); lower train.eval_batch_size$"
+)
 
 
-@pytest.mark.parametrize(("kind", "during", "expected"), [("cuda", "training", TRAINING_OOM), ("cpu", "training", TRAINING_OOM),
-                                                          ("cuda", "validation", VALIDATION_OOM)])
-def test_out_of_memory_fails_the_run_with_one_line_and_the_next_run_works(compose, tiny_overrides, tmp_path, out_of_memory,
-                                                                          monkeypatch, kind, during, expected):
+@pytest.mark.parametrize(
+    ("kind", "during", "expected"),
+    [
+        ("cuda", "training", TRAINING_OOM),
+        ("cpu", "training", TRAINING_OOM),
+        ("cuda", "validation", VALIDATION_OOM),
+    ],
+)
+def test_out_of_memory_fails_the_run_with_one_line_and_the_next_run_works(
+    compose, tiny_overrides, tmp_path, out_of_memory, monkeypatch, kind, during, expected
+):
     from mlflow.tracking import MlflowClient
 
     size = {"cuda": "2.00 GiB", "cpu": "1024.0 MiB"}[kind]
@@ -240,10 +334,13 @@ def test_out_of_memory_fails_the_run_with_one_line_and_the_next_run_works(compos
     assert re.match(expected.format(size=size), message), message
     record = read_record(tmp_path / "oom")
     assert record["status"] == "failed" and record["error"] == f"OutOfMemory: {message}"
-    mlflow_run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(record["mlflow"]["run_id"])
+    mlflow_run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+        record["mlflow"]["run_id"]
+    )
     assert mlflow_run.info.status == "FAILED" and mlflow_run.data.tags["lora_sweep.error"] == record["error"]
 
-    monkeypatch.undo()  # memory back, hook gone: the next run in this process (the next trial) trains normally
+    # memory back, hook gone: the next run in this process (the next trial) trains normally
+    monkeypatch.undo()
     again = run(compose(*tiny_overrides, "train.epochs=1", output_dir=tmp_path / "next"))
     assert again.status == "completed" and again.params["setup_reused"] is True
 
@@ -252,11 +349,17 @@ def test_out_of_memory_fails_the_run_with_one_line_and_the_next_run_works(compos
 def test_out_of_memory_fails_one_trial_and_the_sweep_goes_on(tmp_path, tiny):
     """Trials sampling train.batch_size=24 run out of memory (simulated from a forward pre-hook in the sweep's
     own process, see the fixture above); they end FAILED with the one-line reason, the others complete."""
-    write_sweep(tmp_path, "oom", {
-        "n_trials": 2, "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
-        "params": {"train.batch_size": "choice(16, 24)"},
-        "enqueue": [{"train.batch_size": 16}, {"train.batch_size": 24}, {"train.batch_size": 16}],
-    })
+    write_sweep(
+        tmp_path,
+        "oom",
+        {
+            "n_trials": 2,
+            "sampler": {"name": "random", "seed": 0},
+            "pruner": {"name": "none"},
+            "params": {"train.batch_size": "choice(16, 24)"},
+            "enqueue": [{"train.batch_size": 16}, {"train.batch_size": 24}, {"train.batch_size": 16}],
+        },
+    )
     argv = sweep_command(tmp_path, "oom", tiny, "train.epochs=1")[3:]
     code = f"""
 import sys, torch
@@ -266,7 +369,8 @@ def apply_method(model, *args, **kwargs):
     model = real(model, *args, **kwargs)
     def hook(module, args, kwargs):
         if module.training and kwargs["input_ids"].shape[0] == 24:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. "
+                                         "GPU 0 has a total capacity of 79.19 GiB")
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return model
 run_module.apply_method = apply_method
@@ -274,16 +378,21 @@ sys.argv = ["lora_sweep", *{argv!r}]
 from lora_sweep.__main__ import main
 main()
 """
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(tmp_path, "oom").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     reason = trials[1].user_attrs["fail_reason"]
-    assert reason.startswith("OutOfMemory: train.batch_size=24: out of memory on cpu, tried to allocate 2.00 GiB"), reason
+    assert reason.startswith(
+        "OutOfMemory: train.batch_size=24: out of memory on cpu, tried to allocate 2.00 GiB"
+    ), reason
     assert client(tmp_path).get_run(trials[1].user_attrs["mlflow_run_id"]).info.status == "FAILED"
 
 
 # --- data the model cannot be taught --------------------------------------------------------------------
+
 
 def test_label_that_only_an_evaluation_split_has(compose, tiny_overrides, tmp_path):
     folder = tmp_path / "splits"
@@ -292,6 +401,9 @@ def test_label_that_only_an_evaluation_split_has(compose, tiny_overrides, tmp_pa
     write_csv(folder / "validation.csv", sentiment_rows(10) + [("the movie was quite something", "neutral")])
     write_csv(folder / "test.csv", sentiment_rows(10, seed=1))
     cfg = compose(*tiny_overrides, f"data.path={folder}")
-    with pytest.raises(ConfigError, match=r"^data.label_column='label': the validation split has label\(s\) neutral that the train "
-                                          r"split never has \(train labels: negative, positive\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.label_column='label': the validation split has label\(s\) neutral that the train "
+        r"split never has \(train labels: negative, positive\)$",
+    ):
         prepare(cfg)

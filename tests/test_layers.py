@@ -17,7 +17,8 @@ LAYER_NAMES = {
     FOUNDATION: "foundation",
 }
 
-# Most specific prefix wins: ``lora_sweep.sweep.study`` is a building block although ``lora_sweep.sweep`` is not.
+# Most specific prefix wins: ``lora_sweep.sweep.study`` is a building block although ``lora_sweep.sweep`` is
+# not.
 LAYERS: dict[str, int] = {
     # entry points: what a user or Hydra starts
     "lora_sweep.__main__": ENTRY,

@@ -71,7 +71,9 @@ def test_journal_and_sqlite_workers_start_exactly_n_trials(tmp_path):
     check_exact(*run_workers(JOURNAL_PREFIX + str(tmp_path / "optuna.journal")))
     check_exact(*run_workers(f"sqlite:///{tmp_path / 'optuna.db'}"))
     # the lock is a file of its own beside the storage, not Optuna's "<journal>.lock"
-    assert lock_file(JOURNAL_PREFIX + str(tmp_path / "optuna.journal"), "locked").name.startswith("optuna.journal.study-")
+    assert lock_file(JOURNAL_PREFIX + str(tmp_path / "optuna.journal"), "locked").name.startswith(
+        "optuna.journal.study-"
+    )
     assert lock_file(f"sqlite:///{tmp_path / 'optuna.db'}", "locked").parent == tmp_path
 
 
@@ -114,10 +116,14 @@ def test_postgres_lock_excludes_another_connection(postgres):
     key = advisory_key("exclusive")
     with other.connect() as connection:
         with study_lock(storage, postgres["optuna"], "exclusive"):
-            assert connection.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar() is False
+            assert (
+                connection.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar() is False
+            )
         connection.rollback()
         assert connection.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar() is True
-    assert advisory_key("exclusive") == key and advisory_key("other") != key  # stable across processes, per study
+    assert (
+        advisory_key("exclusive") == key and advisory_key("other") != key
+    )  # stable across processes, per study
 
 
 def test_other_storages_warn_and_go_on(caplog):

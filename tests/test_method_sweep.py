@@ -13,22 +13,44 @@ from tests.helpers import children, load, parents, run_sweep, write_sweep
 
 @pytest.mark.slow
 def test_a_sweep_over_methods_compares_them_with_full_fine_tuning(tmp_path, tiny):
-    write_sweep(tmp_path, "method_choice", {
-        "n_trials": 3, "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
-        "params": {"method": "choice(lora, loha, ia3)", "method.r": "choice(2, 4)",
-                   "train.lr": "tag(log, interval(1e-3, 1e-2))"},
-        "alpha": {"ratio": [2]},
-        "conditions": {"method.r": {"method": ["lora", "loha"]}, "method.alpha_ratio": {"method": ["lora", "loha"]}},
-        "enqueue": [{"method": "lora", "method.r": 4, "train.lr": 5e-3}, {"method": "loha", "method.r": 2, "train.lr": 5e-3},
-                    {"method": "ia3", "train.lr": 1e-2}],
-        "baseline": {"n_trials": 1, "overrides": ["method=full"], "enqueue": [{"train.lr": 1e-4}]},
-        "report": {"enabled": True, "replicates": 0, "checkpoints": True, "dir": str(tmp_path / "reports")},
-    })
+    write_sweep(
+        tmp_path,
+        "method_choice",
+        {
+            "n_trials": 3,
+            "sampler": {"name": "random", "seed": 0},
+            "pruner": {"name": "none"},
+            "params": {
+                "method": "choice(lora, loha, ia3)",
+                "method.r": "choice(2, 4)",
+                "train.lr": "tag(log, interval(1e-3, 1e-2))",
+            },
+            "alpha": {"ratio": [2]},
+            "conditions": {
+                "method.r": {"method": ["lora", "loha"]},
+                "method.alpha_ratio": {"method": ["lora", "loha"]},
+            },
+            "enqueue": [
+                {"method": "lora", "method.r": 4, "train.lr": 5e-3},
+                {"method": "loha", "method.r": 2, "train.lr": 5e-3},
+                {"method": "ia3", "train.lr": 1e-2},
+            ],
+            "baseline": {"n_trials": 1, "overrides": ["method=full"], "enqueue": [{"train.lr": 1e-4}]},
+            "report": {
+                "enabled": True,
+                "replicates": 0,
+                "checkpoints": True,
+                "dir": str(tmp_path / "reports"),
+            },
+        },
+    )
     run_sweep(tmp_path, "method_choice", tiny, "train.epochs=1")
     trials = load(tmp_path, "method_choice").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert [t.params["method"] for t in trials] == ["lora", "loha", "ia3"]
-    assert "method.r" not in trials[2].params and "method.alpha_ratio" not in trials[2].params  # IA3 has no rank
+    assert (
+        "method.r" not in trials[2].params and "method.alpha_ratio" not in trials[2].params
+    )  # IA3 has no rank
     for trial in trials:
         record = read_record(trial.user_attrs["record"])
         assert record["config"]["method"]["name"] == trial.params["method"]

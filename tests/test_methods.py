@@ -1,4 +1,5 @@
-"""Every method file maps onto PEFT's own config class and trains end to end; a new method is one YAML file."""
+"""Every method file maps onto PEFT's own config class and trains end to end; a new method is one YAML
+file."""
 
 from __future__ import annotations
 
@@ -53,12 +54,15 @@ def test_shorthands_find_each_class_s_own_field_names():
     assert peft_kwargs(method_config("adalora"), TARGETS, total_steps=42)["total_step"] == 42  # from the run
 
 
-@pytest.mark.parametrize(("name", "overrides", "key", "problem"), [
-    ("ia3", {"r": 8}, "method.r", "IA3Config has no such setting"),
-    ("lora", {"options": {"nope": 1}}, "method.options.nope", "not a field of peft.LoraConfig"),
-    ("ia3", {"variant": "dora"}, "method.variant", "IA3Config has no use_dora"),
-    ("lora", {"peft": "NOPE"}, "method.peft", "not a PEFT method type"),
-])
+@pytest.mark.parametrize(
+    ("name", "overrides", "key", "problem"),
+    [
+        ("ia3", {"r": 8}, "method.r", "IA3Config has no such setting"),
+        ("lora", {"options": {"nope": 1}}, "method.options.nope", "not a field of peft.LoraConfig"),
+        ("ia3", {"variant": "dora"}, "method.variant", "IA3Config has no use_dora"),
+        ("lora", {"peft": "NOPE"}, "method.peft", "not a PEFT method type"),
+    ],
+)
 def test_a_setting_the_method_has_not_is_one_line_naming_the_key(name, overrides, key, problem):
     with pytest.raises(ConfigError) as caught:
         peft_kwargs(method_config(name, **overrides), TARGETS)
@@ -69,14 +73,22 @@ def test_a_setting_the_method_has_not_is_one_line_naming_the_key(name, overrides
 def test_peft_s_own_value_checks_become_one_line():
     method = method_config("adalora", options={**method_config("adalora").options, "tinit": 30, "tfinal": 30})
     with pytest.raises(ConfigError, match=r"^method='adalora': peft.AdaLoraConfig: ") as caught:
-        peft_config(method, TARGETS, "sequence_classification", total_steps=20)  # the schedule outlasts the run
+        peft_config(
+            method, TARGETS, "sequence_classification", total_steps=20
+        )  # the schedule outlasts the run
     assert "\n" not in str(caught.value)
 
 
 def _train(compose, tiny_overrides, tmp_path, *overrides, conf_dir=None):
     extra = [f"hydra.searchpath=[file://{conf_dir}]"] if conf_dir else []
-    cfg = compose(*tiny_overrides, "train.epochs=1", "train.eval_every=0", *extra, *overrides,
-                  output_dir=tmp_path / re.sub(r"[^\w.-]+", "_", "-".join(overrides)))
+    cfg = compose(
+        *tiny_overrides,
+        "train.epochs=1",
+        "train.eval_every=0",
+        *extra,
+        *overrides,
+        output_dir=tmp_path / re.sub(r"[^\w.-]+", "_", "-".join(overrides)),
+    )
     return cfg, run(cfg)
 
 
@@ -88,10 +100,16 @@ def _reload(cfg, record):
     from lora_sweep.run import prepare
 
     prepared = prepare(cfg)
-    base = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
+    base = load_base_model(
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+    )
     model = load_adapter(base, require_safetensors(record.checkpoints["best"]))
-    loader = make_loader(prepared.data.splits["validation"], get_task(cfg).collator(prepared.tokenizer),
-                         cfg.train.eval_batch_size, shuffle=False)
+    loader = make_loader(
+        prepared.data.splits["validation"],
+        get_task(cfg).collator(prepared.tokenizer),
+        cfg.train.eval_batch_size,
+        shuffle=False,
+    )
     return get_task(cfg).evaluate(model, loader, torch.device("cpu"), "fp32", 2, desc="reload")
 
 
@@ -110,8 +128,15 @@ def test_every_method_trains_records_and_reloads(compose, tiny_overrides, tmp_pa
 
 def test_adalora_reallocates_its_rank_budget_during_training(compose, tiny_overrides, tmp_path):
     """lora_sweep calls PEFT's update_and_allocate after each step: the final budget is written down."""
-    cfg, record = _train(compose, tiny_overrides, tmp_path, "method=adalora", "method.options.target_r=2",
-                         "method.options.init_r=6", "method.targets=all_linear")
+    cfg, record = _train(
+        compose,
+        tiny_overrides,
+        tmp_path,
+        "method=adalora",
+        "method.options.target_r=2",
+        "method.options.init_r=6",
+        "method.targets=all_linear",
+    )
     saved = (Path(record.checkpoints["best"]) / "adapter_config.json").read_text()
     import json
 
@@ -124,7 +149,8 @@ def test_a_new_peft_method_is_one_yaml_file(compose, tiny_overrides, tmp_path):
     """FourierFT is in no table of lora_sweep: its file alone makes it train, record and reload."""
     conf = tmp_path / "more_conf"
     (conf / "method").mkdir(parents=True)
-    (conf / "method" / "fourierft.yaml").write_text(textwrap.dedent("""\
+    (conf / "method" / "fourierft.yaml").write_text(
+        textwrap.dedent("""\
         # @package _global_
         method:
           name: fourierft
@@ -136,7 +162,8 @@ def test_a_new_peft_method_is_one_yaml_file(compose, tiny_overrides, tmp_path):
             scaling: 100.0
         train:
           lr: 5.0e-3
-        """))
+        """)
+    )
     cfg, record = _train(compose, tiny_overrides, tmp_path, "method=fourierft", conf_dir=conf)
     assert record.status == "completed" and cfg.method.peft == "FOURIERFT"
     from mlflow.tracking import MlflowClient

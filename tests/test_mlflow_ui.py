@@ -21,20 +21,36 @@ def mlflow_server(tmp_path):
         yield url
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
+)
 def test_dashboard_nests_trials_under_the_sweep(tmp_path, tiny, mlflow_server):
     playwright = pytest.importorskip("playwright.sync_api")
-    write_sweep(tmp_path, "ui", {
-        "n_trials": 2, "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
-        "params": {"train.lr": "tag(log, interval(1e-3, 1e-2))"},
-        "baseline": {"n_trials": 1, "params": {"train.lr": "tag(log, interval(1e-4, 1e-3))"}},
-    })
+    write_sweep(
+        tmp_path,
+        "ui",
+        {
+            "n_trials": 2,
+            "sampler": {"name": "random", "seed": 0},
+            "pruner": {"name": "none"},
+            "params": {"train.lr": "tag(log, interval(1e-3, 1e-2))"},
+            "baseline": {"n_trials": 1, "params": {"train.lr": "tag(log, interval(1e-4, 1e-3))"}},
+        },
+    )
     run_sweep(tmp_path, "ui", tiny, "train.epochs=1")
     (parent,) = parents(tmp_path, "ui")
 
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 900})
             page.goto(f"{mlflow_server}/#/experiments/{parent.info.experiment_id}/runs")

@@ -20,7 +20,9 @@ def test_presets_on_bert_like_names(tiny_bert_dir):
     spec = _spec(tiny_bert_dir)
     assert spec.family == "bert"
     qv = resolve_targets("attention_qv", spec.linear_names)
-    assert qv == sorted(f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value"))
+    assert qv == sorted(
+        f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")
+    )
     attention = resolve_targets("attention_all", spec.linear_names)
     assert len(attention) == 8 and all(".attention." in name for name in attention)
     mlp = resolve_targets("mlp", spec.linear_names)
@@ -35,9 +37,14 @@ def test_presets_on_llama_like_names(tiny_llama_dir):
     spec = _spec(tiny_llama_dir)
     assert spec.family == "llama"
     assert resolve_targets("attention_qv", spec.linear_names) == sorted(
-        f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj"))
+        f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")
+    )
     assert len(resolve_targets("attention_all", spec.linear_names)) == 8
-    assert {n.rsplit(".", 1)[-1] for n in resolve_targets("mlp", spec.linear_names)} == {"gate_proj", "up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in resolve_targets("mlp", spec.linear_names)} == {
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert len(resolve_targets("all_linear", spec.linear_names)) == 14
     assert "score" not in " ".join(spec.linear_names)
 
@@ -66,12 +73,16 @@ def _model(folder, method):
 
 @pytest.mark.parametrize("folder_fixture", ["tiny_bert_dir", "tiny_llama_dir"])
 def test_lora_starts_as_a_no_op_and_freezes_the_base(request, folder_fixture):
-    model, batch, base_logits = _model(request.getfixturevalue(folder_fixture), method_config("lora", r=4, targets="all_linear"))
+    model, batch, base_logits = _model(
+        request.getfixturevalue(folder_fixture), method_config("lora", r=4, targets="all_linear")
+    )
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, base_logits)  # B = 0: exactly the base model
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name or "modules_to_save" in name for name in trainable)
-    assert any("lora_A" in name for name in trainable) and any("modules_to_save" in name for name in trainable)
+    assert any("lora_A" in name for name in trainable) and any(
+        "modules_to_save" in name for name in trainable
+    )
     counts = count_parameters(model)
     assert 0 < counts["trainable_ratio"] < 0.5
 
@@ -90,7 +101,9 @@ def test_merged_weights_give_the_adapter_logits(tiny_bert_dir):
 
 
 def test_variants_reach_peft(tiny_bert_dir):
-    model, _, _ = _model(tiny_bert_dir, method_config("lora", r=16, alpha=32, alpha_ratio=None, variant="rslora"))
+    model, _, _ = _model(
+        tiny_bert_dir, method_config("lora", r=16, alpha=32, alpha_ratio=None, variant="rslora")
+    )
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert layer.scaling["default"] == pytest.approx(32 / 4)
     model, _, _ = _model(tiny_bert_dir, method_config("lora", r=4, variant="dora"))

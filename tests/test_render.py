@@ -176,10 +176,15 @@ def test_html_is_well_formed_self_contained_and_escaped(tmp_path):
     parser.feed(page)
     parser.close()
     assert parser.stack == []  # every tag closed, in order
-    assert len(parser.headers) == len(COLUMNS) and parser.headers[[c for c, _, _ in COLUMNS].index("val_metric")] == "val accuracy"
+    assert (
+        len(parser.headers) == len(COLUMNS)
+        and parser.headers[[c for c, _, _ in COLUMNS].index("val_metric")] == "val accuracy"
+    )
     assert len(parser.rows) == 4 and all(len(r["cells"]) == len(COLUMNS) for r in parser.rows)
     assert [r["class"] for r in parser.rows] == [None, "chosen", None, None]
-    assert float(parser.rows[0]["cells"][[c for c, _, _ in COLUMNS].index("trainable_params")]) == 74498  # sort keys are raw numbers, not "74,498"
+    assert (
+        float(parser.rows[0]["cells"][[c for c, _, _ in COLUMNS].index("trainable_params")]) == 74498
+    )  # sort keys are raw numbers, not "74,498"
     assert parser.images and all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert (
         "http://" not in page and "https://" not in page and "<b>loss</b>" not in page

@@ -14,7 +14,8 @@ from tests.helpers import client as mlflow_client
 from tests.helpers import load as load_study
 from tests.helpers import run_sweep, write_sweep
 
-# what a replicate may change in its source trial's config; everything else is launched exactly as the trial was
+# what a replicate may change in its source trial's config; everything else is launched exactly as the trial
+# was
 VARIES = {"output_dir", "sweep", "evaluate_test"}
 
 
@@ -60,7 +61,8 @@ def _replicate_runs(root: Path):
     parent = _parent(root)
     return mlflow_client(root).search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`lora_sweep.role` = 'replicate'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+        "and tags.`lora_sweep.role` = 'replicate'",
     )
 
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from lora_sweep.report.select import pick_best
-
 from tests.helpers import client, parents, run_sweep, write_sweep
 
 
@@ -22,16 +21,37 @@ from tests.helpers import client, parents, run_sweep, write_sweep
 def swept(tmp_path_factory, tiny_bert_dir, tiny_csv):
     """One tiny sweep with a full-FT baseline, its report written when it ended."""
     root = tmp_path_factory.mktemp("report_sweep")
-    tiny = ["model=local", f"model.name_or_path={tiny_bert_dir}", "data=local", f"data.path={tiny_csv}", "train.batch_size=16",
-            "train.eval_batch_size=32", "train.max_length=16", "train.log_every=2", "tracking.system_metrics=false",
-            "train.epochs=2", "train.eval_every=7", "method.targets=all_linear"]
-    write_sweep(root, "rep", {
-        "n_trials": 3, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": {"name": "none"},
-        "params": {"method.r": "choice(1, 2, 8)", "train.lr": "tag(log, interval(2e-3, 1e-2))"},
-        "enqueue": [{"method.r": 8, "train.lr": 5e-3}],
-        "baseline": {"n_trials": 1, "params": {"train.lr": "tag(log, interval(1e-4, 1e-3))"}, "enqueue": [{"train.lr": 1e-3}]},
-        "report": {"enabled": True},  # the default: written when the sweep ends, with 3 replicate seeds
-    })
+    tiny = [
+        "model=local",
+        f"model.name_or_path={tiny_bert_dir}",
+        "data=local",
+        f"data.path={tiny_csv}",
+        "train.batch_size=16",
+        "train.eval_batch_size=32",
+        "train.max_length=16",
+        "train.log_every=2",
+        "tracking.system_metrics=false",
+        "train.epochs=2",
+        "train.eval_every=7",
+        "method.targets=all_linear",
+    ]
+    write_sweep(
+        root,
+        "rep",
+        {
+            "n_trials": 3,
+            "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
+            "pruner": {"name": "none"},
+            "params": {"method.r": "choice(1, 2, 8)", "train.lr": "tag(log, interval(2e-3, 1e-2))"},
+            "enqueue": [{"method.r": 8, "train.lr": 5e-3}],
+            "baseline": {
+                "n_trials": 1,
+                "params": {"train.lr": "tag(log, interval(1e-4, 1e-3))"},
+                "enqueue": [{"train.lr": 1e-3}],
+            },
+            "report": {"enabled": True},  # the default: written when the sweep ends, with 3 replicate seeds
+        },
+    )
     result = run_sweep(root, "rep", tiny)
     return root, result, tiny_bert_dir
 
@@ -41,8 +61,18 @@ def test_report_is_written_when_the_sweep_ends_and_logged_on_the_parent(swept):
     root, result, _ = swept
     folder = root / "reports" / "rep"
     assert "report: reports/rep/report.html" in result.stdout
-    for name in ("report.md", "report.html", "report.json", "metric_vs_params.png", "metric_vs_params.svg", "metric_vs_rank.png",
-                 "learning_curves.png", "param_importance.png", "pruning_savings.png", "forgetting.png"):
+    for name in (
+        "report.md",
+        "report.html",
+        "report.json",
+        "metric_vs_params.png",
+        "metric_vs_params.svg",
+        "metric_vs_rank.png",
+        "learning_curves.png",
+        "param_importance.png",
+        "pruning_savings.png",
+        "forgetting.png",
+    ):
         assert (folder / name).is_file(), name
     (parent,) = parents(root, "rep")
     logged = {Path(a.path).name for a in client(root).list_artifacts(parent.info.run_id, "report")}
@@ -55,8 +85,17 @@ def test_every_trial_appears_and_json_matches_markdown(swept):
     report = json.loads((root / "reports" / "rep" / "report.json").read_text())
     markdown = (root / "reports" / "rep" / "report.md").read_text()
     rows = report["trials"]
-    assert sorted((r["role"], r["trial"]) for r in rows) == [("baseline", 0), ("search", 0), ("search", 1), ("search", 2)]
-    table_lines = [line for line in markdown.splitlines() if line.startswith("| baseline |") or line.startswith("| search |")]
+    assert sorted((r["role"], r["trial"]) for r in rows) == [
+        ("baseline", 0),
+        ("search", 0),
+        ("search", 1),
+        ("search", 2),
+    ]
+    table_lines = [
+        line
+        for line in markdown.splitlines()
+        if line.startswith("| baseline |") or line.startswith("| search |")
+    ]
     assert len(table_lines) == len(rows)
     for row, line in zip(rows, table_lines):
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -75,21 +114,72 @@ def test_the_chosen_trial_obeys_the_stated_rule(swept):
     lora = rows[(rows["role"] == "search") & (rows["state"] == "complete")]
     best = lora["val_metric"].max()
     close = lora[lora["val_metric"] >= best - report["tolerance"] - 1e-12]
-    assert report["chosen"]["trial"] == close.sort_values(["trainable_params", "val_metric", "trial"],
-                                                          ascending=[True, False, True]).iloc[0]["trial"]
-    assert "fewest trainable parameters" in report["rule"] and report["rule"] in (root / "reports" / "rep" / "report.md").read_text()
+    assert (
+        report["chosen"]["trial"]
+        == close.sort_values(["trainable_params", "val_metric", "trial"], ascending=[True, False, True]).iloc[
+            0
+        ]["trial"]
+    )
+    assert (
+        "fewest trainable parameters" in report["rule"]
+        and report["rule"] in (root / "reports" / "rep" / "report.md").read_text()
+    )
 
 
 def test_rule_tie_breaks():
-    table = pd.DataFrame([
-        {"role": "search", "state": "complete", "trial": 0, "val_metric": 0.900, "trainable_params": 5000},
-        {"role": "search", "state": "complete", "trial": 1, "val_metric": 0.897, "trainable_params": 1000},  # close, smaller
-        {"role": "search", "state": "complete", "trial": 2, "val_metric": 0.899, "trainable_params": 1000},  # same size, better
-        {"role": "search", "state": "complete", "trial": 3, "val_metric": 0.899, "trainable_params": 1000},  # later twin
-        {"role": "search", "state": "complete", "trial": 4, "val_metric": 0.880, "trainable_params": 10},   # too far behind
-        {"role": "search", "state": "pruned", "trial": 5, "val_metric": 0.950, "trainable_params": 10},    # pruned: not eligible
-        {"role": "baseline", "state": "complete", "trial": 0, "val_metric": 0.990, "trainable_params": 10**7},  # not LoRA
-    ])
+    table = pd.DataFrame(
+        [
+            {
+                "role": "search",
+                "state": "complete",
+                "trial": 0,
+                "val_metric": 0.900,
+                "trainable_params": 5000,
+            },
+            {
+                "role": "search",
+                "state": "complete",
+                "trial": 1,
+                "val_metric": 0.897,
+                "trainable_params": 1000,
+            },  # close, smaller
+            {
+                "role": "search",
+                "state": "complete",
+                "trial": 2,
+                "val_metric": 0.899,
+                "trainable_params": 1000,
+            },  # same size, better
+            {
+                "role": "search",
+                "state": "complete",
+                "trial": 3,
+                "val_metric": 0.899,
+                "trainable_params": 1000,
+            },  # later twin
+            {
+                "role": "search",
+                "state": "complete",
+                "trial": 4,
+                "val_metric": 0.880,
+                "trainable_params": 10,
+            },  # too far behind
+            {
+                "role": "search",
+                "state": "pruned",
+                "trial": 5,
+                "val_metric": 0.950,
+                "trainable_params": 10,
+            },  # pruned: not eligible
+            {
+                "role": "baseline",
+                "state": "complete",
+                "trial": 0,
+                "val_metric": 0.990,
+                "trainable_params": 10**7,
+            },  # not LoRA
+        ]
+    )
     choice = pick_best(table, "accuracy", "maximize", tolerance=0.005)
     assert choice.row["trial"] == 2 and choice.best_value == 0.900 and choice.candidates == [0, 1, 2, 3]
     assert pick_best(table, "accuracy", "maximize", tolerance=0.0).row["trial"] == 0
@@ -132,7 +222,9 @@ def test_test_split_only_for_the_chosen_and_the_baseline(swept):
     for row in report["trials"]:  # the sweep itself never touched the test split
         assert not any(k.startswith("test_") for k in json.loads(Path(row["record"]).read_text())["metrics"])
     similarity = report["forgetting"]["cosine_similarity_to_base"]
-    assert set(similarity) == {"full #0", "lora #0", "lora #1", "lora #2"} and all(-1 <= v <= 1 for v in similarity.values())
+    assert set(similarity) == {"full #0", "lora #0", "lora #1", "lora #2"} and all(
+        -1 <= v <= 1 for v in similarity.values()
+    )
 
 
 @pytest.mark.slow
@@ -146,7 +238,9 @@ def test_exported_adapter_and_merged_model_load_and_agree_and_are_registered(swe
     assert export["logits_agree"] and export["max_logit_difference"] < 1e-4
     best = root / "reports" / "rep" / "best"
     tokenizer = AutoTokenizer.from_pretrained(best / "merged")
-    batch = tokenizer(["the movie was good", "a dull boring film", "great cast"], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["the movie was good", "a dull boring film", "great cast"], return_tensors="pt", padding=True
+    )
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
     adapter = PeftModel.from_pretrained(base, best / "adapter").eval()
@@ -155,7 +249,11 @@ def test_exported_adapter_and_merged_model_load_and_agree_and_are_registered(swe
         torch.testing.assert_close(adapter(**batch).logits, merged(**batch).logits, atol=1e-5, rtol=1e-4)
     version = client(root).get_model_version_by_alias("rep", "champion")
     assert version.source == str((best / "merged").resolve())
-    assert version.run_id == next(r["mlflow_run_id"] for r in report["trials"] if r["role"] == "search" and r["trial"] == report["chosen"]["trial"])
+    assert version.run_id == next(
+        r["mlflow_run_id"]
+        for r in report["trials"]
+        if r["role"] == "search" and r["trial"] == report["chosen"]["trial"]
+    )
 
 
 @pytest.mark.slow
@@ -164,13 +262,37 @@ def test_on_demand_by_study_name_and_by_parent_run_id(swept, tmp_path):
     (parent,) = parents(root, "rep")
     for target in ("rep", parent.info.run_id):
         out = tmp_path / target
-        result = subprocess.run([sys.executable, "-m", "lora_sweep.report", target, "--out", str(out), "--tracking-uri",
-                                 f"sqlite:///{root / 'mlflow.db'}"], cwd=root, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lora_sweep.report",
+                target,
+                "--out",
+                str(out),
+                "--tracking-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads((out / "rep" / "report.json").read_text())["chosen"]["trial"] == \
-            json.loads((root / "reports" / "rep" / "report.json").read_text())["chosen"]["trial"]
-    missing = subprocess.run([sys.executable, "-m", "lora_sweep.report", "nope"], cwd=root, capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and missing.stderr.strip().startswith("error: sweep='nope': neither a study folder")
+        assert (
+            json.loads((out / "rep" / "report.json").read_text())["chosen"]["trial"]
+            == json.loads((root / "reports" / "rep" / "report.json").read_text())["chosen"]["trial"]
+        )
+    missing = subprocess.run(
+        [sys.executable, "-m", "lora_sweep.report", "nope"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and missing.stderr.strip().startswith(
+        "error: sweep='nope': neither a study folder"
+    )
 
 
 @pytest.mark.slow
@@ -187,10 +309,14 @@ def test_replicates_pair_the_chosen_config_with_full_ft_over_seeds(swept):
         paired_values = [a - b for a, b in zip(rep[split]["lora"]["values"], rep[split]["full"]["values"])]
         assert diff["mean"] == pytest.approx(sum(paired_values) / 3)
     (parent,) = parents(root, "rep")
-    runs = client(root).search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                                                                  "and tags.`lora_sweep.role` = 'replicate'")
-    assert sorted((r.data.tags["lora_sweep.replicate_of"], r.data.tags["lora_sweep.seed"]) for r in runs) == sorted(
-        (label, str(seed)) for label in ("lora", "full") for seed in (1, 2, 3))
+    runs = client(root).search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+        "and tags.`lora_sweep.role` = 'replicate'",
+    )
+    assert sorted(
+        (r.data.tags["lora_sweep.replicate_of"], r.data.tags["lora_sweep.seed"]) for r in runs
+    ) == sorted((label, str(seed)) for label in ("lora", "full") for seed in (1, 2, 3))
     for r in runs:  # a replicate trains the chosen configuration with only the seed changed
         assert r.data.params["train.seed"] == r.data.tags["lora_sweep.seed"]
     assert "## Replicates" in (root / "reports" / "rep" / "report.md").read_text()
@@ -200,6 +326,8 @@ def test_confidence_interval_and_paired_test():
     from lora_sweep.report.replicates import interval, paired
 
     ci = interval([1.0, 2.0, 3.0])
-    assert ci["mean"] == 2.0 and ci["ci95"] == pytest.approx(4.302652729911275 / 3 ** 0.5)  # t(0.975, 2) * sd / sqrt(n)
+    assert ci["mean"] == 2.0 and ci["ci95"] == pytest.approx(
+        4.302652729911275 / 3**0.5
+    )  # t(0.975, 2) * sd / sqrt(n)
     result = paired([0.80, 0.82, 0.81], [0.83, 0.84, 0.85])
     assert result["difference"]["mean"] == pytest.approx(-0.03) and 0 < result["p_value"] < 0.05

@@ -12,8 +12,8 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from lora_sweep.sweep.settings import SamplerConf, sweeper_conf
 from lora_sweep.sweep.runner import _job_error, phase_sampler
+from lora_sweep.sweep.settings import SamplerConf, sweeper_conf
 
 from .helpers import children, client, load, parents, write_sweep
 

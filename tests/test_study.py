@@ -8,8 +8,8 @@ import itertools
 import optuna
 import pytest
 
-from lora_sweep.sweep.settings import PrunerConf, SamplerConf
 from lora_sweep.errors import ConfigError
+from lora_sweep.sweep.settings import PrunerConf, SamplerConf
 from lora_sweep.sweep.space import SearchSpace
 from lora_sweep.sweep.study import PRUNERS, SAMPLERS, make_pruner, make_sampler
 
@@ -60,7 +60,9 @@ def test_grid_sampler_visits_exactly_the_grid():
         itertools.product([2, 4], [2e-3, 5e-3])
     )
     assert _sweep({"name": "grid", "seed": 0}, GRID, 3) == points[:3]  # seeded order
-    assert isinstance(make_sampler({"name": "grid"}, {"method.r": [2, 4]}, False), optuna.samplers.GridSampler)
+    assert isinstance(
+        make_sampler({"name": "grid"}, {"method.r": [2, 4]}, False), optuna.samplers.GridSampler
+    )
 
 
 def test_telling_the_last_point_of_the_grid():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_sweep.errors import ConfigError
 from lora_sweep.sweep.settings import (
     BaselineConf,
     LoraOptunaSweeperConf,
@@ -17,7 +18,6 @@ from lora_sweep.sweep.settings import (
     SamplerConf,
     sweeper_conf,
 )
-from lora_sweep.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 # the modules that read the sweeper's settings

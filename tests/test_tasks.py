@@ -80,7 +80,9 @@ def test_the_run_config_carries_its_task_and_checks_the_objective_against_it(
     assert get_task(cfg) is get_task("sequence_classification")
     assert metric_direction(cfg.objective.metric) == "maximize"
     causal = compose(*tiny_causal, "objective.metric=perplexity")
-    assert get_task(causal) is get_task("causal_lm") and metric_direction(causal.objective.metric) == "minimize"
+    assert (
+        get_task(causal) is get_task("causal_lm") and metric_direction(causal.objective.metric) == "minimize"
+    )
     with pytest.raises(
         ConfigError, match=r"^objective.metric='macro_f1': a causal_lm run reports loss, perplexity$"
     ):

@@ -24,24 +24,38 @@ from lora_sweep.train import build_optimizer, fit
 def _fit(cfg):
     prepared = prepare(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
+    model = load_base_model(
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+    )
     model = apply_method(model, cfg.method, prepared.spec)
-    result = fit(model, prepared.tokenizer, prepared.data, cfg, Tracker(), device=torch.device("cpu"), precision="fp32",
-                 checkpoint_dir=Path(cfg.output_dir) / "checkpoints")
+    result = fit(
+        model,
+        prepared.tokenizer,
+        prepared.data,
+        cfg,
+        Tracker(),
+        device=torch.device("cpu"),
+        precision="fp32",
+        checkpoint_dir=Path(cfg.output_dir) / "checkpoints",
+    )
     return prepared, model, result
 
 
 def _val_accuracy(model, prepared, cfg):
     from transformers import DataCollatorWithPadding
 
-    loader = make_loader(prepared.data.splits["validation"], DataCollatorWithPadding(prepared.tokenizer), 32, shuffle=False)
+    loader = make_loader(
+        prepared.data.splits["validation"], DataCollatorWithPadding(prepared.tokenizer), 32, shuffle=False
+    )
     return evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names))["accuracy"]
 
 
 @pytest.mark.parametrize("folder_fixture", ["tiny_bert_dir", "tiny_llama_dir"])
 def test_lora_learns_and_leaves_base_weights_bit_identical(request, compose, tiny_overrides, folder_fixture):
     folder = request.getfixturevalue(folder_fixture)
-    cfg = compose(*tiny_overrides, f"model.name_or_path={folder}", "method.targets=all_linear", "train.lr=5e-3")
+    cfg = compose(
+        *tiny_overrides, f"model.name_or_path={folder}", "method.targets=all_linear", "train.lr=5e-3"
+    )
     pristine = load_file(folder / "model.safetensors")
     prepared, model, result = _fit(cfg)
     assert result.status == "completed" and result.steps == result.total_steps == 3 * 21
@@ -50,10 +64,18 @@ def test_lora_learns_and_leaves_base_weights_bit_identical(request, compose, tin
     base = model.get_base_model()
     checked = 0
     for name, parameter in base.named_parameters():
-        if "lora_" in name or "modules_to_save" in name or "original_module" in name or "classifier" in name or "score" in name:
+        if (
+            "lora_" in name
+            or "modules_to_save" in name
+            or "original_module" in name
+            or "classifier" in name
+            or "score" in name
+        ):
             continue
         stored = name.replace(".base_layer", "")
-        stored = stored.split(".", 1)[1] if stored.split(".", 1)[1] in pristine else stored  # bert./model. prefix
+        stored = (
+            stored.split(".", 1)[1] if stored.split(".", 1)[1] in pristine else stored
+        )  # bert./model. prefix
         assert torch.equal(parameter.detach(), pristine[stored]), name
         checked += 1
     assert checked >= 10
@@ -118,7 +140,14 @@ def test_run_writes_a_complete_record_and_mlflow_run(compose, tiny_overrides, tm
     assert on_disk["config"]["method"]["r"] == 8 and on_disk["config"]["train"]["lr"] == pytest.approx(5e-3)
     metrics = on_disk["metrics"]
     assert metrics["objective"] == metrics["best_val_accuracy"] >= 0.8
-    for key in ("test_accuracy", "test_macro_f1", "test_loss", "train_seconds", "tokens_per_second", "peak_memory_mb"):
+    for key in (
+        "test_accuracy",
+        "test_macro_f1",
+        "test_loss",
+        "train_seconds",
+        "tokens_per_second",
+        "peak_memory_mb",
+    ):
         assert metrics[key] > 0, key
     assert Path(on_disk["checkpoints"]["best"]).is_dir() and on_disk["checkpoints"]["size_bytes"]["best"] > 0
     assert on_disk["params"]["trainable_params"] < on_disk["params"]["total_params"]
@@ -127,12 +156,28 @@ def test_run_writes_a_complete_record_and_mlflow_run(compose, tiny_overrides, tm
     mlflow_run = client.get_run(on_disk["mlflow"]["run_id"])
     assert mlflow_run.info.status == "FINISHED"
     params, tags, logged = mlflow_run.data.params, mlflow_run.data.tags, mlflow_run.data.metrics
-    assert params["method.r"] == "8" and params["method.targets"] == "all_linear" and params["lora.scaling"] == "2.0"
-    assert float(params["train.lr"]) == pytest.approx(5e-3) and params["data.size.train"] == str(on_disk["data"]["sizes"]["train"])
+    assert (
+        params["method.r"] == "8"
+        and params["method.targets"] == "all_linear"
+        and params["lora.scaling"] == "2.0"
+    )
+    assert float(params["train.lr"]) == pytest.approx(5e-3) and params["data.size.train"] == str(
+        on_disk["data"]["sizes"]["train"]
+    )
     assert tags["lora_sweep.method"] == "lora" and tags["lora_sweep.status"] == "completed"
     assert tags["version.peft"] and "mlflow.source.git.commit" in tags
-    for key in ("trainable_params", "total_params", "trainable_ratio", "peak_memory_mb", "tokens_per_s", "step_time_s",
-                "checkpoint_best_mb", "test_accuracy", "val_accuracy", "val_macro_f1"):
+    for key in (
+        "trainable_params",
+        "total_params",
+        "trainable_ratio",
+        "peak_memory_mb",
+        "tokens_per_s",
+        "step_time_s",
+        "checkpoint_best_mb",
+        "test_accuracy",
+        "val_accuracy",
+        "val_macro_f1",
+    ):
         assert key in logged, key
     assert logged["trainable_params"] == on_disk["params"]["trainable_params"]
     loss_history = client.get_metric_history(mlflow_run.info.run_id, "train_loss")
@@ -162,8 +207,12 @@ def test_failed_run_is_recorded_as_failed(compose, tiny_overrides, tmp_path, mon
         run(cfg)
     record = read_record(cfg.output_dir)
     assert record["status"] == "failed" and "simulated crash" in record["error"]
-    mlflow_run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(record["mlflow"]["run_id"])
-    assert mlflow_run.info.status == "FAILED" and "simulated crash" in mlflow_run.data.tags["lora_sweep.error"]
+    mlflow_run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+        record["mlflow"]["run_id"]
+    )
+    assert (
+        mlflow_run.info.status == "FAILED" and "simulated crash" in mlflow_run.data.tags["lora_sweep.error"]
+    )
 
 
 def test_tracking_none_writes_no_mlflow_store(compose, tiny_overrides, tmp_path):
@@ -193,7 +242,16 @@ def test_reused_base_model_trains_exactly_like_a_fresh_one(compose, tiny_overrid
     run_module._MODELS.clear()
     fresh = run(compose(*tiny_overrides, *lora, output_dir=tmp_path / "fresh"))
     assert fresh.params["setup_reused"] is False
-    run(compose(*tiny_overrides, "tracking=none", "train.epochs=1", "method=full", "train.lr=1e-3", output_dir=tmp_path / "full"))
+    run(
+        compose(
+            *tiny_overrides,
+            "tracking=none",
+            "train.epochs=1",
+            "method=full",
+            "train.lr=1e-3",
+            output_dir=tmp_path / "full",
+        )
+    )
     reused = run(compose(*tiny_overrides, *lora, output_dir=tmp_path / "again"))
     assert reused.params["setup_reused"] is True
     assert reused.evaluations == fresh.evaluations  # every validation pass, to the last bit

@@ -41,9 +41,16 @@ def checkpoint(compose, tiny_overrides, tmp_path):
         cfg = compose(*tiny_overrides, *overrides, output_dir=tmp_path / "run")
         prepared = prepare(cfg)
         torch.manual_seed(0)
-        model = apply_method(load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id),
-                             cfg.method, prepared.spec)
-        folder = save_checkpoint(tmp_path / "run" / "checkpoints" / "best", model, prepared.tokenizer, {"step": 0})
+        model = apply_method(
+            load_base_model(
+                prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+            ),
+            cfg.method,
+            prepared.spec,
+        )
+        folder = save_checkpoint(
+            tmp_path / "run" / "checkpoints" / "best", model, prepared.tokenizer, {"step": 0}
+        )
         record = {"config": to_dict(cfg), "checkpoints": {"best": str(folder)}}
         return cfg, model, folder, record
 
@@ -69,7 +76,10 @@ def test_lora_checkpoint_never_unpickles(checkpoint, tmp_path):
     assert not marker.exists()
 
     (folder / "adapter_model.safetensors").unlink()  # now PEFT would fall back to adapter_model.bin
-    with pytest.raises(UnsafeCheckpoint, match=r"no safetensors weights .*; refusing to unpickle adapter_model.bin, pytorch_model.bin"):
+    with pytest.raises(
+        UnsafeCheckpoint,
+        match=r"no safetensors weights .*; refusing to unpickle adapter_model.bin, pytorch_model.bin",
+    ):
         restore_weights(model, folder)
     with pytest.raises(UnsafeCheckpoint):
         load_trained(record)
@@ -99,10 +109,16 @@ def test_resume_state_is_read_with_weights_only(checkpoint, tmp_path, name):
     marker = tmp_path / "pwned"
     cfg, model, folder, _ = checkpoint()
     optimizer, scheduler = build_optimizer(model, cfg, total_steps=10)
-    save_checkpoint(folder, model, prepare(cfg).tokenizer, {"step": 1}, optimizer=optimizer, scheduler=scheduler,
-                    trainer_state={"step": 1})
+    save_checkpoint(
+        folder,
+        model,
+        prepare(cfg).tokenizer,
+        {"step": 1},
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state={"step": 1},
+    )
     plant(folder, marker, name)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_training_state(folder, optimizer, scheduler)
     assert not marker.exists()
-

@@ -12,4 +12,6 @@ from lora_sweep.sweep.settings import (  # noqa: F401 - importable from the plug
     sweeper_conf,
 )
 
-ConfigStore.instance().store(group="hydra/sweeper", name="lora_optuna", node=LoraOptunaSweeperConf, provider="lora_sweep")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="lora_optuna", node=LoraOptunaSweeperConf, provider="lora_sweep"
+)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, List
+from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -13,7 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 class LoraOptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
         super().__init__()
-        self.settings = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in settings.items()}
+        self.settings = {
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in settings.items()
+        }
         self.hydra_context = None
         self.config = None
         self.launcher = None
@@ -23,21 +26,28 @@ class LoraOptunaSweeper(Sweeper):
 
         self.hydra_context = hydra_context
         self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
-    def sweep(self, arguments: List[str]) -> Any:
-        from lora_sweep.errors import LoraSweepError
-        from lora_sweep.sweep.runner import SweepRunner
-
-        from lora_sweep.sweep.settings import sweeper_conf
-
+    def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(list(arguments))
+        from lora_sweep.errors import LoraSweepError
+        from lora_sweep.sweep.runner import SweepRunner
+        from lora_sweep.sweep.settings import sweeper_conf
+
+        parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(
+            list(arguments)
+        )
         sweep_overrides = [o.input_line for o in parsed if o.is_sweep_override()]
         if sweep_overrides:
-            print(f"error: {sweep_overrides[0]}: comma lists and sweep functions on the command line are for Hydra's basic "
-                  "sweeper; with hydra/sweeper=lora_optuna put the search space in hydra.sweeper.params", file=sys.stderr)
+            print(
+                f"error: {sweep_overrides[0]}: comma lists and sweep functions on the command line are for "
+                "Hydra's basic "
+                "sweeper; with hydra/sweeper=lora_optuna put the search space in hydra.sweeper.params",
+                file=sys.stderr,
+            )
             sys.exit(2)
         try:
             conf = sweeper_conf(self.settings)

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 def _importances(sweep: Sweep) -> dict[str, float]:
     import optuna
 
-    complete = [t for t in sweep.search.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [
+        t for t in sweep.search.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
+    ]
     if len(complete) < 3 or len(sweep.search.directions) > 1:
         return {}
     try:
@@ -40,26 +42,49 @@ def headline(table, metric: str, direction: str) -> str:
     lora, full = table[table["role"] == "search"], table[table["role"] == "baseline"]
     states = lora["state"].value_counts().to_dict()
     methods = lora["method"].dropna().value_counts().to_dict() if "method" in lora else {}
-    kind = "LoRA" if set(methods) <= {"lora"} else "PEFT (" + ", ".join(f"{m} {n}" for m, n in methods.items()) + ")"
-    text = (f"{len(lora)} {kind} trials ({', '.join(f'{n} {s}' for s, n in states.items())}) and {len(full)} full fine-tuning "
-            f"trial{'s' if len(full) != 1 else ''}.")
+    kind = (
+        "LoRA"
+        if set(methods) <= {"lora"}
+        else "PEFT (" + ", ".join(f"{m} {n}" for m, n in methods.items()) + ")"
+    )
+    text = (
+        f"{len(lora)} {kind} trials ({', '.join(f'{n} {s}' for s, n in states.items())}) and {len(full)} "
+        "full fine-tuning "
+        f"trial{'s' if len(full) != 1 else ''}."
+    )
     done_lora = lora[lora["state"] == "complete"]["val_metric"].dropna()
     done_full = full[full["state"] == "complete"]["val_metric"].dropna()
     if len(done_lora) and len(done_full):
         best_lora, best_full = best_of(done_lora, direction), best_of(done_full, direction)
-        text += f" Best validation {metric}: {'LoRA' if kind == 'LoRA' else 'PEFT'} {best_lora:.4f}, full fine-tuning {best_full:.4f} (gap {best_lora - best_full:+.4f})."
+        text += (
+            f" Best validation {metric}: {'LoRA' if kind == 'LoRA' else 'PEFT'} {best_lora:.4f}, "
+            f"full fine-tuning {best_full:.4f} (gap {best_lora - best_full:+.4f})."
+        )
     return text
 
 
 def _records(table) -> dict[str, dict]:
     import json
 
-    return {f"{'full' if r['role'] == 'baseline' else 'lora'} #{r['trial']}": json.loads(Path(r["record"]).read_text())
-            for _, r in table.iterrows() if r["state"] == "complete" and isinstance(r["record"], str) and Path(r["record"]).is_file()}
+    return {
+        f"{'full' if r['role'] == 'baseline' else 'lora'} #{r['trial']}": json.loads(
+            Path(r["record"]).read_text()
+        )
+        for _, r in table.iterrows()
+        if r["state"] == "complete" and isinstance(r["record"], str) and Path(r["record"]).is_file()
+    }
 
 
-def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference: list[str] | None, register_as: str | None,
-                        tracking_uri: str | None) -> tuple[dict[str, Any], dict[str, Path]]:
+def checkpoint_sections(
+    sweep: Sweep,
+    table,
+    choice,
+    out_dir: Path,
+    *,
+    reference: list[str] | None,
+    register_as: str | None,
+    tracking_uri: str | None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
     """Test scores of the chosen checkpoint and the full-FT baseline, drift of every model, the export."""
     from lora_sweep.errors import LoraSweepError
     from lora_sweep.report import checkpoints as ck
@@ -84,9 +109,15 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
         perplexity = ck.perplexity_forgetting(records)
         if perplexity:
             texts = next(r["metrics"]["reference_texts"] for k, r in records.items() if k in perplexity)
-            extra["forgetting"] = {"measure": "perplexity", "reference_texts": texts, "perplexity": perplexity}
+            extra["forgetting"] = {
+                "measure": "perplexity",
+                "reference_texts": texts,
+                "perplexity": perplexity,
+            }
             roles = {key: "baseline" if key.startswith("full") else "search" for key in perplexity}
-            figures["forgetting: perplexity on out-of-task text, after / before"] = fig.forgetting_perplexity(perplexity, roles, out_dir)[0]
+            figures["forgetting: perplexity on out-of-task text, after / before"] = fig.forgetting_perplexity(
+                perplexity, roles, out_dir
+            )[0]
         else:
             extra["forgetting_note"] = "not measured: the runs were made with lm_eval.reference_texts=0"
     if reference is None:
@@ -96,12 +127,20 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
             extra["forgetting_note"] = f"not measured: {err}"
     if reference and measure == "representation_similarity":
         # trials whose checkpoints keep_checkpoints deleted have no weights left to measure
-        kept = {key: record for key, record in records.items() if not record.get("checkpoints", {}).get("deleted")}
+        kept = {
+            key: record for key, record in records.items() if not record.get("checkpoints", {}).get("deleted")
+        }
         similarity = ck.representation_similarity(kept, reference)
         extra["forgetting"] = {"reference_texts": len(reference), "cosine_similarity_to_base": similarity}
         roles = {key: "baseline" if key.startswith("full") else "search" for key in similarity}
-        figures["forgetting: drift from the base model on out-of-task text"] = fig.forgetting(similarity, roles, out_dir)[0]
-    generations = {label: records[key].get("generations") for label, key in picks.items() if records[key].get("generations")}
+        figures["forgetting: drift from the base model on out-of-task text"] = fig.forgetting(
+            similarity, roles, out_dir
+        )[0]
+    generations = {
+        label: records[key].get("generations")
+        for label, key in picks.items()
+        if records[key].get("generations")
+    }
     if generations:
         extra["generations"] = generations
     if choice.row is not None:
@@ -113,36 +152,72 @@ def checkpoint_sections(sweep: Sweep, table, choice, out_dir: Path, *, reference
     return extra, figures
 
 
-def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERANCE, *, checkpoints: bool = True,
-                 reference: list[str] | None = None, register_as: str | None = None, tracking_uri: str | None = None,
-                 replicates: int | None = None) -> dict[str, Any]:
+def build_report(
+    sweep: Sweep,
+    out_dir: Path,
+    tolerance: float = DEFAULT_TOLERANCE,
+    *,
+    checkpoints: bool = True,
+    reference: list[str] | None = None,
+    register_as: str | None = None,
+    tracking_uri: str | None = None,
+    replicates: int | None = None,
+) -> dict[str, Any]:
     """``replicates``: use the first N seeds of the sweep's replicate runs (None: all; 0: leave them out)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = with_comparisons(trials_table(sweep.search, sweep.baseline), sweep.direction)
     choice = pick_best(table, sweep.metric, sweep.direction, tolerance)
     figures = {
-        f"validation {sweep.metric} vs trainable parameters": fig.metric_vs_params(table, sweep.metric, sweep.direction, out_dir)[0],
-        f"validation {sweep.metric} vs rank, per target preset": fig.metric_vs_rank(table, sweep.metric, out_dir)[0],
-        "learning curves: top LoRA trials and full fine-tuning": fig.learning_curves(table, sweep.metric, sweep.direction, out_dir)[0],
+        f"validation {sweep.metric} vs trainable parameters": fig.metric_vs_params(
+            table, sweep.metric, sweep.direction, out_dir
+        )[0],
+        f"validation {sweep.metric} vs rank, per target preset": fig.metric_vs_rank(
+            table, sweep.metric, out_dir
+        )[0],
+        "learning curves: top LoRA trials and full fine-tuning": fig.learning_curves(
+            table, sweep.metric, sweep.direction, out_dir
+        )[0],
         "parameter importance": fig.importance(_importances(sweep), out_dir)[0],
         "compute spent and saved by pruning": fig.pruning_savings(table, out_dir)[0],
     }
     extra: dict[str, Any] = {}
     if checkpoints:
-        extra, more = checkpoint_sections(sweep, table, choice, out_dir, reference=reference, register_as=register_as,
-                                          tracking_uri=tracking_uri)
+        extra, more = checkpoint_sections(
+            sweep,
+            table,
+            choice,
+            out_dir,
+            reference=reference,
+            register_as=register_as,
+            tracking_uri=tracking_uri,
+        )
         figures.update(more)
     full = best_full(table, sweep.direction)
     if choice.row is not None and full is not None and (replicates is None or replicates > 0):
         # trained by the sweep (its replicate phase); read here, never trained
-        found = summarize_replicates(sweep.replicates, int(choice.row["trial"]), int(full["trial"]),
-                                     replicates)
+        found = summarize_replicates(
+            sweep.replicates, int(choice.row["trial"]), int(full["trial"]), replicates
+        )
         extra["replicates" if isinstance(found, dict) else "replicates_note"] = found
-    chosen = None if choice.row is None else {k: (None if v != v else v) for k, v in choice.row.drop(labels=["evaluations"]).items()}
-    summary = {"study": sweep.study_name, "metric": sweep.metric, "direction": sweep.direction, "tolerance": tolerance,
-               "rule": choice.rule, "best_value": choice.best_value, "within_tolerance": choice.candidates, "chosen": chosen,
-               "headline": headline(table, sweep.metric, sweep.direction), "parent_run_id": sweep.parent_run_id, **extra}
+    chosen = (
+        None
+        if choice.row is None
+        else {k: (None if v != v else v) for k, v in choice.row.drop(labels=["evaluations"]).items()}
+    )
+    summary = {
+        "study": sweep.study_name,
+        "metric": sweep.metric,
+        "direction": sweep.direction,
+        "tolerance": tolerance,
+        "rule": choice.rule,
+        "best_value": choice.best_value,
+        "within_tolerance": choice.candidates,
+        "chosen": chosen,
+        "headline": headline(table, sweep.metric, sweep.direction),
+        "parent_run_id": sweep.parent_run_id,
+        **extra,
+    }
     from lora_sweep.secrets import redact
 
     (out_dir / "report.json").write_text(redact(to_json(summary, table)))
@@ -151,8 +226,14 @@ def build_report(sweep: Sweep, out_dir: Path, tolerance: float = DEFAULT_TOLERAN
     return summary
 
 
-def write_report(study_name: str, storage_spec: str, folder: Path, out_dir: Path,
-                 tolerance: float = DEFAULT_TOLERANCE, **options: Any) -> dict[str, Any]:
+def write_report(
+    study_name: str,
+    storage_spec: str,
+    folder: Path,
+    out_dir: Path,
+    tolerance: float = DEFAULT_TOLERANCE,
+    **options: Any,
+) -> dict[str, Any]:
     """The report of the study ``study_name`` in ``storage_spec``: what the sweep calls when it ends."""
     from lora_sweep.report.collect import open_sweep
 

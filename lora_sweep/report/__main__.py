@@ -14,12 +14,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="study name (its folder under --sweeps-dir) or MLflow parent run id")
     parser.add_argument("--sweeps-dir", default="outputs/sweeps", type=Path)
     parser.add_argument("--out", default="reports", type=Path, help="the report goes to OUT/<study>/")
-    parser.add_argument("--tolerance", default=None, type=float, help="metric tolerance of the best-pick rule")
-    parser.add_argument("--replicates", default=None, type=int,
-                        help="use the first N seeds of the replicates the sweep ran (default: all; 0: leave "
-                             "them out); the sweep trains them, with hydra.sweeper.report.replicates=N")
-    parser.add_argument("--no-register", action="store_true", help="do not register the exported model in MLflow")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store holding the parent run (default: MLflow's)")
+    parser.add_argument(
+        "--tolerance", default=None, type=float, help="metric tolerance of the best-pick rule"
+    )
+    parser.add_argument(
+        "--replicates",
+        default=None,
+        type=int,
+        help="use the first N seeds of the replicates the sweep ran (default: all; 0: leave "
+        "them out); the sweep trains them, with hydra.sweeper.report.replicates=N",
+    )
+    parser.add_argument(
+        "--no-register", action="store_true", help="do not register the exported model in MLflow"
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow store holding the parent run (default: MLflow's)"
+    )
     args = parser.parse_args(argv)
     from lora_sweep.report import build_report
     from lora_sweep.report.collect import locate
@@ -31,8 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         from lora_sweep.tracking import use_tracking_uri
 
         use_tracking_uri(args.tracking_uri)
-        summary = build_report(sweep, out, DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, replicates=args.replicates,
-                               register_as=None if args.no_register else sweep.study_name, tracking_uri=args.tracking_uri)
+        summary = build_report(
+            sweep,
+            out,
+            DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+            replicates=args.replicates,
+            register_as=None if args.no_register else sweep.study_name,
+            tracking_uri=args.tracking_uri,
+        )
     except LoraSweepError as err:
         from lora_sweep.secrets import redact
 

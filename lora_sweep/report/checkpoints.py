@@ -29,7 +29,9 @@ def _setup(record: dict[str, Any]):
     cfg = check_task(RunConfig.from_mapping(record["config"]))
     prepared = prepare(cfg)
     torch.manual_seed(cfg.train.seed)
-    base = load_base_model(prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id)
+    base = load_base_model(
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+    )
     return cfg, prepared, base
 
 
@@ -50,10 +52,15 @@ def test_metrics(record: dict[str, Any]) -> dict[str, float]:
     from lora_sweep.data import make_loader
 
     cfg, prepared, model = load_trained(record)
-    loader = make_loader(prepared.data.splits["test"], get_task(cfg).collator(prepared.tokenizer),
-                         cfg.train.eval_batch_size, shuffle=False)
-    return get_task(cfg).evaluate(model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names),
-                             desc="test")
+    loader = make_loader(
+        prepared.data.splits["test"],
+        get_task(cfg).collator(prepared.tokenizer),
+        cfg.train.eval_batch_size,
+        shuffle=False,
+    )
+    return get_task(cfg).evaluate(
+        model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names), desc="test"
+    )
 
 
 def perplexity_forgetting(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -61,8 +68,10 @@ def perplexity_forgetting(records: dict[str, dict[str, Any]]) -> dict[str, dict[
     forgetting measure is perplexity: causal LMs)."""
     from lora_sweep.tasks import get_task
 
-    found = {key: get_task(record["config"]["model"]["task"]).forgetting_summary(record.get("metrics", {}))
-             for key, record in records.items()}
+    found = {
+        key: get_task(record["config"]["model"]["task"]).forgetting_summary(record.get("metrics", {}))
+        for key, record in records.items()
+    }
     return {key: value for key, value in found.items() if value is not None}
 
 
@@ -75,7 +84,9 @@ def _pooled(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor
 
 
 def _representations(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    return torch.cat([_pooled(model, tokenizer, texts[i:i + 32], max_length) for i in range(0, len(texts), 32)])
+    return torch.cat(
+        [_pooled(model, tokenizer, texts[i : i + 32], max_length) for i in range(0, len(texts), 32)]
+    )
 
 
 def representation_similarity(records: dict[str, dict[str, Any]], texts: list[str]) -> dict[str, float]:
@@ -88,9 +99,13 @@ def representation_similarity(records: dict[str, dict[str, Any]], texts: list[st
         base_key = (prepared.spec.source, cfg.model.revision, cfg.train.max_length)
         if base_key not in base_cache:
             _, _, base = _setup(record)
-            base_cache[base_key] = _representations(base.eval(), prepared.tokenizer, texts, cfg.train.max_length)
+            base_cache[base_key] = _representations(
+                base.eval(), prepared.tokenizer, texts, cfg.train.max_length
+            )
         tuned = _representations(model, prepared.tokenizer, texts, cfg.train.max_length)
-        similarity[key] = float(torch.nn.functional.cosine_similarity(tuned, base_cache[base_key], dim=-1).mean())
+        similarity[key] = float(
+            torch.nn.functional.cosine_similarity(tuned, base_cache[base_key], dim=-1).mean()
+        )
     return similarity
 
 
@@ -102,7 +117,9 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     prepared.tokenizer.save_pretrained(adapter_dir)
-    batch = prepared.tokenizer(sample_texts, truncation=True, max_length=cfg.train.max_length, padding=True, return_tensors="pt")
+    batch = prepared.tokenizer(
+        sample_texts, truncation=True, max_length=cfg.train.max_length, padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         adapter_logits = model(**batch).logits
     from lora_sweep.methods import is_mergeable, load_adapter
@@ -112,8 +129,14 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
         reloaded = load_adapter(base, adapter_dir)
         with torch.no_grad():
             difference = float((reloaded(**batch).logits - adapter_logits).abs().max())
-        return {"adapter": str(adapter_dir), "merged": None, "mergeable": False, "max_logit_difference": difference,
-                "logits_agree": difference < 1e-4, "samples_checked": len(sample_texts)}
+        return {
+            "adapter": str(adapter_dir),
+            "merged": None,
+            "mergeable": False,
+            "max_logit_difference": difference,
+            "logits_agree": difference < 1e-4,
+            "samples_checked": len(sample_texts),
+        }
     merged = model.merge_and_unload()
     merged.save_pretrained(merged_dir, safe_serialization=True)
     prepared.tokenizer.save_pretrained(merged_dir)
@@ -125,17 +148,36 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     with torch.no_grad():
         a, m = reloaded_adapter(**batch).logits, reloaded_merged(**batch).logits
     difference = float(max((a - m).abs().max(), (a - adapter_logits).abs().max()))
-    return {"adapter": str(adapter_dir), "merged": str(merged_dir), "mergeable": True, "max_logit_difference": difference,
-            "logits_agree": difference < 1e-4, "samples_checked": len(sample_texts)}
+    return {
+        "adapter": str(adapter_dir),
+        "merged": str(merged_dir),
+        "mergeable": True,
+        "max_logit_difference": difference,
+        "logits_agree": difference < 1e-4,
+        "samples_checked": len(sample_texts),
+    }
 
 
-def register(record: dict[str, Any], export_info: dict[str, Any], name: str, tracking_uri: str | None, alias: str = "champion") -> dict:
+def register(
+    record: dict[str, Any],
+    export_info: dict[str, Any],
+    name: str,
+    tracking_uri: str | None,
+    alias: str = "champion",
+) -> dict:
     """Register the exported merged model in MLflow's model registry and point ``alias`` at it."""
     from lora_sweep.tracking import register_model
 
     shipped = export_info["merged"] or export_info["adapter"]  # an unmergeable method ships its adapter
     source, run_id = str(Path(shipped).resolve()), record.get("mlflow", {}).get("run_id")
     tags = {"lora_sweep.adapter": export_info["adapter"]}
-    version = register_model(name, source, run_id, tags, alias, tracking_uri,
-                             description="PEFT checkpoint chosen by lora_sweep's report")
+    version = register_model(
+        name,
+        source,
+        run_id,
+        tags,
+        alias,
+        tracking_uri,
+        description="PEFT checkpoint chosen by lora_sweep's report",
+    )
     return {"name": name, "version": version, "alias": alias}

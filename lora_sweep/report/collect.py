@@ -45,26 +45,41 @@ def locate(target: str, sweeps_dir: Path = Path("outputs/sweeps"), tracking_uri:
             raise LoraSweepError(f"sweep={target!r}: {err}") from None
         name, storage = params.get("study_name"), params.get("storage")
         if not name or not storage or "***" in storage:
-            raise LoraSweepError(f"sweep={target!r}: this MLflow run is not a lora_sweep parent run with a readable storage")
-        folder = Path(storage[len(JOURNAL_PREFIX):]).parent if storage.startswith(JOURNAL_PREFIX) else Path(sweeps_dir) / name
+            raise LoraSweepError(
+                f"sweep={target!r}: this MLflow run is not a lora_sweep parent run with a readable storage"
+            )
+        folder = (
+            Path(storage[len(JOURNAL_PREFIX) :]).parent
+            if storage.startswith(JOURNAL_PREFIX)
+            else Path(sweeps_dir) / name
+        )
         return open_sweep(name, storage, folder)
-    raise LoraSweepError(f"sweep={target!r}: neither a study folder under {sweeps_dir} nor an MLflow parent run id")
+    raise LoraSweepError(
+        f"sweep={target!r}: neither a study folder under {sweeps_dir} nor an MLflow parent run id"
+    )
 
 
 def open_sweep(name: str, storage_spec: str, folder: Path) -> Sweep:
     storage = open_storage(storage_spec)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if name not in names:
-        raise LoraSweepError(f"sweep={name!r}: no such study in {storage_spec} (studies: {', '.join(sorted(names))})")
+        raise LoraSweepError(
+            f"sweep={name!r}: no such study in {storage_spec} (studies: {', '.join(sorted(names))})"
+        )
     search = optuna.load_study(study_name=name, storage=storage)
-    baseline = optuna.load_study(study_name=f"{name}-baseline", storage=storage) if f"{name}-baseline" in names else None
+    baseline = (
+        optuna.load_study(study_name=f"{name}-baseline", storage=storage)
+        if f"{name}-baseline" in names
+        else None
+    )
     metric, direction = objective_metric(search), direction_name(search.directions[0])
     replicates = None
     if f"{name}-replicates" in names:  # the sweep's last phase (report.replicates > 0)
         replicates = optuna.load_study(study_name=f"{name}-replicates", storage=storage)
     parent_run_id = search.user_attrs.get("mlflow_parent_run_id")
-    return Sweep(name, storage_spec, Path(folder), search, baseline, parent_run_id, metric, direction,
-                 replicates)
+    return Sweep(
+        name, storage_spec, Path(folder), search, baseline, parent_run_id, metric, direction, replicates
+    )
 
 
 def objective_metric(search: optuna.Study) -> str:
@@ -77,5 +92,7 @@ def objective_metric(search: optuna.Study) -> str:
         record = record_of(trial)
         if record and record.get("metrics", {}).get("objective_metric"):
             return record["metrics"]["objective_metric"]
-    raise LoraSweepError(f"sweep={search.study_name!r}: neither the study nor any trial's record names the "
-                         "objective metric (no trial has finished yet?)")
+    raise LoraSweepError(
+        f"sweep={search.study_name!r}: neither the study nor any trial's record names the "
+        "objective metric (no trial has finished yet?)"
+    )

@@ -7,7 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers
-matplotlib.rcParams["svg.hashsalt"] = "lora_sweep"  # stable SVG ids: a regenerated report diffs only where it changed
+matplotlib.rcParams["svg.hashsalt"] = (
+    "lora_sweep"  # stable SVG ids: a regenerated report diffs only where it changed
+)
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -38,15 +40,38 @@ def pareto_front(points: pd.DataFrame, direction: str) -> pd.DataFrame:
 
 def metric_vs_params(table: pd.DataFrame, metric: str, direction: str, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    lora = table[(table["role"] == "search") & table["val_metric"].notna() & table["trainable_params"].notna()]
+    lora = table[
+        (table["role"] == "search") & table["val_metric"].notna() & table["trainable_params"].notna()
+    ]
     done, pruned = lora[lora["state"] == "complete"], lora[lora["state"] == "pruned"]
-    ax.scatter(pruned["trainable_params"], pruned["val_metric"], color=PRUNED_COLOR, label="LoRA, pruned (last value)", zorder=2)
+    ax.scatter(
+        pruned["trainable_params"],
+        pruned["val_metric"],
+        color=PRUNED_COLOR,
+        label="LoRA, pruned (last value)",
+        zorder=2,
+    )
     ax.scatter(done["trainable_params"], done["val_metric"], color=LORA_COLOR, label="LoRA", zorder=3)
     if len(done):
         front = pareto_front(done, direction)
-        ax.step(front["trainable_params"], front["val_metric"], where="post", color=LORA_COLOR, alpha=0.6, label="Pareto front")
+        ax.step(
+            front["trainable_params"],
+            front["val_metric"],
+            where="post",
+            color=LORA_COLOR,
+            alpha=0.6,
+            label="Pareto front",
+        )
     full = table[(table["role"] == "baseline") & (table["state"] == "complete")]
-    ax.scatter(full["trainable_params"], full["val_metric"], marker="*", s=220, color=FULL_COLOR, label="full fine-tuning", zorder=4)
+    ax.scatter(
+        full["trainable_params"],
+        full["val_metric"],
+        marker="*",
+        s=220,
+        color=FULL_COLOR,
+        label="full fine-tuning",
+        zorder=4,
+    )
     if len(lora) or len(full):  # a log axis needs a positive point: a sweep with no finished trial has none
         ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
@@ -62,7 +87,12 @@ def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]
     several_methods = lora["method"].nunique() > 1
     for (method, targets), group in lora.groupby(["method", "targets"]):
         best = group.groupby("r")["val_metric"].max().sort_index()
-        ax.plot(best.index, best.values, marker="o", label=f"{method} {targets}" if several_methods else str(targets))
+        ax.plot(
+            best.index,
+            best.values,
+            marker="o",
+            label=f"{method} {targets}" if several_methods else str(targets),
+        )
     full = table[(table["role"] == "baseline") & (table["state"] == "complete")]["val_metric"]
     if not full.empty:
         ax.axhline(full.max(), color=FULL_COLOR, linestyle="--", label="full fine-tuning (best)")
@@ -74,7 +104,9 @@ def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]
     return _save(fig, folder, "metric_vs_rank")
 
 
-def learning_curves(table: pd.DataFrame, metric: str, direction: str, folder: Path, top: int = 3) -> list[Path]:
+def learning_curves(
+    table: pd.DataFrame, metric: str, direction: str, folder: Path, top: int = 3
+) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lora = table[(table["role"] == "search") & (table["state"] == "complete")]
     lora = lora.sort_values("val_metric", ascending=ascending(direction)).head(top)
@@ -85,7 +117,11 @@ def learning_curves(table: pd.DataFrame, metric: str, direction: str, folder: Pa
             curve = pd.DataFrame(row["evaluations"])
             if curve.empty:
                 continue
-            label = f"{row['method']} #{row['trial']}" + (f" r={int(row['r'])} {row['targets']}" if row["r"] == row["r"] and row["r"] is not None else "")
+            label = f"{row['method']} #{row['trial']}" + (
+                f" r={int(row['r'])} {row['targets']}"
+                if row["r"] == row["r"] and row["r"] is not None
+                else ""
+            )
             ax.plot(curve["step"], curve[metric], marker=".", color=color, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"validation {metric}")
@@ -100,7 +136,9 @@ def importance(importances: dict[str, float], folder: Path) -> list[Path]:
     ax.barh(names, [importances[n] for n in names], color=LORA_COLOR)
     ax.set_xlabel("importance (Optuna fANOVA, normalised)")
     if not importances:
-        ax.text(0.5, 0.5, "too few completed trials to estimate", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "too few completed trials to estimate", ha="center", va="center", transform=ax.transAxes
+        )
     return _save(fig, folder, "param_importance")
 
 
@@ -110,8 +148,21 @@ def pruning_savings(table: pd.DataFrame, folder: Path) -> list[Path]:
     labels = [f"{'full' if r == 'baseline' else 'lora'} #{t}" for r, t in zip(rows["role"], rows["trial"])]
     spent = rows["steps"].astype(float)
     saved = (rows["total_steps"] - rows["steps"]).astype(float)
-    ax.bar(labels, spent, color=[PRUNED_COLOR if s == "pruned" else LORA_COLOR for s in rows["state"]], label="steps trained")
-    ax.bar(labels, saved, bottom=spent, color="white", edgecolor=PRUNED_COLOR, hatch="//", label="steps saved by pruning")
+    ax.bar(
+        labels,
+        spent,
+        color=[PRUNED_COLOR if s == "pruned" else LORA_COLOR for s in rows["state"]],
+        label="steps trained",
+    )
+    ax.bar(
+        labels,
+        saved,
+        bottom=spent,
+        color="white",
+        edgecolor=PRUNED_COLOR,
+        hatch="//",
+        label="steps saved by pruning",
+    )
     ax.set_ylabel("optimizer steps")
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     ax.legend(fontsize=8)
@@ -121,16 +172,26 @@ def pruning_savings(table: pd.DataFrame, folder: Path) -> list[Path]:
 def forgetting(similarity: dict[str, float], roles: dict[str, str], folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.35 * max(len(similarity), 1)))
     names = sorted(similarity, key=similarity.get)
-    ax.barh(names, [1 - similarity[n] for n in names], color=[FULL_COLOR if roles[n] == "baseline" else LORA_COLOR for n in names])
+    ax.barh(
+        names,
+        [1 - similarity[n] for n in names],
+        color=[FULL_COLOR if roles[n] == "baseline" else LORA_COLOR for n in names],
+    )
     ax.set_xlabel("representation drift from the base model on out-of-task text (1 - cosine similarity)")
     return _save(fig, folder, "forgetting")
 
 
-def forgetting_perplexity(perplexity: dict[str, dict[str, float]], roles: dict[str, str], folder: Path) -> list[Path]:
+def forgetting_perplexity(
+    perplexity: dict[str, dict[str, float]], roles: dict[str, str], folder: Path
+) -> list[Path]:
     """Causal LMs: how much each model's perplexity on out-of-task text rose (ratio after / before)."""
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.35 * max(len(perplexity), 1)))
     names = sorted(perplexity, key=lambda n: -perplexity[n]["ratio"])
-    ax.barh(names, [perplexity[n]["ratio"] for n in names], color=[FULL_COLOR if roles[n] == "baseline" else LORA_COLOR for n in names])
+    ax.barh(
+        names,
+        [perplexity[n]["ratio"] for n in names],
+        color=[FULL_COLOR if roles[n] == "baseline" else LORA_COLOR for n in names],
+    )
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("perplexity on out-of-task text, after / before fine-tuning (1: nothing forgotten)")
     return _save(fig, folder, "forgetting")

@@ -54,8 +54,9 @@ def replicate_records(study) -> dict[tuple[str, int], dict[int, dict]]:
     return found
 
 
-def summarize_replicates(study, lora_trial: int, full_trial: int,
-                         limit: int | None = None) -> dict[str, Any] | str:
+def summarize_replicates(
+    study, lora_trial: int, full_trial: int, limit: int | None = None
+) -> dict[str, Any] | str:
     """Mean, 95% CI and the paired test over the seeds both configurations were replicated with (the
     first ``limit`` of them); a sentence saying why not when there is nothing to pair."""
     if study is None:
@@ -65,17 +66,27 @@ def summarize_replicates(study, lora_trial: int, full_trial: int,
     seeds = sorted(set(lora) & set(full))[:limit]
     if not seeds:
         made = sorted({f"{label} #{trial}" for label, trial in found}) or ["none completed"]
-        return (f"no replicates of LoRA trial #{lora_trial} and full fine-tuning trial #{full_trial} "
-                f"(the sweep's replicates: {', '.join(made)}): "
-                "run the sweep with hydra.sweeper.report.replicates=N")
+        return (
+            f"no replicates of LoRA trial #{lora_trial} and full fine-tuning trial #{full_trial} "
+            f"(the sweep's replicates: {', '.join(made)}): "
+            "run the sweep with hydra.sweeper.report.replicates=N"
+        )
     metric = lora[seeds[0]]["metrics"]["objective_metric"]
-    summary: dict[str, Any] = {"seeds": seeds, "metric": metric,
-                               "trials": {"lora": lora_trial, "full": full_trial},
-                               "runs": {label: {s: records[s].get("mlflow", {}).get("run_id") for s in seeds}
-                                        for label, records in (("lora", lora), ("full", full))}}
+    summary: dict[str, Any] = {
+        "seeds": seeds,
+        "metric": metric,
+        "trials": {"lora": lora_trial, "full": full_trial},
+        "runs": {
+            label: {s: records[s].get("mlflow", {}).get("run_id") for s in seeds}
+            for label, records in (("lora", lora), ("full", full))
+        },
+    }
     for split, key in (("validation", f"best_val_{metric}"), ("test", f"test_{metric}")):
         a = [lora[s]["metrics"][key] for s in seeds]
         b = [full[s]["metrics"][key] for s in seeds]
-        summary[split] = {"lora": {**interval(a), "values": a}, "full": {**interval(b), "values": b},
-                          "paired": paired(a, b)}
+        summary[split] = {
+            "lora": {**interval(a), "values": a},
+            "full": {**interval(b), "values": b},
+            "paired": paired(a, b),
+        }
     return summary

@@ -42,13 +42,15 @@ _warned: set[str] = set()
 
 def advisory_key(study_name: str) -> int:
     """A stable signed 64-bit key for PostgreSQL's advisory locks (Python's hash() changes per process)."""
-    return int.from_bytes(hashlib.blake2b(f"lora_sweep:{study_name}".encode(), digest_size=8).digest(), "big", signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(f"lora_sweep:{study_name}".encode(), digest_size=8).digest(), "big", signed=True
+    )
 
 
 def lock_file(spec: str, study_name: str) -> Path | None:
     """The lock file of a file-backed storage (journal or SQLite), or None for a server."""
     if spec.startswith(JOURNAL_PREFIX):
-        target = Path(spec[len(JOURNAL_PREFIX):])
+        target = Path(spec[len(JOURNAL_PREFIX) :])
     elif spec.startswith("sqlite"):
         database = make_url(spec).database
         if not database or database == ":memory:":
@@ -82,8 +84,11 @@ def study_lock(storage, spec: str, study_name: str) -> Iterator[None]:
         return
     if spec not in _warned:
         _warned.add(spec)
-        log.warning("hydra.sweeper.storage: no lock across processes for this storage; workers in several processes may "
-                    "overshoot n_trials by a trial or two (journal, sqlite and postgresql storages are exact)")
+        log.warning(
+            "hydra.sweeper.storage: no lock across processes for this storage; workers in several processes "
+            "may "
+            "overshoot n_trials by a trial or two (journal, sqlite and postgresql storages are exact)"
+        )
     yield
 
 
@@ -99,7 +104,9 @@ def schema_lock(url: str, connect_timeout: int) -> Iterator[None]:
     engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": connect_timeout})
     try:
         with engine.begin() as connection:
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key("optuna schema")})
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key("optuna schema")}
+            )
             yield
     finally:
         engine.dispose()

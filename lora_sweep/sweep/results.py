@@ -10,8 +10,12 @@ from lora_sweep.record import RECORD_FILE
 from lora_sweep.sweep.study import counts
 
 # objective name -> where its value is in a trial's record, and which way is better
-OBJECTIVES = {"objective": None, "trainable_params": ("params", "minimize"), "peak_memory_mb": ("metrics", "minimize"),
-              "train_seconds": ("metrics", "minimize")}
+OBJECTIVES = {
+    "objective": None,
+    "trainable_params": ("params", "minimize"),
+    "peak_memory_mb": ("metrics", "minimize"),
+    "train_seconds": ("metrics", "minimize"),
+}
 
 
 def objective_value(record: dict, objective: str) -> float:
@@ -28,11 +32,16 @@ def read_record_in(output_dir: Path | None) -> dict | None:
 
 
 def trial_attrs(record: dict | None) -> dict[str, Any]:
-    """What the trial's record says, copied to the Optuna trial so trial, run and checkpoint find each other."""
+    """What the trial's record says, copied to the Optuna trial so trial, run and checkpoint find each
+    other."""
     if not record:
         return {}
-    attrs = {"record": str(Path(record["output_dir"]) / RECORD_FILE), "mlflow_run_id": record.get("mlflow", {}).get("run_id"),
-             "checkpoint": record.get("checkpoints", {}).get("best"), "status": record.get("status")}
+    attrs = {
+        "record": str(Path(record["output_dir"]) / RECORD_FILE),
+        "mlflow_run_id": record.get("mlflow", {}).get("run_id"),
+        "checkpoint": record.get("checkpoints", {}).get("best"),
+        "status": record.get("status"),
+    }
     for key in ("trainable_params", "total_params", "trainable_ratio"):
         if key in record.get("params", {}):
             attrs[key] = record["params"][key]
@@ -48,15 +57,27 @@ def summarize(phases, parent) -> dict[str, Any]:
 
     main = phases[-1]
     best = best_trials(main.study)
-    summary: dict[str, Any] = {"n_trials": main.n_trials, **{f"trials_{k}": v for k, v in counts(main.study).items() if v}}
+    summary: dict[str, Any] = {
+        "n_trials": main.n_trials,
+        **{f"trials_{k}": v for k, v in counts(main.study).items() if v},
+    }
     if best:
         top = best[0]
-        summary.update(best_trial=top.number, best_value=top.values[0], best_checkpoint=top.user_attrs.get("checkpoint"),
-                       best_run_id=top.user_attrs.get("mlflow_run_id"))
+        summary.update(
+            best_trial=top.number,
+            best_value=top.values[0],
+            best_checkpoint=top.user_attrs.get("checkpoint"),
+            best_run_id=top.user_attrs.get("mlflow_run_id"),
+        )
         if len(main.study.directions) > 1:
             summary["pareto_front"] = [t.number for t in best]
-        parent.set_tags({"best_trial": top.number, "best_run_id": top.user_attrs.get("mlflow_run_id"),
-                         "best_checkpoint": top.user_attrs.get("checkpoint")})
+        parent.set_tags(
+            {
+                "best_trial": top.number,
+                "best_run_id": top.user_attrs.get("mlflow_run_id"),
+                "best_checkpoint": top.user_attrs.get("checkpoint"),
+            }
+        )
         parent.log_metrics({"best_value": top.values[0], "n_complete": counts(main.study)["complete"]})
     if len(phases) > 1 and best_trials(phases[0].study):
         summary["baseline_best_value"] = best_trials(phases[0].study)[0].values[0]

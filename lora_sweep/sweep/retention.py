@@ -37,9 +37,16 @@ def top_trials(study: optuna.Study, keep: int) -> set[int]:
     return keep_numbers
 
 
-def report_choice(search: optuna.Study, baseline: optuna.Study | None, metric: str, direction: str, tolerance: float,
-                  report_dir: Path | None) -> set[int]:
-    """The LoRA trial the report's rule picks from the trials finished so far, and the one a written report chose."""
+def report_choice(
+    search: optuna.Study,
+    baseline: optuna.Study | None,
+    metric: str,
+    direction: str,
+    tolerance: float,
+    report_dir: Path | None,
+) -> set[int]:
+    """The LoRA trial the report's rule picks from the trials finished so far, and the one a written report
+    chose."""
     chosen = set()
     choice = pick_best(trials_table(search, baseline), metric, direction, tolerance)
     if choice.row is not None:
@@ -58,12 +65,15 @@ def report_choice(search: optuna.Study, baseline: optuna.Study | None, metric: s
 def enforce(study: optuna.Study, keep: int, protect: set[int]) -> list[int]:
     """Delete the checkpoint weights of every finished trial outside ``protect``; return their numbers."""
     deleted = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+    for trial in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    ):
         folder = Path(trial.user_attrs.get("output_dir") or "")
         checkpoints = folder / "checkpoints"
         if trial.number in protect or not trial.user_attrs.get("output_dir") or not checkpoints.is_dir():
             continue
-        # the record says so first (Optuna freezes a finished trial's attributes): nothing will try to load them
+        # the record says so first (Optuna freezes a finished trial's attributes): nothing will try to load
+        # them
         _note_in_record(folder / RECORD_FILE, f"outside the {keep} best trials of study {study.study_name}")
         shutil.rmtree(checkpoints, ignore_errors=True)
         deleted.append(trial.number)

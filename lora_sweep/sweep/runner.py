@@ -22,23 +22,32 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from lora_sweep.sweep.settings import (BaselineConf, LoraOptunaSweeperConf, ReportConf,
-                                                    SamplerConf)
 from lora_sweep.config import RunConfig
-from lora_sweep.tasks import check as check_task
 from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.schema import to_dict
-from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
 from lora_sweep.sweep.locks import closes_the_sweep, study_lock
 from lora_sweep.sweep.optuna_api import heartbeat_enabled, storage_of
 from lora_sweep.sweep.optuna_api import trial_id as trial_id_of
+from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
+from lora_sweep.sweep.settings import BaselineConf, LoraOptunaSweeperConf, ReportConf, SamplerConf
 from lora_sweep.sweep.space import SearchSpace, format_value
-from lora_sweep.sweep.study import (FINISHED, counts, make_pruner, make_sampler, open_storage, requeue,
-                                    requeue_stale_trials, storage_spec, worker_identity)
+from lora_sweep.sweep.study import (
+    FINISHED,
+    counts,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    requeue,
+    requeue_stale_trials,
+    storage_spec,
+    worker_identity,
+)
 from lora_sweep.sweep.trials import best_full, pick_best, trials_table
+from lora_sweep.tasks import check as check_task
 from lora_sweep.tracking import SweepRun
 
 log = logging.getLogger(__name__)
+
 
 class SweepAborted(LoraSweepError):
     pass
@@ -54,13 +63,16 @@ class Phase:
     overrides: list[str]
     n_trials: int
     objectives: list[str]
-    arguments: list[str] = field(default_factory=list)  # the command line's overrides that apply to this phase
+    arguments: list[str] = field(
+        default_factory=list
+    )  # the command line's overrides that apply to this phase
     wanted: list[dict[str, Any]] = field(default_factory=list)  # replicates: which source trial, which seed
 
 
 class SweepRunner:
-    def __init__(self, conf: LoraOptunaSweeperConf, config: DictConfig, launcher, config_loader,
-                 arguments: list[str]):
+    def __init__(
+        self, conf: LoraOptunaSweeperConf, config: DictConfig, launcher, config_loader, arguments: list[str]
+    ):
         self.conf = conf
         self.settings = to_dict(conf)  # the same settings as plain data: every key present
         self.config = config
@@ -90,14 +102,17 @@ class SweepRunner:
 
     def _validate(self, space: SearchSpace, overrides: list[str], where: str) -> None:
         """Compose the config with every choice of every parameter: a bad value fails now, not in trial 7."""
+        from lora_sweep.methods import peft_kwargs, trained_head
         from lora_sweep.models import inspect_model
         from lora_sweep.targets import resolve_targets
 
-        from lora_sweep.methods import peft_kwargs, trained_head
-
         first = {p.name: _first(p.distribution) for p in space.params}
-        variants = [first] + [{**first, p.name: c} for p in space.params if hasattr(p.distribution, "choices")
-                              for c in p.distribution.choices[1:]]
+        variants = [first] + [
+            {**first, p.name: c}
+            for p in space.params
+            if hasattr(p.distribution, "choices")
+            for c in p.distribution.choices[1:]
+        ]
         fixed = self._condition_values(space)
         spec = first_cfg = None
         for values in variants:
@@ -109,19 +124,36 @@ class SweepRunner:
             first_cfg = first_cfg or cfg
             if cfg.method.adapter:
                 spec = spec or inspect_model(cfg.model)
-                targets = resolve_targets(cfg.method.targets, spec.linear_names, key=f"{where} -> method.targets")
+                targets = resolve_targets(
+                    cfg.method.targets, spec.linear_names, key=f"{where} -> method.targets"
+                )
                 try:
                     peft_kwargs(cfg.method, targets, trained_head(spec))
                 except ConfigError as err:
                     raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
         from lora_sweep.prepare import prepare
 
-        prepare(first_cfg)  # the data (path, columns, splits, labels) is the same for every trial: check it once, now
+        prepare(
+            first_cfg
+        )  # the data (path, columns, splits, labels) is the same for every trial: check it once, now
 
-    def _phase(self, role: str, storage, study_name: str, block: dict[str, Any], overrides: list[str], objectives: list[str]) -> Phase:
+    def _phase(
+        self,
+        role: str,
+        storage,
+        study_name: str,
+        block: dict[str, Any],
+        overrides: list[str],
+        objectives: list[str],
+    ) -> Phase:
         where = "hydra.sweeper" if role == "search" else "hydra.sweeper.baseline"
-        space = SearchSpace(block.get("params") or {}, alpha=block.get("alpha"), target_sets=self.settings.get("target_sets"),
-                            conditions=block.get("conditions"), prefix=where)
+        space = SearchSpace(
+            block.get("params") or {},
+            alpha=block.get("alpha"),
+            target_sets=self.settings.get("target_sets"),
+            conditions=block.get("conditions"),
+            prefix=where,
+        )
         for i, entry in enumerate(block.get("enqueue") or []):
             space.check_enqueued(dict(entry), f"{where}.enqueue[{i}]")
         missing = object()
@@ -134,7 +166,9 @@ class SweepRunner:
         self._validate(space, overrides, f"{where}.params")
         unknown = [o for o in objectives if o not in OBJECTIVES]
         if unknown:
-            raise ConfigError("hydra.sweeper.objectives", unknown[0], f"must be among {', '.join(OBJECTIVES)}")
+            raise ConfigError(
+                "hydra.sweeper.objectives", unknown[0], f"must be among {', '.join(OBJECTIVES)}"
+            )
         directions = [self._direction(o) for o in objectives]
         sampler_cfg = phase_sampler(self.conf, role)
         grid = space.grid(f"{where}.params") if sampler_cfg.name == "grid" else None
@@ -144,15 +178,30 @@ class SweepRunner:
             n_trials = math.prod(len(values) for values in grid.values())
             log.warning("%s.n_trials: the grid has only %d points; running those", where, n_trials)
         pruner = make_pruner(self.conf.pruner)
-        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                    directions=directions, load_if_exists=True)
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            directions=directions,
+            load_if_exists=True,
+        )
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
-            raise ConfigError("hydra.sweeper.objectives", objectives, f"study {study_name!r} exists with other directions")
+            raise ConfigError(
+                "hydra.sweeper.objectives", objectives, f"study {study_name!r} exists with other directions"
+            )
         if "lora_sweep" not in study.user_attrs:  # a new study: remember its settings, queue the fixed trials
             # "metric": the objective's metric, so the report reads it instead of guessing
-            study.set_user_attr("lora_sweep", {"pruner": self.settings["pruner"], "objectives": objectives,
-                                               "metric": OmegaConf.select(self.config, "objective.metric"),
-                                               "role": role, "params": dict(block.get("params") or {})})
+            study.set_user_attr(
+                "lora_sweep",
+                {
+                    "pruner": self.settings["pruner"],
+                    "objectives": objectives,
+                    "metric": OmegaConf.select(self.config, "objective.metric"),
+                    "role": role,
+                    "params": dict(block.get("params") or {}),
+                },
+            )
             for entry in block.get("enqueue") or []:
                 study.enqueue_trial(dict(entry), user_attrs={"enqueued": True})
         return Phase(role, study, space, overrides, n_trials, objectives, self._arguments_for(overrides))
@@ -175,8 +224,10 @@ class SweepRunner:
         if n <= 0 or not report.enabled:  # they exist for the report's comparison
             return None
         if baseline is None:
-            log.info("no replicates: they pair the chosen LoRA config with full fine-tuning; "
-                     "set hydra.sweeper.baseline.n_trials")
+            log.info(
+                "no replicates: they pair the chosen LoRA config with full fine-tuning; "
+                "set hydra.sweeper.baseline.n_trials"
+            )
             return None
         if any(counts(p.study)["running"] for p in (search, baseline)):
             log.info("other workers still run search trials: the last one to finish runs the replicates")
@@ -186,22 +237,36 @@ class SweepRunner:
         table = trials_table(search.study, baseline.study)
         chosen, full = pick_best(table, metric, direction, tolerance).row, best_full(table, direction)
         if chosen is None or full is None:
-            log.warning("no replicates: no %s trial completed",
-                        "LoRA" if chosen is None else "full fine-tuning")
+            log.warning(
+                "no replicates: no %s trial completed", "LoRA" if chosen is None else "full fine-tuning"
+            )
             return None
         name = f"{self.settings['study_name']}-replicates"
         # the sampler never samples (every trial is enqueued); no pruning: a replicate runs to its end
-        study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
-                                    pruner=optuna.pruners.NopPruner(), directions=[direction],
-                                    load_if_exists=True)
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=optuna.pruners.NopPruner(),
+            directions=[direction],
+            load_if_exists=True,
+        )
         if "lora_sweep" not in study.user_attrs:
-            study.set_user_attr("lora_sweep", {"pruner": {"name": "none"}, "objectives": ["objective"],
-                                               "role": "replicate"})
+            study.set_user_attr(
+                "lora_sweep", {"pruner": {"name": "none"}, "objectives": ["objective"], "role": "replicate"}
+            )
         sources = (("lora", search, chosen), ("full", baseline, full))
-        wanted = [{"replicate_of": label, "source_study": source.study.study_name,
-                   "source_trial": int(row["trial"]), "seed": seed,
-                   "overrides": self._replicate_overrides(source, int(row["trial"]), seed)}
-                  for seed in range(1, n + 1) for label, source, row in sources]
+        wanted = [
+            {
+                "replicate_of": label,
+                "source_study": source.study.study_name,
+                "source_trial": int(row["trial"]),
+                "seed": seed,
+                "overrides": self._replicate_overrides(source, int(row["trial"]), seed),
+            }
+            for seed in range(1, n + 1)
+            for label, source, row in sources
+        ]
         phase = Phase("replicate", study, SearchSpace({}), [], 0, ["objective"], wanted=wanted)
         trials = study.get_trials(deepcopy=False)
         held = {_replicate_key(t.user_attrs) for t in trials if t.state != TrialState.FAIL}
@@ -210,12 +275,23 @@ class SweepRunner:
                 study.enqueue_trial({"train.seed": spec["seed"]}, user_attrs=spec)
         keys = {_replicate_key(spec) for spec in wanted}
         # replicates of an earlier pick (before the search grew) stay in the study and count as taken places
-        stale = sum(_replicate_key(t.user_attrs) not in keys for t in trials
-                    if t.state in (*FINISHED, TrialState.RUNNING))
+        stale = sum(
+            _replicate_key(t.user_attrs) not in keys
+            for t in trials
+            if t.state in (*FINISHED, TrialState.RUNNING)
+        )
         phase.n_trials = len(keys) + stale
         finished = sum(_replicate_key(t.user_attrs) in keys for t in trials if t.state in FINISHED)
-        log.info("study %s (replicate): LoRA trial %d and full fine-tuning trial %d, seeds 1..%d; "
-                 "%d of %d finished", name, int(chosen["trial"]), int(full["trial"]), n, finished, len(keys))
+        log.info(
+            "study %s (replicate): LoRA trial %d and full fine-tuning trial %d, seeds 1..%d; "
+            "%d of %d finished",
+            name,
+            int(chosen["trial"]),
+            int(full["trial"]),
+            n,
+            finished,
+            len(keys),
+        )
         return phase
 
     def _replicate_overrides(self, phase: Phase, number: int, seed: int) -> list[str]:
@@ -231,8 +307,11 @@ class SweepRunner:
         first wanted replicate no other trial holds."""
         attrs = trial.user_attrs
         if "replicate_of" not in attrs:
-            held = {_replicate_key(t.user_attrs) for t in phase.study.get_trials(deepcopy=False)
-                    if t.state != TrialState.FAIL and t.number != trial.number}
+            held = {
+                _replicate_key(t.user_attrs)
+                for t in phase.study.get_trials(deepcopy=False)
+                if t.state != TrialState.FAIL and t.number != trial.number
+            }
             attrs = next((spec for spec in phase.wanted if _replicate_key(spec) not in held), phase.wanted[0])
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
@@ -248,11 +327,16 @@ class SweepRunner:
         settings = self.settings
         keep = settings.get("keep_checkpoints")
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
-            raise ConfigError("hydra.sweeper.keep_checkpoints", keep, "must be an integer >= 1, or null to keep every checkpoint")
+            raise ConfigError(
+                "hydra.sweeper.keep_checkpoints",
+                keep,
+                "must be an integer >= 1, or null to keep every checkpoint",
+            )
         replicates = self.conf.report.replicates
         if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 0:
-            raise ConfigError("hydra.sweeper.report.replicates", replicates,
-                              "must be an integer >= 0 (0: no replicates)")
+            raise ConfigError(
+                "hydra.sweeper.report.replicates", replicates, "must be an integer >= 0 (0: no replicates)"
+            )
         spec = storage_spec(self.conf.storage, self.sweep_dir)
         storage = open_storage(spec, self.conf.heartbeat_interval)
         study_name = settings["study_name"]
@@ -263,25 +347,45 @@ class SweepRunner:
         with FileLock(str(self.sweep_dir / ".setup.lock")), study_lock(storage, spec, f"{study_name}/setup"):
             phases = []
             if self.conf.baseline.n_trials > 0:  # an empty list of overrides or objectives: the schema's
-                phases.append(self._phase("baseline", storage, f"{study_name}-baseline", baseline,
-                                          list(self.conf.baseline.overrides or BaselineConf().overrides),
-                                          ["objective"]))
+                phases.append(
+                    self._phase(
+                        "baseline",
+                        storage,
+                        f"{study_name}-baseline",
+                        baseline,
+                        list(self.conf.baseline.overrides or BaselineConf().overrides),
+                        ["objective"],
+                    )
+                )
             objectives = list(self.conf.objectives or LoraOptunaSweeperConf().objectives)
             phases.append(self._phase("search", storage, study_name, settings, [], objectives))
             self.phases = phases
             main = phases[-1].study
             tracking = self._tracking_config()
             self.parent = SweepRun(tracking)
-            parent_id = self.parent.open(main.user_attrs.get("mlflow_parent_run_id"), f"sweep {study_name}",
-                                         self._parent_params(), {"lora_sweep.sweep": study_name, "lora_sweep.role": "sweep"})
+            parent_id = self.parent.open(
+                main.user_attrs.get("mlflow_parent_run_id"),
+                f"sweep {study_name}",
+                self._parent_params(),
+                {"lora_sweep.sweep": study_name, "lora_sweep.role": "sweep"},
+            )
             if parent_id and main.user_attrs.get("mlflow_parent_run_id") != parent_id:
                 main.set_user_attr("mlflow_parent_run_id", parent_id)
-                self.parent.log_dict(OmegaConf.to_container(self.config.hydra.sweeper, resolve=True), "sweep.yaml")
+                self.parent.log_dict(
+                    OmegaConf.to_container(self.config.hydra.sweeper, resolve=True), "sweep.yaml"
+                )
         for phase in phases:
             requeue_stale_trials(phase.study)
             done = counts(phase.study)
-            log.info("study %s (%s): %d of %d trials finished, %d failed; storage %s", phase.study.study_name, phase.role,
-                     done["complete"] + done["pruned"], phase.n_trials, done["fail"], spec if "://" not in spec else "(url)")
+            log.info(
+                "study %s (%s): %d of %d trials finished, %d failed; storage %s",
+                phase.study.study_name,
+                phase.role,
+                done["complete"] + done["pruned"],
+                phase.n_trials,
+                done["fail"],
+                spec if "://" not in spec else "(url)",
+            )
         self.replicates = None
         try:
             for phase in phases:
@@ -310,7 +414,9 @@ class SweepRunner:
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                 errors.append(err)
 
-        threads = [threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}") for i in range(workers)]
+        threads = [
+            threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}") for i in range(workers)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -327,14 +433,18 @@ class SweepRunner:
                 finished = state["complete"] + state["pruned"]
                 limit = float(self.conf.max_failure_rate) * max(phase.n_trials, 1)
                 if state["fail"] > limit:
-                    raise SweepAborted(f"hydra.sweeper.max_failure_rate={self.conf.max_failure_rate}: "
-                                       f"{state['fail']} trials "
-                                       f"of {phase.study.study_name} failed; last reason: {self._last_failure(phase.study)}")
+                    raise SweepAborted(
+                        f"hydra.sweeper.max_failure_rate={self.conf.max_failure_rate}: "
+                        f"{state['fail']} trials "
+                        f"of {phase.study.study_name} failed; last reason: {self._last_failure(phase.study)}"
+                    )
                 if finished + state["running"] >= phase.n_trials:
                     return
                 trial = phase.study.ask()
                 trial.set_user_attr("worker", worker_identity())
-                trial.set_user_attr("sweeper", worker_identity())  # "worker" becomes the training process's (joblib)
+                trial.set_user_attr(
+                    "sweeper", worker_identity()
+                )  # "worker" becomes the training process's (joblib)
                 if phase.role == "replicate":
                     values = self._replicate_values(phase, trial)
                 else:
@@ -351,18 +461,28 @@ class SweepRunner:
         else:
             task = [*phase.arguments, *phase.overrides, *phase.space.overrides(values)]
             evaluate_test, shown = "false", None
-        overrides = [*task,
-                     f"sweep.study_name={format_value(phase.study.study_name)}", f"sweep.storage={format_value(self.storage_spec)}",
-                     f"sweep.trial_number={trial.number}", f"sweep.trial_id={trial_id}", f"sweep.role={phase.role}",
-                     f"sweep.parent_run_id={format_value(self.parent.run_id)}",
-                     f"evaluate_test={evaluate_test}",
-                     f"hydra.sweep.subdir={subdir}"]
+        overrides = [
+            *task,
+            f"sweep.study_name={format_value(phase.study.study_name)}",
+            f"sweep.storage={format_value(self.storage_spec)}",
+            f"sweep.trial_number={trial.number}",
+            f"sweep.trial_id={trial_id}",
+            f"sweep.role={phase.role}",
+            f"sweep.parent_run_id={format_value(self.parent.run_id)}",
+            f"evaluate_test={evaluate_test}",
+            f"hydra.sweep.subdir={subdir}",
+        ]
         if device:
             overrides.append(f"train.device={device}")
         trial.set_user_attr("output_dir", str((self.sweep_dir / subdir).resolve()))
         interrupted = storage.get_trial(trial_id).user_attrs.get("interruptions")
-        log.info("trial %s-%d%s: %s", phase.role, trial.number, f" resumes ({interrupted[-1]})" if interrupted else "",
-                 " ".join(shown or phase.space.overrides(values)) or "(defaults)")
+        log.info(
+            "trial %s-%d%s: %s",
+            phase.role,
+            trial.number,
+            f" resumes ({interrupted[-1]})" if interrupted else "",
+            " ".join(shown or phase.space.overrides(values)) or "(defaults)",
+        )
         try:
             (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
         except BaseException:  # Ctrl-C or a launcher crash: the same trial resumes when the sweep is rerun
@@ -373,7 +493,9 @@ class SweepRunner:
     def _tell(self, phase: Phase, trial: optuna.Trial, result) -> None:
         from hydra.core.utils import JobStatus
 
-        output_dir = Path(str(result.hydra_cfg.hydra.runtime.output_dir)) if result.hydra_cfg is not None else None
+        output_dir = (
+            Path(str(result.hydra_cfg.hydra.runtime.output_dir)) if result.hydra_cfg is not None else None
+        )
         record = read_record_in(output_dir)
         for key, value in trial_attrs(record).items():
             trial.set_user_attr(key, value)
@@ -406,8 +528,14 @@ class SweepRunner:
         keep = int(self.settings["keep_checkpoints"])
         search, baseline = self.phases[-1].study, self.phases[0].study if len(self.phases) > 1 else None
         report = self.conf.report
-        chosen = retention.report_choice(search, baseline, OmegaConf.select(self.config, "objective.metric"), self._direction("objective"),
-                                         report.tolerance, Path(report.dir) / self.settings["study_name"])
+        chosen = retention.report_choice(
+            search,
+            baseline,
+            OmegaConf.select(self.config, "objective.metric"),
+            self._direction("objective"),
+            report.tolerance,
+            Path(report.dir) / self.settings["study_name"],
+        )
         retention.enforce(search, keep, retention.top_trials(search, keep) | chosen)
         if baseline is not None:
             retention.enforce(baseline, keep, retention.top_trials(baseline, keep))
@@ -425,7 +553,10 @@ class SweepRunner:
         if self.replicates is not None:
             studies.insert(-1, self.replicates.study)  # the main study stays last
         if not closes_the_sweep(studies, self.storage_spec, worker_identity()):
-            log.info("other workers of this study are still at work: the last one out writes the report and closes the parent run")
+            log.info(
+                "other workers of this study are still at work: the last one out writes the report and "
+                "closes the parent run"
+            )
             return
         if self.conf.report.enabled:
             self._report(self.conf.report)
@@ -437,11 +568,22 @@ class SweepRunner:
         out = Path(report.dir) / self.settings["study_name"]
         tracking = self._tracking_config()
         register_as = report.register_as or (self.conf.study_name if tracking.backend == "mlflow" else None)
-        summary = write_report(self.conf.study_name, self.storage_spec, self.sweep_dir, out, report.tolerance,
-                               checkpoints=report.checkpoints, register_as=register_as,
-                               tracking_uri=self.parent.location, replicates=report.replicates)
+        summary = write_report(
+            self.conf.study_name,
+            self.storage_spec,
+            self.sweep_dir,
+            out,
+            report.tolerance,
+            checkpoints=report.checkpoints,
+            register_as=register_as,
+            tracking_uri=self.parent.location,
+            replicates=report.replicates,
+        )
         self.parent.log_artifacts(out, "report")
-        print(f"report: {out / 'report.html'}" + (f" (chosen: trial {summary['chosen']['trial']})" if summary.get("chosen") else ""))
+        print(
+            f"report: {out / 'report.html'}"
+            + (f" (chosen: trial {summary['chosen']['trial']})" if summary.get("chosen") else "")
+        )
 
     # --- helpers -------------------------------------------------------------------------------------
     def _parallelism(self) -> int:
@@ -471,10 +613,16 @@ class SweepRunner:
         from lora_sweep.sweep.study import redact_url
 
         c = self.conf
-        params = {"study_name": c.study_name, "n_trials": c.n_trials, "sampler": c.sampler.name,
-                  "pruner": c.pruner.name, "objectives": c.objectives,
-                  "storage": redact_url(self.storage_spec), "baseline.n_trials": c.baseline.n_trials,
-                  "command": " ".join(["python -m lora_sweep --multirun", *self.arguments])}
+        params = {
+            "study_name": c.study_name,
+            "n_trials": c.n_trials,
+            "sampler": c.sampler.name,
+            "pruner": c.pruner.name,
+            "objectives": c.objectives,
+            "storage": redact_url(self.storage_spec),
+            "baseline.n_trials": c.baseline.n_trials,
+            "command": " ".join(["python -m lora_sweep --multirun", *self.arguments]),
+        }
         params.update({f"space.{k}": v for k, v in (s.get("params") or {}).items()})
         if s.get("alpha"):
             params["space.alpha"] = s["alpha"]

@@ -65,14 +65,18 @@ class LoraOptunaSweeperConf:
     objectives: List[str] = field(default_factory=lambda: ["objective"])  # + trainable_params, peak_memory_mb
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
-    params: Dict[str, str] = field(default_factory=dict)  # key: choice(...) | range(...) | interval(...) | tag(log, ...)
+    params: Dict[str, str] = field(
+        default_factory=dict
+    )  # key: choice(...) | range(...) | interval(...) | tag(log, ...)
     alpha: Optional[Dict[str, Any]] = None  # {ratio: [0.5, 1, 2, 4], free: tag(log, interval(4, 512))}
     conditions: Dict[str, Dict[str, List[Any]]] = field(default_factory=dict)
     target_sets: Dict[str, List[str]] = field(default_factory=dict)
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
     baseline: BaselineConf = field(default_factory=BaselineConf)
     max_failure_rate: float = 0.5  # abort once more than this share of n_trials has failed
-    keep_checkpoints: Optional[int] = None  # keep the checkpoints of the k best trials (+ the report's pick); None: all
+    keep_checkpoints: Optional[int] = (
+        None  # keep the checkpoints of the k best trials (+ the report's pick); None: all
+    )
     heartbeat_interval: Optional[int] = 60  # RDB storages: seconds between a running trial's heartbeats
     report: ReportConf = field(default_factory=ReportConf)
 
@@ -82,4 +86,3 @@ def sweeper_conf(settings: Mapping[str, Any]) -> "LoraOptunaSweeperConf":
     out takes the schema's default, an unknown key or a bad value is a one-line ``ConfigError``."""
     given = {k: v for k, v in settings.items() if k != "_target_"}
     return build(LoraOptunaSweeperConf, given, "hydra.sweeper")
-

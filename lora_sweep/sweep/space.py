@@ -47,7 +47,11 @@ def _parse(key: str, text: str, where: str) -> BaseDistribution:
     if isinstance(value, ChoiceSweep):
         choices = list(value.list)
         if any(isinstance(c, (list, dict)) for c in choices):
-            raise ConfigError(where, text, "a list is not a choice: name it in hydra.sweeper.target_sets and choose the name")
+            raise ConfigError(
+                where,
+                text,
+                "a list is not a choice: name it in hydra.sweeper.target_sets and choose the name",
+            )
         if not choices:
             raise ConfigError(where, text, "choice() needs at least one value")
         return CategoricalDistribution(choices)
@@ -68,19 +72,32 @@ def _parse(key: str, text: str, where: str) -> BaseDistribution:
         if isinstance(low, int) and isinstance(high, int):
             return IntDistribution(low, high, log=log)
         return FloatDistribution(float(low), float(high), log=log)
-    raise ConfigError(where, text, "expected choice(...), range(...), interval(...) or tag(log, interval(...))")
+    raise ConfigError(
+        where, text, "expected choice(...), range(...), interval(...) or tag(log, interval(...))"
+    )
 
 
 class SearchSpace:
-    def __init__(self, params: dict[str, str], *, alpha: dict | None = None, target_sets: dict[str, list[str]] | None = None,
-                 conditions: dict[str, dict[str, list]] | None = None, prefix: str = "hydra.sweeper"):
+    def __init__(
+        self,
+        params: dict[str, str],
+        *,
+        alpha: dict | None = None,
+        target_sets: dict[str, list[str]] | None = None,
+        conditions: dict[str, dict[str, list]] | None = None,
+        prefix: str = "hydra.sweeper",
+    ):
         self.target_sets = dict(target_sets or {})
         self.params: list[Param] = []
         conditions = dict(conditions or {})
         for key, text in params.items():
             if key in (ALPHA, ALPHA_RATIO) and alpha:
-                raise ConfigError(f"{prefix}.params.{key}", text, "alpha is already searched through hydra.sweeper.alpha")
-            self.params.append(Param(key, _parse(key, str(text), f"{prefix}.params.{key}"), conditions.pop(key, None)))
+                raise ConfigError(
+                    f"{prefix}.params.{key}", text, "alpha is already searched through hydra.sweeper.alpha"
+                )
+            self.params.append(
+                Param(key, _parse(key, str(text), f"{prefix}.params.{key}"), conditions.pop(key, None))
+            )
         if alpha:
             ratios = [float(r) for r in alpha.get("ratio") or []]
             if any(r <= 0 for r in ratios):
@@ -89,22 +106,36 @@ class SearchSpace:
             choices = ratios + ([FREE] if free else [])
             if not choices:
                 raise ConfigError(f"{prefix}.alpha", alpha, "give ratio: [...] and/or free: <interval>")
-            self.params.append(Param(ALPHA_RATIO, CategoricalDistribution(choices), conditions.pop(ALPHA_RATIO, None)))
+            self.params.append(
+                Param(ALPHA_RATIO, CategoricalDistribution(choices), conditions.pop(ALPHA_RATIO, None))
+            )
             if free:
-                self.params.append(Param(ALPHA, _parse(ALPHA, str(free), f"{prefix}.alpha.free"), {ALPHA_RATIO: [FREE]}))
+                self.params.append(
+                    Param(ALPHA, _parse(ALPHA, str(free), f"{prefix}.alpha.free"), {ALPHA_RATIO: [FREE]})
+                )
         if conditions:
             key = next(iter(conditions))
-            raise ConfigError(f"{prefix}.conditions.{key}", conditions[key], "conditions a parameter that is not searched")
+            raise ConfigError(
+                f"{prefix}.conditions.{key}", conditions[key], "conditions a parameter that is not searched"
+            )
         names = [p.name for p in self.params]
         for param in self.params:
-            for other in (param.when or {}):
+            for other in param.when or {}:
                 if other in names and names.index(other) > names.index(param.name):
-                    raise ConfigError(f"{prefix}.conditions.{param.name}", other, "must refer to a parameter listed before it")
+                    raise ConfigError(
+                        f"{prefix}.conditions.{param.name}",
+                        other,
+                        "must refer to a parameter listed before it",
+                    )
             if param.name == "method.targets":
                 for choice in param.distribution.choices:
                     if choice not in TARGET_PRESETS and choice not in self.target_sets:
-                        raise ConfigError(f"{prefix}.params.method.targets", choice,
-                                          f"neither a preset ({', '.join(TARGET_PRESETS)}) nor a name in {prefix}.target_sets")
+                        raise ConfigError(
+                            f"{prefix}.params.method.targets",
+                            choice,
+                            f"neither a preset ({', '.join(TARGET_PRESETS)}) nor a name in "
+                            f"{prefix}.target_sets",
+                        )
 
     @property
     def names(self) -> list[str]:
@@ -132,9 +163,13 @@ class SearchSpace:
             if isinstance(dist, CategoricalDistribution):
                 chosen[param.name] = trial.suggest_categorical(param.name, dist.choices)
             elif isinstance(dist, IntDistribution):
-                chosen[param.name] = trial.suggest_int(param.name, dist.low, dist.high, step=dist.step, log=dist.log)
+                chosen[param.name] = trial.suggest_int(
+                    param.name, dist.low, dist.high, step=dist.step, log=dist.log
+                )
             else:
-                chosen[param.name] = trial.suggest_float(param.name, dist.low, dist.high, step=dist.step, log=dist.log)
+                chosen[param.name] = trial.suggest_float(
+                    param.name, dist.low, dist.high, step=dist.step, log=dist.log
+                )
         return chosen
 
     def overrides(self, values: dict[str, Any]) -> list[str]:
@@ -155,7 +190,9 @@ class SearchSpace:
     def check_enqueued(self, entry: dict[str, Any], where: str) -> None:
         for name, value in entry.items():
             if name not in self.names:
-                raise ConfigError(f"{where}.{name}", value, f"not a searched parameter (searched: {', '.join(self.names)})")
+                raise ConfigError(
+                    f"{where}.{name}", value, f"not a searched parameter (searched: {', '.join(self.names)})"
+                )
             dist = next(p.distribution for p in self.params if p.name == name)
             try:
                 inside = _in_range(dist, dist.to_internal_repr(value))
@@ -170,14 +207,20 @@ class SearchSpace:
         for param in self.params:
             dist = param.distribution
             if param.when:
-                raise ConfigError(f"{where}.{param.name}", "conditional", "the grid sampler cannot search conditional parameters")
+                raise ConfigError(
+                    f"{where}.{param.name}",
+                    "conditional",
+                    "the grid sampler cannot search conditional parameters",
+                )
             if isinstance(dist, CategoricalDistribution):
                 grid[param.name] = list(dist.choices)
             elif dist.step is not None:
                 count = int(round((dist.high - dist.low) / dist.step)) + 1
                 grid[param.name] = [dist.low + i * dist.step for i in range(count)]
             else:
-                raise ConfigError(f"{where}.{param.name}", "interval", "the grid sampler needs choice() or range() values")
+                raise ConfigError(
+                    f"{where}.{param.name}", "interval", "the grid sampler needs choice() or range() values"
+                )
         return grid
 
 

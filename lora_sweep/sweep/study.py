@@ -16,18 +16,18 @@ import logging
 import os
 import socket
 import warnings
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from lora_sweep.sweep.settings import PrunerConf, SamplerConf
 from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
-from lora_sweep.sweep.optuna_api import stale_trial_ids, storage_of, trial_id
 from lora_sweep.secrets import password_of, redact_text, redact_url, secret_values
+from lora_sweep.sweep.optuna_api import stale_trial_ids, storage_of, trial_id
+from lora_sweep.sweep.settings import PrunerConf, SamplerConf
 
 log = logging.getLogger(__name__)
 # TPE's group/constant_liar options are "experimental" in Optuna 5 but stable in practice; the warnings
@@ -47,7 +47,7 @@ def storage_spec(storage: str | None, sweep_dir: Path) -> str:
     if storage is None:
         return JOURNAL_PREFIX + str((sweep_dir / "optuna.journal").resolve())
     if storage.startswith(JOURNAL_PREFIX):
-        return JOURNAL_PREFIX + str(Path(storage[len(JOURNAL_PREFIX):]).expanduser().resolve())
+        return JOURNAL_PREFIX + str(Path(storage[len(JOURNAL_PREFIX) :]).expanduser().resolve())
     return storage
 
 
@@ -55,24 +55,41 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
     if spec.startswith(JOURNAL_PREFIX):
         from optuna.storages.journal import JournalFileBackend
 
-        path = Path(spec[len(JOURNAL_PREFIX):])
+        path = Path(spec[len(JOURNAL_PREFIX) :])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     from lora_sweep.sweep.locks import schema_lock
 
     if "://" not in spec:
-        raise ConfigError("hydra.sweeper.storage", redact_url(spec), "not a storage URL (sqlite:///path.db, postgresql://user@host/db) nor journal:<file>")
+        raise ConfigError(
+            "hydra.sweeper.storage",
+            redact_url(spec),
+            "not a storage URL (sqlite:///path.db, postgresql://user@host/db) nor journal:<file>",
+        )
     engine_kwargs = None
     if not spec.startswith("sqlite"):  # a dead server fails in seconds, not after the OS's TCP timeout
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT} if spec.startswith("postgres") else {}}
+        engine_kwargs = {
+            "pool_pre_ping": True,
+            "connect_args": {"connect_timeout": CONNECT_TIMEOUT} if spec.startswith("postgres") else {},
+        }
     try:
-        with schema_lock(spec, CONNECT_TIMEOUT):  # workers starting together on an empty database create its tables once
-            return optuna.storages.RDBStorage(spec, heartbeat_interval=heartbeat_interval, engine_kwargs=engine_kwargs,
-                                              grace_period=None if heartbeat_interval is None else 3 * heartbeat_interval)
+        with schema_lock(
+            spec, CONNECT_TIMEOUT
+        ):  # workers starting together on an empty database create its tables once
+            return optuna.storages.RDBStorage(
+                spec,
+                heartbeat_interval=heartbeat_interval,
+                engine_kwargs=engine_kwargs,
+                grace_period=None if heartbeat_interval is None else 3 * heartbeat_interval,
+            )
     except Exception as err:  # malformed URL, unknown dialect, unreachable server, wrong password
-        problem = redact_text(str(err).splitlines()[0] if str(err) else type(err).__name__,
-                              [p for p in [password_of(spec)] if p] + secret_values())  # drivers quote the password
-        raise ConfigError("hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {problem}") from None
+        problem = redact_text(
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+            [p for p in [password_of(spec)] if p] + secret_values(),
+        )  # drivers quote the password
+        raise ConfigError(
+            "hydra.sweeper.storage", redact_url(spec), f"cannot open the study storage: {problem}"
+        ) from None
 
 
 class SweepGridSampler(optuna.samplers.GridSampler):
@@ -83,8 +100,9 @@ class SweepGridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def make_sampler(cfg: SamplerConf | Mapping[str, Any], grid: dict[str, list] | None,
-                 multi_objective: bool) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    cfg: SamplerConf | Mapping[str, Any], grid: dict[str, list] | None, multi_objective: bool
+) -> optuna.samplers.BaseSampler:
     """The sampler of ``cfg``: the schema's dataclass, or a mapping of some of its fields."""
     if isinstance(cfg, Mapping):
         cfg = build(SamplerConf, cfg, "hydra.sweeper.sampler")
@@ -92,8 +110,13 @@ def make_sampler(cfg: SamplerConf | Mapping[str, Any], grid: dict[str, list] | N
     if name not in SAMPLERS:
         raise ConfigError("hydra.sweeper.sampler.name", name, f"must be one of {', '.join(SAMPLERS)}")
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
-                                          group=True, constant_liar=True)  # the liar keeps parallel workers apart
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=cfg.n_startup_trials,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+        )  # the liar keeps parallel workers apart
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
@@ -103,9 +126,12 @@ def make_sampler(cfg: SamplerConf | Mapping[str, Any], grid: dict[str, list] | N
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if multi_objective:
-        raise ConfigError("hydra.sweeper.sampler.name", name, "CMA-ES optimises one objective; use tpe or nsga2 for several")
-    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
-                                        warn_independent_sampling=False)
+        raise ConfigError(
+            "hydra.sweeper.sampler.name", name, "CMA-ES optimises one objective; use tpe or nsga2 for several"
+        )
+    return optuna.samplers.CmaEsSampler(
+        seed=seed, n_startup_trials=cfg.n_startup_trials, warn_independent_sampling=False
+    )
 
 
 def make_pruner(cfg: PrunerConf | Mapping[str, Any]) -> optuna.pruners.BasePruner:
@@ -119,13 +145,16 @@ def make_pruner(cfg: PrunerConf | Mapping[str, Any]) -> optuna.pruners.BasePrune
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials,
-                                           n_warmup_steps=cfg.n_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
+        )
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
-                                                      reduction_factor=cfg.reduction_factor)
-    return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, max_resource=cfg.max_resource,
-                                          reduction_factor=cfg.reduction_factor)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor
+        )
+    return optuna.pruners.HyperbandPruner(
+        min_resource=cfg.min_resource, max_resource=cfg.max_resource, reduction_factor=cfg.reduction_factor
+    )
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
@@ -177,7 +206,14 @@ def requeue_stale_trials(study: optuna.Study) -> list[int]:
         worker = trial.user_attrs.get("worker") or {}
         if worker.get("host") == me["host"] and not _alive(int(worker.get("pid", -1))):
             stale[trial_id(study, trial.number)] = "its worker process died"
-    numbers = [storage.get_trial(trial_id).number for trial_id, reason in stale.items() if requeue(study, trial_id, reason)]
+    numbers = [
+        storage.get_trial(trial_id).number
+        for trial_id, reason in stale.items()
+        if requeue(study, trial_id, reason)
+    ]
     if numbers:
-        log.warning("trials %s were left running by a dead worker: they resume from their last checkpoint", sorted(numbers))
+        log.warning(
+            "trials %s were left running by a dead worker: they resume from their last checkpoint",
+            sorted(numbers),
+        )
     return sorted(numbers)

@@ -33,24 +33,59 @@ def print_summary(phases, parent, metric: str) -> None:
     rows = trials_table(main.study, baseline.study if baseline else None)
     console = Console(width=160)
     table = Table(title=f"sweep {main.study.study_name}", show_lines=False)
-    for column in ("trial", "method", "rank", "alpha", "targets", "variant", "lr", f"val {metric}", "trainable", "state"):
-        table.add_column(column, justify="right" if column in ("trial", "rank", "alpha", "lr", "trainable") else "left")
+    for column in (
+        "trial",
+        "method",
+        "rank",
+        "alpha",
+        "targets",
+        "variant",
+        "lr",
+        f"val {metric}",
+        "trainable",
+        "state",
+    ):
+        table.add_column(
+            column, justify="right" if column in ("trial", "rank", "alpha", "lr", "trainable") else "left"
+        )
     for phase in phases:
-        marks = {t.number for t in best_trials(phase.study)[: 1 if len(phase.study.directions) == 1 else None]}
+        marks = {
+            t.number for t in best_trials(phase.study)[: 1 if len(phase.study.directions) == 1 else None]
+        }
         for _, row in rows[rows["role"] == phase.role].iterrows():
-            state = row["state"] + (f": {str(row['fail_reason'])[:40]}" if row["state"] == "failed" and isinstance(row["fail_reason"], str) else "")
-            table.add_row(("★ " if row["trial"] in marks else "") + str(row["trial"]), row["method"], _cell(row["r"], "{:.0f}"),
-                          _cell(row["alpha"], "{:g}"), _cell(row["targets"]), _cell(row["variant"]), _cell(row["lr"], "{:.2e}"),
-                          _cell(row["val_metric"], "{:.4f}"), _cell(row["trainable_pct"], "{:.2f}%"), state)
+            state = row["state"] + (
+                f": {str(row['fail_reason'])[:40]}"
+                if row["state"] == "failed" and isinstance(row["fail_reason"], str)
+                else ""
+            )
+            table.add_row(
+                ("★ " if row["trial"] in marks else "") + str(row["trial"]),
+                row["method"],
+                _cell(row["r"], "{:.0f}"),
+                _cell(row["alpha"], "{:g}"),
+                _cell(row["targets"]),
+                _cell(row["variant"]),
+                _cell(row["lr"], "{:.2e}"),
+                _cell(row["val_metric"], "{:.4f}"),
+                _cell(row["trainable_pct"], "{:.2f}%"),
+                state,
+            )
         table.add_section()
     console.print(table)
     best = best_trials(main.study)
     if best:
         top = best[0]
-        label = "best trial" if len(best) == 1 or len(main.study.directions) == 1 else f"Pareto front: trials {[t.number for t in best]}; first"
+        label = (
+            "best trial"
+            if len(best) == 1 or len(main.study.directions) == 1
+            else f"Pareto front: trials {[t.number for t in best]}; first"
+        )
         console.print(f"{label} {top.number}: val {metric} {top.values[0]:.4f}")
         console.print(f"  checkpoint: {top.user_attrs.get('checkpoint')}")
         if top.user_attrs.get("mlflow_run_id"):
-            console.print(f"  mlflow run: {top.user_attrs['mlflow_run_id']} (parent {parent.run_id}) in {redact(str(parent.location))}")
+            console.print(
+                f"  mlflow run: {top.user_attrs['mlflow_run_id']} (parent {parent.run_id}) in "
+                f"{redact(str(parent.location))}"
+            )
     else:
         console.print("no trial completed yet")

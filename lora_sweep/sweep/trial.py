@@ -27,7 +27,9 @@ class TrialBridge:
         self.cfg = cfg
         storage = open_storage(sweep.storage)
         # sampler is irrelevant here (the sweeper samples); the pruner must be the study's own
-        self.study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=optuna.samplers.RandomSampler())
+        self.study = optuna.load_study(
+            study_name=sweep.study_name, storage=storage, sampler=optuna.samplers.RandomSampler()
+        )
         self.study.pruner = make_pruner(self.study.user_attrs.get("lora_sweep", {}).get("pruner", {}))
         self.trial = optuna.trial.Trial(self.study, sweep.trial_id)
         self.can_prune = len(self.study.directions) == 1  # Optuna has no pruning for several objectives
@@ -40,22 +42,38 @@ class TrialBridge:
         if step not in reported:  # a resumed trial
             self.trial.report(metrics[self.cfg.objective.metric], step)
         if self.trial.should_prune():
-            log.info("trial %d pruned at step %d (%s %.4f)", self.trial.number, step, self.cfg.objective.metric,
-                     metrics[self.cfg.objective.metric])
+            log.info(
+                "trial %d pruned at step %d (%s %.4f)",
+                self.trial.number,
+                step,
+                self.cfg.objective.metric,
+                metrics[self.cfg.objective.metric],
+            )
             return True
         return False
 
     def tags(self) -> dict[str, str]:
         sweep = self.cfg.sweep
-        tags = {"optuna.study": sweep.study_name, "optuna.trial_number": str(sweep.trial_number), "lora_sweep.role": sweep.role,
-                "optuna.params": str(self.trial.params)}
+        tags = {
+            "optuna.study": sweep.study_name,
+            "optuna.trial_number": str(sweep.trial_number),
+            "lora_sweep.role": sweep.role,
+            "optuna.params": str(self.trial.params),
+        }
         if sweep.role == "replicate":  # which configuration this run repeats, and with which seed
             attrs = self.trial.user_attrs
             source = f"{attrs.get('source_study')}#{attrs.get('source_trial')}"
-            tags.update({"lora_sweep.replicate_of": str(attrs.get("replicate_of")),
-                         "lora_sweep.seed": str(attrs.get("seed")), "lora_sweep.source_trial": source})
+            tags.update(
+                {
+                    "lora_sweep.replicate_of": str(attrs.get("replicate_of")),
+                    "lora_sweep.seed": str(attrs.get("seed")),
+                    "lora_sweep.source_trial": source,
+                }
+            )
         if sweep.parent_run_id:
-            tags["mlflow.parentRunId"] = sweep.parent_run_id  # nests the run under the sweep's parent in the UI
+            tags["mlflow.parentRunId"] = (
+                sweep.parent_run_id
+            )  # nests the run under the sweep's parent in the UI
         return tags
 
     def heartbeat(self) -> contextlib.AbstractContextManager[Any]:

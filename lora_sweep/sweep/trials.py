@@ -55,15 +55,35 @@ def _method(record: dict | None, trial: optuna.trial.FrozenTrial, role: str) -> 
     if record is None:
         p = trial.params
         name = "full" if role == "baseline" else p.get("method", "lora")
-        return {"method": name, "r": p.get("method.r"), "alpha": p.get("method.alpha"), "scaling": None,
-                "targets": p.get("method.targets"), "variant": p.get("method.variant"),
-                "dropout": p.get("method.dropout"), "lr": p.get("train.lr"), "mergeable": None}
+        return {
+            "method": name,
+            "r": p.get("method.r"),
+            "alpha": p.get("method.alpha"),
+            "scaling": None,
+            "targets": p.get("method.targets"),
+            "variant": p.get("method.variant"),
+            "dropout": p.get("method.dropout"),
+            "lr": p.get("train.lr"),
+            "mergeable": None,
+        }
     config = record["config"]
     method = build(MethodConfig, config["method"], "method")
-    targets = method.targets if isinstance(method.targets, str) or method.targets is None else ",".join(method.targets)
-    return {"method": method.name, "r": method.r, "alpha": method.effective_alpha, "scaling": method.scaling,
-            "targets": targets, "variant": method.variant, "dropout": method.dropout, "lr": config["train"]["lr"],
-            "mergeable": record.get("params", {}).get("mergeable")}
+    targets = (
+        method.targets
+        if isinstance(method.targets, str) or method.targets is None
+        else ",".join(method.targets)
+    )
+    return {
+        "method": method.name,
+        "r": method.r,
+        "alpha": method.effective_alpha,
+        "scaling": method.scaling,
+        "targets": targets,
+        "variant": method.variant,
+        "dropout": method.dropout,
+        "lr": config["train"]["lr"],
+        "mergeable": record.get("params", {}).get("mergeable"),
+    }
 
 
 def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, direction) -> dict[str, Any]:
@@ -71,7 +91,9 @@ def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, direct
     params = (record or {}).get("params", {})
     checkpoints = (record or {}).get("checkpoints", {})
     value = metrics.get("objective")
-    if value is None and trial.intermediate_values:  # no record yet: the best validation value reported so far
+    if (
+        value is None and trial.intermediate_values
+    ):  # no record yet: the best validation value reported so far
         value = best_of(trial.intermediate_values.values(), direction)
     return {
         "role": role,

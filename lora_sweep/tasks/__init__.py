@@ -137,13 +137,17 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.model.task == "auto":
         cfg.model.task = task.name
     elif cfg.model.task != task.name:
-        raise ConfigError("model.task", cfg.model.task,
-                          f"does not fit data.kind={cfg.data.kind} (which trains {task.name})")
+        raise ConfigError(
+            "model.task", cfg.model.task, f"does not fit data.kind={cfg.data.kind} (which trains {task.name})"
+        )
     if cfg.objective.metric not in all_metrics():
-        raise ConfigError("objective.metric", cfg.objective.metric, f"must be one of {', '.join(all_metrics())}")
+        raise ConfigError(
+            "objective.metric", cfg.objective.metric, f"must be one of {', '.join(all_metrics())}"
+        )
     if cfg.objective.metric not in task.metrics:
-        raise ConfigError("objective.metric", cfg.objective.metric,
-                          f"a {task.name} run reports {', '.join(task.metrics)}")
+        raise ConfigError(
+            "objective.metric", cfg.objective.metric, f"a {task.name} run reports {', '.join(task.metrics)}"
+        )
     return cfg
 
 
