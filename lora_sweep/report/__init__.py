@@ -18,7 +18,7 @@ from lora_sweep.report.collect import Sweep, trials_table
 from lora_sweep.report.render import to_html, to_json, to_markdown
 from lora_sweep.report.replicates import summarize_replicates
 from lora_sweep.report.select import DEFAULT_TOLERANCE, pick_best, with_comparisons
-from lora_sweep.sweep.trials import best_full
+from lora_sweep.sweep.trials import best_full, trial_label
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ def _records(table) -> dict[str, dict]:
     import json
 
     return {
-        f"{'full' if r['role'] == 'baseline' else 'lora'} #{r['trial']}": json.loads(
-            Path(r["record"]).read_text()
-        )
+        trial_label(r): json.loads(Path(r["record"]).read_text())
         for _, r in table.iterrows()
         if r["state"] == "complete" and isinstance(r["record"], str) and Path(r["record"]).is_file()
     }
@@ -94,7 +92,7 @@ def checkpoint_sections(
     full = best_full(table, sweep.direction)
     picks = {}
     if choice.row is not None:
-        picks["chosen LoRA"] = f"lora #{choice.row['trial']}"
+        picks["chosen LoRA"] = trial_label(choice.row)
     if full is not None:
         picks["full fine-tuning"] = f"full #{full['trial']}"
     extra["test"] = {label: {"trial": key, **ck.test_metrics(records[key])} for label, key in picks.items()}
@@ -144,7 +142,7 @@ def checkpoint_sections(
     if generations:
         extra["generations"] = generations
     if choice.row is not None:
-        record = records[f"lora #{choice.row['trial']}"]
+        record = records[trial_label(choice.row)]
         samples = list(reference or [])[:16] or ["a short check sentence"]
         extra["export"] = ck.export(record, out_dir / "best", samples)
         if register_as:

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lora_sweep.ranking import ascending, sign  # noqa: E402
+from lora_sweep.sweep.trials import trial_label  # noqa: E402
 
 FULL_COLOR, LORA_COLOR, PRUNED_COLOR = "#c0392b", "#2e86c1", "#aab7b8"
 
@@ -145,7 +146,7 @@ def importance(importances: dict[str, float], folder: Path) -> list[Path]:
 def pruning_savings(table: pd.DataFrame, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     rows = table[table["steps"].notna() & table["total_steps"].notna()].sort_values(["role", "trial"])
-    labels = [f"{'full' if r == 'baseline' else 'lora'} #{t}" for r, t in zip(rows["role"], rows["trial"])]
+    labels = [trial_label(row) for _, row in rows.iterrows()]
     spent = rows["steps"].astype(float)
     saved = (rows["total_steps"] - rows["steps"]).astype(float)
     ax.bar(

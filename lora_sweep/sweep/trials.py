@@ -119,6 +119,12 @@ def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, direct
     }
 
 
+def trial_label(row) -> str:
+    """``lora #5``, ``ia3 #2``, ``full #0``: a trial as the report names it (its method, its number)."""
+    method = "full" if row["role"] == "baseline" else (row.get("method") or "lora")
+    return f"{method} #{row['trial']}"
+
+
 DEFAULT_TOLERANCE = 0.005  # half a point of accuracy: below what one seed to the next moves on this data
 
 
