@@ -311,6 +311,7 @@ VALIDATION_OOM = (
 )
 
 
+@pytest.mark.slow  # two real runs per case; tests/test_oom.py covers the message in the fast tier
 @pytest.mark.parametrize(
     ("kind", "during", "expected"),
     [

@@ -66,6 +66,7 @@ def _replicate_runs(root: Path):
     )
 
 
+@pytest.mark.slow  # a real sweep in a subprocess
 def test_the_sweep_runs_the_replicates_as_trials_of_a_third_study(replicated):
     root, _, _ = replicated
     study = load_study(root, "twice-replicates", "twice")
@@ -107,6 +108,7 @@ def test_the_sweep_runs_the_replicates_as_trials_of_a_third_study(replicated):
         assert record["config"]["sweep"]["role"] == "replicate"
 
 
+@pytest.mark.slow  # a real sweep in a subprocess
 def test_replicates_are_mlflow_children_of_the_sweeps_parent(replicated):
     root, _, _ = replicated
     runs = _replicate_runs(root)
@@ -123,6 +125,7 @@ def test_replicates_are_mlflow_children_of_the_sweeps_parent(replicated):
         )
 
 
+@pytest.mark.slow  # a real sweep in a subprocess
 def test_the_report_on_demand_trains_nothing_and_reproduces_the_replicate_summary(replicated, tmp_path):
     root, _, _ = replicated
     script = (
@@ -180,6 +183,7 @@ def test_the_report_on_demand_trains_nothing_and_reproduces_the_replicate_summar
     assert json.loads((tmp_path / "one" / "twice" / "report.json").read_text())["replicates"]["seeds"] == [1]
 
 
+@pytest.mark.slow  # a real sweep in a subprocess
 def test_rerunning_the_sweep_reuses_finished_replicates(replicated):
     root, tiny, _ = replicated
     before = {r.info.run_id for r in _replicate_runs(root)}
