@@ -208,3 +208,26 @@ def trials_frame(*rows: dict):
     import pandas as pd
 
     return pd.DataFrame(list(rows))
+
+
+FOURIERFT = """\
+# @package _global_
+# FourierFT (peft.FourierFTConfig): a method lora_sweep has no table entry for, as a user adds one
+method:
+  name: fourierft
+  peft: FOURIERFT
+  targets: attention_qv
+  modules_to_save: []
+  options:
+    n_frequency: 64
+    scaling: 100.0
+train:
+  lr: 5.0e-3
+"""
+
+
+def write_fourierft(conf: Path) -> Path:
+    """A config folder (for hydra.searchpath) holding one new method file, ``method/fourierft.yaml``."""
+    (conf / "method").mkdir(parents=True, exist_ok=True)
+    (conf / "method" / "fourierft.yaml").write_text(FOURIERFT)
+    return conf

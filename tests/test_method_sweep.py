@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_sweep.record import read_record
-from tests.helpers import children, load, parents, run_sweep, write_sweep
+from tests.helpers import children, load, parents, run_sweep, write_fourierft, write_sweep
 
 
 @pytest.mark.slow
@@ -17,11 +17,11 @@ def test_a_sweep_over_methods_compares_them_with_full_fine_tuning(tmp_path, tiny
         tmp_path,
         "method_choice",
         {
-            "n_trials": 3,
+            "n_trials": 4,
             "sampler": {"name": "random", "seed": 0},
             "pruner": {"name": "none"},
             "params": {
-                "method": "choice(lora, loha, ia3)",
+                "method": "choice(lora, loha, ia3, fourierft)",
                 "method.r": "choice(2, 4)",
                 "train.lr": "tag(log, interval(1e-3, 1e-2))",
             },
@@ -34,6 +34,7 @@ def test_a_sweep_over_methods_compares_them_with_full_fine_tuning(tmp_path, tiny
                 {"method": "lora", "method.r": 4, "train.lr": 5e-3},
                 {"method": "loha", "method.r": 2, "train.lr": 5e-3},
                 {"method": "ia3", "train.lr": 1e-2},
+                {"method": "fourierft", "train.lr": 5e-3},
             ],
             "baseline": {"n_trials": 1, "overrides": ["method=full"], "enqueue": [{"train.lr": 1e-4}]},
             "report": {
@@ -44,10 +45,11 @@ def test_a_sweep_over_methods_compares_them_with_full_fine_tuning(tmp_path, tiny
             },
         },
     )
+    write_fourierft(tmp_path / "extra_conf")  # a method of the user's own, next to the sweep file
     run_sweep(tmp_path, "method_choice", tiny, "train.epochs=1")
     trials = load(tmp_path, "method_choice").get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    assert [t.params["method"] for t in trials] == ["lora", "loha", "ia3"]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert [t.params["method"] for t in trials] == ["lora", "loha", "ia3", "fourierft"]
     assert (
         "method.r" not in trials[2].params and "method.alpha_ratio" not in trials[2].params
     )  # IA3 has no rank
@@ -58,9 +60,9 @@ def test_a_sweep_over_methods_compares_them_with_full_fine_tuning(tmp_path, tiny
     trainable = [read_record(t.user_attrs["record"])["params"]["trainable_params"] for t in trials]
     assert trainable[2] < min(trainable[:2])  # IA3's vectors are the smallest adapter
     (parent,) = parents(tmp_path, "method_choice")
-    assert len(children(tmp_path, parent.info.run_id)) == 4  # three methods and the full fine-tuning baseline
+    assert len(children(tmp_path, parent.info.run_id)) == 5  # four methods and the full fine-tuning baseline
     report = json.loads((tmp_path / "reports" / "method_choice" / "report.json").read_text())
     methods = {row["method"] for row in report["trials"]}
-    assert methods == {"lora", "loha", "ia3", "full"}
+    assert methods == {"lora", "loha", "ia3", "fourierft", "full"}
     assert all(row["mergeable"] is True for row in report["trials"] if row["method"] != "full")
     assert report["export"]["logits_agree"] is True

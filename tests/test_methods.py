@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from lora_sweep.methods import SUBSET_FIELDS, config_class, peft_config, peft_kw
 from lora_sweep.run import run
 from lora_sweep.tasks import get_task
 from lora_sweep.weights import require_safetensors
+from tests.helpers import write_fourierft
 
 ADAPTERS = ["lora", "loha", "lokr", "ia3", "adalora", "vera"]
 TARGETS = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]
@@ -146,24 +146,9 @@ def test_adalora_reallocates_its_rank_budget_during_training(compose, tiny_overr
 
 
 def test_a_new_peft_method_is_one_yaml_file(compose, tiny_overrides, tmp_path):
-    """FourierFT is in no table of lora_sweep: its file alone makes it train, record and reload."""
-    conf = tmp_path / "more_conf"
-    (conf / "method").mkdir(parents=True)
-    (conf / "method" / "fourierft.yaml").write_text(
-        textwrap.dedent("""\
-        # @package _global_
-        method:
-          name: fourierft
-          peft: FOURIERFT
-          targets: attention_qv
-          modules_to_save: []
-          options:
-            n_frequency: 64
-            scaling: 100.0
-        train:
-          lr: 5.0e-3
-        """)
-    )
+    """FourierFT is in no table of lora_sweep: its file alone makes it train, record, reload and export
+    (tests/test_method_sweep.py sweeps and reports it)."""
+    conf = write_fourierft(tmp_path / "more_conf")
     cfg, record = _train(compose, tiny_overrides, tmp_path, "method=fourierft", conf_dir=conf)
     assert record.status == "completed" and cfg.method.peft == "FOURIERFT"
     from mlflow.tracking import MlflowClient
@@ -175,6 +160,14 @@ def test_a_new_peft_method_is_one_yaml_file(compose, tiny_overrides, tmp_path):
     assert "n_frequency" in fields
     reloaded = _reload(cfg, record)
     assert reloaded["accuracy"] == pytest.approx(record.metrics["best_val_accuracy"], abs=1e-6)
+    # the report's export: the adapter, and merged into W, both reloaded from disk and compared
+    from lora_sweep.record import read_record
+    from lora_sweep.report.checkpoints import export
+
+    samples = ["a good film", "a dull boring plot"]
+    exported = export(read_record(record.output_dir), tmp_path / "export", samples)
+    assert exported["mergeable"] is True and exported["logits_agree"] is True
+    assert (Path(exported["merged"]) / "model.safetensors").is_file()
 
 
 def test_method_files_are_the_ones_the_readme_names():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_sweep.ranking import best_of
+from lora_sweep.record import read_record
 from lora_sweep.report import figures as fig
 from lora_sweep.report.collect import Sweep, trials_table
 from lora_sweep.report.render import to_html, to_json, to_markdown
@@ -64,10 +65,8 @@ def headline(table, metric: str, direction: str) -> str:
 
 
 def _records(table) -> dict[str, dict]:
-    import json
-
     return {
-        trial_label(r): json.loads(Path(r["record"]).read_text())
+        trial_label(r): read_record(r["record"])
         for _, r in table.iterrows()
         if r["state"] == "complete" and isinstance(r["record"], str) and Path(r["record"]).is_file()
     }

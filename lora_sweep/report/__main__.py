@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 from lora_sweep.errors import LoraSweepError
+from lora_sweep.sweep.settings import ReportConf
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_sweep.report", description=__doc__)
     parser.add_argument("sweep", help="study name (its folder under --sweeps-dir) or MLflow parent run id")
     parser.add_argument("--sweeps-dir", default="outputs/sweeps", type=Path)
-    parser.add_argument("--out", default="reports", type=Path, help="the report goes to OUT/<study>/")
+    parser.add_argument("--out", default=ReportConf.dir, type=Path, help="the report goes to OUT/<study>/")
     parser.add_argument(
         "--tolerance", default=None, type=float, help="metric tolerance of the best-pick rule"
     )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from lora_sweep.record import RECORD_FILE
+from lora_sweep.record import RECORD_FILE, read_record
 from lora_sweep.sweep.study import counts
 
 # objective name -> where its value is in a trial's record, and which way is better
@@ -28,7 +27,7 @@ def objective_value(record: dict, objective: str) -> float:
 def read_record_in(output_dir: Path | None) -> dict | None:
     if output_dir is None or not (output_dir / RECORD_FILE).is_file():
         return None
-    return json.loads((output_dir / RECORD_FILE).read_text())
+    return read_record(output_dir)
 
 
 def trial_attrs(record: dict | None) -> dict[str, Any]:

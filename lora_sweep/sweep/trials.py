@@ -3,7 +3,6 @@ summary, keep_checkpoints, the replicates of the chosen trial) and the report. R
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,9 @@ from optuna.trial import TrialState
 
 from lora_sweep.config import MethodConfig
 from lora_sweep.ranking import ascending, best_of, maximizes, rank_key, sign
+from lora_sweep.record import RECORD_FILE, read_record
 from lora_sweep.schema import build
+from lora_sweep.sweep.settings import ReportConf
 
 STATES = {
     TrialState.COMPLETE: "complete",
@@ -27,10 +28,10 @@ STATES = {
 
 def record_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
     path = trial.user_attrs.get("record") or (
-        Path(trial.user_attrs["output_dir"]) / "record.json" if "output_dir" in trial.user_attrs else None
+        Path(trial.user_attrs["output_dir"]) / RECORD_FILE if "output_dir" in trial.user_attrs else None
     )
     if path and Path(path).is_file():
-        return json.loads(Path(path).read_text())
+        return read_record(path)
     return None
 
 
@@ -125,7 +126,7 @@ def trial_label(row) -> str:
     return f"{method} #{row['trial']}"
 
 
-DEFAULT_TOLERANCE = 0.005  # half a point of accuracy: below what one seed to the next moves on this data
+DEFAULT_TOLERANCE = ReportConf.tolerance  # the schema's default, written once there
 
 
 @dataclass
