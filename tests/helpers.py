@@ -231,3 +231,26 @@ def write_fourierft(conf: Path) -> Path:
     (conf / "method").mkdir(parents=True, exist_ok=True)
     (conf / "method" / "fourierft.yaml").write_text(FOURIERFT)
     return conf
+
+
+def raise_from_forward(monkeypatch, make_error, when) -> None:
+    """Every model a run builds raises ``make_error()`` from a forward pre-hook where ``when(module)``: an
+    out-of-memory error surfaces exactly where the allocator would raise it (a real OOM cannot be produced
+    on a CPU test machine; this hook is the one simulation). Undone with the monkeypatch."""
+    import lora_sweep.run as run_module
+
+    real = run_module.apply_method
+
+    def apply_method(model, *args, **kwargs):
+        model = real(model, *args, **kwargs)
+
+        def hook(module, args, kwargs):
+            if when(module):
+                raise make_error()
+
+        model.register_forward_pre_hook(
+            hook, with_kwargs=True
+        )  # on the PeftModel wrapper, dropped after the run
+        return model
+
+    monkeypatch.setattr(run_module, "apply_method", apply_method)

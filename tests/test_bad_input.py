@@ -24,6 +24,7 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.oom import OutOfMemory
 from lora_sweep.record import read_record
 from lora_sweep.run import prepare, run
+from tests.helpers import raise_from_forward
 
 from .helpers import client, load, run_sweep, sentiment_rows, sweep_command, write_csv, write_sweep
 
@@ -277,24 +278,11 @@ def out_of_memory(monkeypatch):
     """Raise an out-of-memory error from a forward pre-hook on the real (tiny) PEFT model, in training or in
     validation. A real OOM cannot be produced on a CPU-only test machine; this hook is the one simulation:
     the error surfaces exactly where the allocator would raise it, inside the model's forward pass."""
-    import lora_sweep.run as run_module
 
     def arm(kind: str, during: str):
-        real = run_module.apply_method
-
-        def apply_method(model, *args, **kwargs):
-            model = real(model, *args, **kwargs)
-
-            def hook(module, args, kwargs):
-                if module.training == (during == "training"):
-                    raise OOM_ERRORS[kind]()
-
-            model.register_forward_pre_hook(
-                hook, with_kwargs=True
-            )  # on the PeftModel wrapper, dropped after the run
-            return model
-
-        monkeypatch.setattr(run_module, "apply_method", apply_method)
+        raise_from_forward(
+            monkeypatch, OOM_ERRORS[kind], lambda module: module.training == (during == "training")
+        )
 
     return arm
 

@@ -12,6 +12,7 @@ import torch
 from lora_sweep.oom import OutOfMemory, during_evaluation, evaluation_pass, guard_memory
 from lora_sweep.record import read_record
 from lora_sweep.run import run
+from tests.helpers import raise_from_forward
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
 
@@ -19,24 +20,9 @@ CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total ca
 @pytest.fixture
 def out_of_memory(monkeypatch):
     """arm(when): the model raises a CUDA out-of-memory error on a forward pass where ``when(module)``."""
-    import lora_sweep.run as run_module
 
     def arm(when):
-        real = run_module.apply_method
-
-        def apply_method(model, *args, **kwargs):
-            model = real(model, *args, **kwargs)
-
-            def hook(module, args, kwargs):
-                if when(module):
-                    raise torch.OutOfMemoryError(CUDA_OOM)
-
-            model.register_forward_pre_hook(
-                hook, with_kwargs=True
-            )  # on the PeftModel wrapper, dropped after the run
-            return model
-
-        monkeypatch.setattr(run_module, "apply_method", apply_method)
+        raise_from_forward(monkeypatch, lambda: torch.OutOfMemoryError(CUDA_OOM), when)
 
     return arm
 
