@@ -36,7 +36,12 @@ def test_a_sweep_over_methods_compares_them_with_full_fine_tuning(tmp_path, tiny
                 {"method": "ia3", "train.lr": 1e-2},
                 {"method": "fourierft", "train.lr": 5e-3},
             ],
-            "baseline": {"n_trials": 1, "overrides": ["method=full"], "enqueue": [{"train.lr": 1e-4}]},
+            "baseline": {
+                "n_trials": 1,
+                "overrides": ["method=full"],
+                "params": {"train.lr": "tag(log, interval(5e-5, 2e-4))"},
+                "enqueue": [{"train.lr": 1e-4}],
+            },
             "report": {
                 "enabled": True,
                 "replicates": 0,
