@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from lora_sweep.report.render import COLUMNS
 from lora_sweep.report.select import pick_best
 from tests.helpers import client, parents, run_sweep, write_sweep
 
@@ -100,7 +101,8 @@ def test_every_trial_appears_and_json_matches_markdown(swept):
     for row, line in zip(rows, table_lines):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == row["role"] and cells[1].split()[0].strip("*") == str(row["trial"])
-        assert cells[10] == f"{row['val_metric']:.4f}"  # the validation metric column
+        val_column = [c for c, _, _ in COLUMNS].index("val_metric")
+        assert cells[val_column] == f"{row['val_metric']:.4f}"  # the validation metric column
         record = json.loads(Path(row["record"]).read_text())  # and both match the trial's own record
         assert row["val_metric"] == record["metrics"]["objective"]
         assert row["trainable_params"] == record["params"]["trainable_params"]
