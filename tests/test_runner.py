@@ -37,6 +37,8 @@ def sweep_in_process(tmp_path, monkeypatch, tiny):
             f"sweeps={name}",
             f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]",
             f"data.cache_dir={tmp_path / 'cache'}",
+            # explicit: an earlier test in this process may have set MLflow's process-wide tracking URI
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             *tiny,
             *extra,
         ]
