@@ -25,6 +25,7 @@ def sweep_in_process(tmp_path, monkeypatch, tiny):
     from hydra.core.global_hydra import GlobalHydra
 
     from lora_sweep import __main__ as entry
+    from lora_sweep import run as run_module
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -43,6 +44,9 @@ def sweep_in_process(tmp_path, monkeypatch, tiny):
             *extra,
         ]
         monkeypatch.setattr(sys, "argv", argv)
+        # a fresh process would start with nothing loaded: earlier tests here may have filled the caches
+        run_module._PREPARED.clear()
+        run_module._MODELS.clear()
         try:
             entry.main()
         finally:
