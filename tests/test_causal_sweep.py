@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -69,8 +68,11 @@ def test_causal_sweep_with_baseline_records_and_report(tmp_path, tiny_causal):
     } | {"full #0"}
     for key, value in forgetting["perplexity"].items():
         record = json.loads(
-            Path(
-                next(
+            (
+                tmp_path
+                / "reports"
+                / "lm"
+                / next(
                     r["record"]
                     for r in report["trials"]
                     if f"{'full' if r['role'] == 'baseline' else 'lora'} #{r['trial']}" == key

@@ -254,3 +254,18 @@ def test_test_forgetting_and_export_sections():
         checkpoint_lines({"metric": "accuracy", "forgetting_note": "not measured: no texts"})[-2]
         == "not measured: no texts"
     )
+
+
+def test_a_report_names_paths_relative_to_its_own_folder(tmp_path):
+    from lora_sweep.report import relative_paths
+
+    folder = tmp_path / "reports" / "quick"
+    found = relative_paths(
+        {
+            "checkpoint": str(tmp_path / "outputs" / "best"),
+            "runs": [str(folder / "best")],
+            "rule": "the highest",
+        },
+        folder,
+    )
+    assert found == {"checkpoint": "../../outputs/best", "runs": ["best"], "rule": "the highest"}

@@ -103,7 +103,8 @@ def test_every_trial_appears_and_json_matches_markdown(swept):
         assert cells[0] == row["role"] and cells[1].split()[0].strip("*") == str(row["trial"])
         val_column = [c for c, _, _ in COLUMNS].index("val_metric")
         assert cells[val_column] == f"{row['val_metric']:.4f}"  # the validation metric column
-        record = json.loads(Path(row["record"]).read_text())  # and both match the trial's own record
+        # and both match the trial's own record (the report names it relative to its own folder)
+        record = json.loads((root / "reports" / "rep" / row["record"]).read_text())
         assert row["val_metric"] == record["metrics"]["objective"]
         assert row["trainable_params"] == record["params"]["trainable_params"]
 
@@ -222,7 +223,8 @@ def test_test_split_only_for_the_chosen_and_the_baseline(swept):
     assert set(report["test"]) == {"chosen LoRA", "full fine-tuning"}
     assert report["test"]["chosen LoRA"]["trial"] == f"lora #{report['chosen']['trial']}"
     for row in report["trials"]:  # the sweep itself never touched the test split
-        assert not any(k.startswith("test_") for k in json.loads(Path(row["record"]).read_text())["metrics"])
+        record = json.loads((root / "reports" / "rep" / row["record"]).read_text())
+        assert not any(k.startswith("test_") for k in record["metrics"])
     similarity = report["forgetting"]["cosine_similarity_to_base"]
     assert set(similarity) == {"full #0", "lora #0", "lora #1", "lora #2"} and all(
         -1 <= v <= 1 for v in similarity.values()

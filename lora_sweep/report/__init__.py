@@ -9,6 +9,7 @@ never trains.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -217,10 +218,26 @@ def build_report(
     }
     from lora_sweep.secrets import redact
 
-    (out_dir / "report.json").write_text(redact(to_json(summary, table)))
-    (out_dir / "report.md").write_text(redact(to_markdown(summary, table, figures)))
-    (out_dir / "report.html").write_text(redact(to_html(summary, table, figures)))
+    # paths as seen from the report's own folder, so a committed or copied report names no machine's layout
+    shown, shown_table = relative_paths(summary, out_dir), table.copy()
+    for column in ("checkpoint", "record"):
+        if column in shown_table:
+            shown_table[column] = [relative_paths(value, out_dir) for value in shown_table[column]]
+    (out_dir / "report.json").write_text(redact(to_json(shown, shown_table)))
+    (out_dir / "report.md").write_text(redact(to_markdown(shown, shown_table, figures)))
+    (out_dir / "report.html").write_text(redact(to_html(shown, shown_table, figures)))
     return summary
+
+
+def relative_paths(value: Any, folder: Path) -> Any:
+    """``value`` with every absolute path in it (strings, in dicts and lists) made relative to ``folder``."""
+    if isinstance(value, dict):
+        return {key: relative_paths(item, folder) for key, item in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(item, folder) for item in value]
+    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+        return os.path.relpath(value, Path(folder).resolve())
+    return value
 
 
 def write_report(
