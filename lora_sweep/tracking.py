@@ -19,6 +19,40 @@ from lora_sweep.secrets import redact, redact_url
 
 log = logging.getLogger(__name__)
 MLFLOW_PARAM_LIMIT = 6000  # characters per param value in MLflow 3
+# MLflow's own client retries a refused connection for minutes (253 s measured) before it gives up
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_tracking_server(uri: str | None, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """One bounded request to an ``http(s)://`` tracking server, no retries: a ConfigError naming
+    ``tracking.tracking_uri`` when nothing answers. Any HTTP answer passes (a proxy in front of MLflow may
+    not route ``/health``, a server may want credentials): MLflow's own requests then say what is wrong.
+    Local stores (sqlite, files) and other schemes are not probed."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if not uri:
+        return
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    # credentials in the URI are no business of the probe (urllib cannot parse them either)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:  # it answered
+        return
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        problem = str(reason).splitlines()[0] if str(reason) else type(reason).__name__
+        raise ConfigError(
+            "tracking.tracking_uri",
+            redact_url(uri),
+            f"MLflow server unreachable: {problem} (one request to {redact_url(url)}, {timeout:g} s timeout)",
+        ) from None
 
 
 class Tracker:
@@ -69,6 +103,7 @@ class MLflowTracker(Tracker):
         self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None
     ) -> None:
         mlflow = self._mlflow
+        probe_tracking_server(self.location)
         _use_experiment(self.cfg, self.location)
         if self.cfg.system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
@@ -104,6 +139,7 @@ class MLflowTracker(Tracker):
             return
         client = self._mlflow.MlflowClient()
         try:
+            probe_tracking_server(self.location)
             if client.get_run(run_id).info.status == "RUNNING":
                 client.set_tag(run_id, "lora_sweep.status", status)
                 client.set_terminated(run_id, status=self._STATUS.get(status, "FINISHED"))
@@ -193,6 +229,7 @@ class SweepRun:
             if cfg.tracking_uri:
                 mlflow.set_tracking_uri(cfg.tracking_uri)
             self.location = mlflow.get_tracking_uri()
+            probe_tracking_server(self.location)
             try:
                 self._client = mlflow.MlflowClient()  # opens (creates) the store now
             except Exception as err:
