@@ -98,6 +98,9 @@ class MLflowTracker(Tracker):
             mlflow.set_tracking_uri(cfg.tracking_uri)
         self.location = mlflow.get_tracking_uri()
         self._run = None
+        # a continued run: per metric, the last step the earlier attempt logged (the steps it redoes after
+        # its last checkpoint are not logged twice)
+        self._logged_through: dict[str, int] = {}
 
     def start(
         self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None
@@ -108,10 +111,14 @@ class MLflowTracker(Tracker):
         if self.cfg.system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
         logged: dict[str, str] = {}
+        self._logged_through = {}
         if resume_run_id:
             try:
-                logged = dict(mlflow.MlflowClient().get_run(resume_run_id).data.params)
+                params_before = dict(mlflow.MlflowClient().get_run(resume_run_id).data.params)
+                self._logged_through = _last_logged_steps(resume_run_id)
+                logged = params_before
             except Exception as err:  # deleted, or another store: a new run is better than none
+                self._logged_through = {}
                 log.warning(
                     "cannot continue MLflow run %s (%s); starting a new one",
                     resume_run_id,
@@ -148,6 +155,8 @@ class MLflowTracker(Tracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._logged_through:  # MLflow logs step None at step 0
+            finite = {k: v for k, v in finite.items() if (step or 0) > self._logged_through.get(k, -1)}
         if finite:
             self._mlflow.log_metrics(finite, step=step)
 
@@ -180,6 +189,16 @@ class MLflowTracker(Tracker):
             self._mlflow.set_tag("lora_sweep.status", status)
             self._mlflow.end_run(status=self._STATUS.get(status, "FINISHED"))
             self._run = None
+
+
+def _last_logged_steps(run_id: str) -> dict[str, int]:
+    """Per metric of run ``run_id``, the highest step logged (one history read per metric, once per
+    resume)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    keys = client.get_run(run_id).data.metrics
+    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1) for key in keys}
 
 
 def _use_experiment(cfg: TrackingConfig, location: str | None):
