@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 META_FILE = "lora_sweep.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt", TRAINER_STATE_FILE)
+# the folders save_checkpoint works in before its renames, named after the saving process
+_SAVE_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)(?P<pid>\d+)$")
 
 
 def is_peft_model(model) -> bool:
@@ -81,6 +84,38 @@ def save_checkpoint(
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def remove_stale_saves(checkpoint_dir: Path) -> list[Path]:
+    """Delete the temp folders of saves whose process is gone (killed mid-save, they would stay for ever,
+    each as big as a checkpoint); a live process's folder is a save in progress and stays. Pids are of this
+    host: a run folder is resumed on the machine that wrote it. Returns what was removed."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    removed = []
+    for entry in sorted(checkpoint_dir.iterdir()):
+        match = _SAVE_TEMP.match(entry.name)
+        if match is None or not entry.is_dir() or _process_alive(int(match["pid"])):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        log.info("removed %s, left by a save that never finished (process %s is gone)", entry, match["pid"])
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OverflowError:  # no such pid on any system
+        return False
+    return True
 
 
 def verify(directory: Path, *, resumable: bool = False) -> str | None:

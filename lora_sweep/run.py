@@ -17,6 +17,7 @@ from lora_sweep.checkpoint import (
     RESUME_FILES,
     drop_training_state,
     is_peft_model,
+    remove_stale_saves,
     restore_weights,
     resume_point,
 )
@@ -139,6 +140,7 @@ def run(
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
     previous = earlier_attempt(cfg, to_dict(cfg))
+    remove_stale_saves(Path(cfg.output_dir) / "checkpoints")  # a folder of this config: ours to tidy
     if previous is not None and previous.get("status") in FINAL_STATES:
         return _nothing_to_do(cfg, previous)
     recipe = Recipe(cfg, prepared, device, precision, previous)

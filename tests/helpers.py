@@ -254,3 +254,21 @@ def raise_from_forward(monkeypatch, make_error, when) -> None:
         return model
 
     monkeypatch.setattr(run_module, "apply_method", apply_method)
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL inside the test's process: no ``except Exception`` of the run catches it."""
+
+
+def die_after_step(tracker, at_step: int):
+    """``tracker`` that raises :class:`Killed` once it has logged a metric at ``at_step`` or later: the run
+    stops there with its checkpoints as a killed process leaves them (the last one a few steps back)."""
+    log_metrics = tracker.log_metrics
+
+    def log_then_die(metrics, step=None):
+        log_metrics(metrics, step)
+        if step is not None and step >= at_step:
+            raise Killed(f"killed after step {step}")
+
+    tracker.log_metrics = log_then_die
+    return tracker

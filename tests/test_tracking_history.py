@@ -12,23 +12,7 @@ from lora_sweep.config import TrackingConfig
 from lora_sweep.record import read_record
 from lora_sweep.run import run
 from lora_sweep.tracking import MLflowTracker, make_tracker
-
-
-class Killed(BaseException):
-    """Stands in for SIGKILL inside the process: nothing catches it as an ordinary error."""
-
-
-def dying_tracker(cfg, at_step: int):
-    tracker = make_tracker(cfg.tracking)
-    log_metrics = tracker.log_metrics
-
-    def log_then_die(metrics, step=None):
-        log_metrics(metrics, step)
-        if step is not None and step >= at_step:
-            raise Killed(f"killed after step {step}")
-
-    tracker.log_metrics = log_then_die
-    return tracker
+from tests.helpers import Killed, die_after_step
 
 
 def points(store: str, run_id: str) -> Counter:
@@ -45,7 +29,7 @@ def test_resumed_run_logs_each_metric_step_once(compose, tiny_overrides, tmp_pat
     not logged again, and the curve still has every step."""
     cfg = compose(*tiny_overrides, "train.lr=5e-3")
     with pytest.raises(Killed):
-        run(cfg, tracker=dying_tracker(cfg, 14))
+        run(cfg, tracker=die_after_step(make_tracker(cfg.tracking), 14))
     run_id = read_record(cfg.output_dir)["mlflow"]["run_id"]
     store = cfg.tracking.tracking_uri
     assert max(step for key, step in points(store, run_id) if key == "train_loss") == 14
