@@ -334,9 +334,12 @@ def register_model(
     alias: str,
     tracking_uri: str | None = None,
     description: str = "",
-) -> str:
+    same_if: tuple[str, ...] = (),
+) -> tuple[str, bool]:
     """A new version of registered model ``name`` (created if missing) from ``source``; ``alias`` points at
-    it. Returns the version."""
+    it. When the version ``alias`` already points at carries every tag named in ``same_if`` with the value
+    ``tags`` gives it, that version is the one asked for: nothing is registered. Returns (the version,
+    whether it is new)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -344,6 +347,13 @@ def register_model(
         client.get_registered_model(name)
     except Exception:  # not there yet
         client.create_registered_model(name, description=description)
+    if same_if:
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001 - no such alias yet
+            current = None
+        if current is not None and all(current.tags.get(key) == tags.get(key) for key in same_if):
+            return str(current.version), False
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
-    return version.version
+    return str(version.version), True

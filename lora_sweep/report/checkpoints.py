@@ -158,6 +158,22 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     }
 
 
+def champion_digest(record: dict[str, Any]) -> str:
+    """SHA-256 naming the content of a run's chosen checkpoint: over the per-file SHA-256s its manifest
+    lists (computed when it was saved), else over its files."""
+    import hashlib
+    import json
+
+    from lora_sweep.checkpoint import read_meta
+
+    folder = Path(record["checkpoints"]["best"])
+    files = (read_meta(folder) or {}).get("files")
+    if not files:
+        found = sorted(f for f in folder.iterdir() if f.is_file())
+        files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in found}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def register(
     record: dict[str, Any],
     export_info: dict[str, Any],
@@ -165,13 +181,19 @@ def register(
     tracking_uri: str | None,
     alias: str = "champion",
 ) -> dict:
-    """Register the exported merged model in MLflow's model registry and point ``alias`` at it."""
+    """Register the exported merged model in MLflow's model registry and point ``alias`` at it; when
+    ``alias`` already points at this very checkpoint (a rerun report, the sweep's then one on demand), the
+    version it points at stays the champion and nothing new is registered."""
     from lora_sweep.tracking import register_model
 
     shipped = export_info["merged"] or export_info["adapter"]  # an unmergeable method ships its adapter
     source, run_id = str(Path(shipped).resolve()), record.get("mlflow", {}).get("run_id")
-    tags = {"lora_sweep.adapter": export_info["adapter"]}
-    version = register_model(
+    tags = {
+        "lora_sweep.adapter": export_info["adapter"],
+        "lora_sweep.checkpoint": str(record["checkpoints"]["best"]),
+        "lora_sweep.checkpoint_sha256": champion_digest(record),
+    }
+    version, registered = register_model(
         name,
         source,
         run_id,
@@ -179,5 +201,6 @@ def register(
         alias,
         tracking_uri,
         description="PEFT checkpoint chosen by lora_sweep's report",
+        same_if=("lora_sweep.checkpoint_sha256",),
     )
-    return {"name": name, "version": version, "alias": alias}
+    return {"name": name, "version": version, "alias": alias, "registered": registered}

@@ -257,8 +257,11 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
         ]
         if summary.get("registry"):
             r = summary["registry"]
+            kept = r.get("registered") is False
+            unchanged = " (unchanged: it already holds this checkpoint)" if kept else ""
             lines.append(
                 f"- MLflow model registry: `{r['name']}` version {r['version']}, alias `{r['alias']}`"
+                + unchanged
             )
         lines.append("")
     return lines
