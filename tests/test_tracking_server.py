@@ -106,3 +106,42 @@ def test_single_run_against_an_unreachable_server_fails_in_seconds(compose, tiny
     record = read_record(cfg.output_dir)
     assert record["status"] == "failed" and "MLflow server unreachable" in record["error"]
     assert not (Path(cfg.output_dir) / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_commands_against_an_unreachable_server_exit_2_in_seconds(tmp_path, tiny_overrides, tiny):
+    """The real command line: a single run and a sweep, each one line on stderr and exit code 2, long
+    before MLflow's own retries would have given up; the sweep starts no trial."""
+    import subprocess
+    import sys
+
+    from tests.helpers import run_sweep, write_sweep
+
+    single = [sys.executable, "-m", "lora_sweep", *tiny_overrides, f"data.cache_dir={tmp_path / 'cache'}"]
+    write_sweep(
+        tmp_path, "offline", {"n_trials": 2, "params": {"train.lr": "tag(log, interval(1e-3, 1e-2))"}}
+    )
+    for name, start in (
+        (
+            "single run",
+            lambda: subprocess.run(
+                [*single, f"tracking.tracking_uri={CLOSED}", "hydra.run.dir=outputs/single"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            ),
+        ),
+        (
+            "sweep",
+            lambda: run_sweep(tmp_path, "offline", tiny, f"tracking.tracking_uri={CLOSED}", check=False),
+        ),
+    ):
+        started = time.perf_counter()
+        result = start()
+        assert time.perf_counter() - started < 120, name  # imports and data included; MLflow alone: 253 s
+        assert result.returncode == 2, (name, result.stderr[-3000:])
+        lines = [line for line in result.stderr.splitlines() if line.startswith(("error:", "Traceback"))]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {EXPECTED}"), (name, result.stderr[-3000:])
+    assert not (tmp_path / "outputs" / "sweeps" / "offline" / "search-000").exists()
+    assert not list((tmp_path / "outputs" / "sweeps").rglob("record.json"))
