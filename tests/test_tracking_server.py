@@ -145,3 +145,23 @@ def test_commands_against_an_unreachable_server_exit_2_in_seconds(tmp_path, tiny
         assert len(lines) == 1 and lines[0].startswith(f"error: {EXPECTED}"), (name, result.stderr[-3000:])
     assert not (tmp_path / "outputs" / "sweeps" / "offline" / "search-000").exists()
     assert not list((tmp_path / "outputs" / "sweeps").rglob("record.json"))
+
+
+@pytest.mark.slow
+def test_a_real_mlflow_server_passes_the_probe_and_records_the_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests import servers
+
+    with servers.mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) as url:
+        probe_tracking_server(url)
+        cfg = TrackingConfig(tracking_uri=url, experiment="served", system_metrics=False)
+        parent = SweepRun(cfg)
+        parent_id = parent.open(None, "sweep", {"study": "served"}, {"lora_sweep.sweep": "served"})
+        tracker = MLflowTracker(cfg)
+        tracker.start("trial 0", {"method.r": 8}, {"mlflow.parentRunId": parent_id})
+        tracker.log_metrics({"val_accuracy": 0.75}, step=6)
+        tracker.end("completed")
+        parent.finish("completed")
+        run_info = MlflowClient(tracking_uri=url).get_run(tracker.run_id)
+        assert run_info.info.status == "FINISHED" and run_info.data.metrics == {"val_accuracy": 0.75}
