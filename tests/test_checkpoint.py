@@ -38,7 +38,8 @@ def test_stale_temp_folders_go_and_live_ones_stay(tmp_path):
 
 
 def test_resume_removes_the_temp_folder_of_a_killed_save(compose, tiny_overrides, tmp_path):
-    cfg = compose(*tiny_overrides, "tracking=none", "train.lr=5e-3")
+    one_epoch = [o for o in tiny_overrides if not o.startswith("train.epochs=")]
+    cfg = compose(*one_epoch, "train.epochs=1", "tracking=none", "train.lr=5e-3")  # 21 steps
     with pytest.raises(Killed):
         run(cfg, tracker=die_after_step(make_tracker(cfg.tracking), 14))
     checkpoints = Path(cfg.output_dir) / "checkpoints"
