@@ -122,6 +122,9 @@ def load_raw(cfg: DataConfig, files: list[Path]):
         for file in split_files:
             if file.stat().st_size == 0:
                 raise ConfigError("data.path", cfg.path, f"{_shown(file, root)} is empty (0 bytes)")
+            problem = utf8_problem(file) if fmt != "parquet" else None
+            if problem:
+                raise ConfigError("data.path", cfg.path, f"{_shown(file, root)} {problem}")
         try:
             raw[split] = datasets.load_dataset(
                 builder, data_files={split: [str(f) for f in split_files]}, split=split, **extra
@@ -162,19 +165,12 @@ def file_problem(file: Path, fmt: str) -> str | None:
     document that does not parse (line and column); None when we see nothing wrong."""
     if fmt == "parquet":
         return None
-    data = file.read_bytes()
-    if not data.strip():
-        return f"is empty ({len(data)} bytes of whitespace)"
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        return (
-            f"is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start:,}, line {line}); "
-            "save it as UTF-8"
-        )
-    if fmt not in ("json", "jsonl"):
-        return None
+    problem = utf8_problem(file)
+    if problem or fmt not in ("json", "jsonl"):
+        return problem
+    text = file.read_text(encoding="utf-8")
+    if not text.strip():
+        return f"is empty ({len(text)} characters of whitespace)"
     if text.lstrip().startswith("["):  # one JSON document: a list of rows
         try:
             json.loads(text)
@@ -197,6 +193,36 @@ def file_problem(file: Path, fmt: str) -> str | None:
         if not isinstance(row, dict):
             return f"line {number} is a JSON {type(row).__name__}, not an object of column values"
     return None
+
+
+def utf8_problem(file: Path, chunk_size: int = 1 << 20) -> str | None:
+    """Where ``file`` stops being UTF-8 (byte, offset, line), reading it in chunks; None if it is UTF-8.
+    Checked before datasets reads a file: its JSON reader takes bad bytes in silently, and they fail later,
+    as a traceback, when the rows are tokenized."""
+    offset, lines, pending = 0, 1, b""
+    with file.open("rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size)
+            data = pending + chunk
+            try:
+                data.decode("utf-8")
+                valid = len(data)
+            except UnicodeDecodeError as err:
+                # a character split across two chunks is no error: decode it with the next chunk
+                if chunk and err.reason == "unexpected end of data":
+                    valid = err.start
+                else:
+                    where = offset + err.start
+                    line = lines + data.count(b"\n", 0, err.start)
+                    return (
+                        f"is not UTF-8 (byte 0x{data[err.start]:02x} at offset {where:,}, line {line}); "
+                        "save it as UTF-8"
+                    )
+            lines += data.count(b"\n", 0, valid)
+            offset += valid
+            pending = data[valid:]
+            if not chunk:
+                return None
 
 
 def check_not_all_empty(raw, columns: list[tuple[str, str | None]]) -> None:
