@@ -104,6 +104,9 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
 def check_model_folder(folder: Path, name_or_path: str) -> None:
     """A local model folder's config.json and safetensors headers, read before transformers sees them:
     transformers answers a broken config.json with a traceback, and a truncated weight file only fails once
@@ -133,6 +136,13 @@ def check_model_folder(folder: Path, name_or_path: str) -> None:
             "config.json has no model_type, so the architecture is unknown; "
             'add it (e.g. "model_type": "bert")',
         )
+    for name in JSON_FILES:  # read by the tokenizer and generation loaders, with tracebacks of their own
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                where = f"line {err.lineno}, column {err.colno}: {err.msg}" if hasattr(err, "lineno") else err
+                raise ConfigError(key, name_or_path, f"{name} is not valid JSON ({where})") from None
     problem = weights_problem(folder)
     if problem:
         raise ConfigError(key, name_or_path, problem)
@@ -200,9 +210,16 @@ def _head_names(skeleton, config, trust_remote_code: bool) -> list[str]:
 def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception as err:  # noqa: BLE001 - tokenizers' own errors (Rust, KeyError, ...) share no base
+        raise ConfigError(
+            "model.name_or_path",
+            cfg.name_or_path,
+            f"its tokenizer does not load ({type(err).__name__}: {_first_line(err)})",
+        ) from None
     if tokenizer.pad_token is None:  # decoder LMs ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

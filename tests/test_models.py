@@ -181,3 +181,35 @@ def test_position_limit_comes_from_the_learned_position_table(tmp_path):
         spec = _spec(tmp_path / name)
         assert spec.position_limit == limit, name
         assert spec.trained_positions == (42 if name == "roberta" else 40), name
+
+
+def test_corrupt_tokenizer_files_are_one_line(tiny_bert_dir, tmp_path):
+    folder = _model_copy(tiny_bert_dir, tmp_path)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "truncation"')
+    assert _problem(folder).startswith("tokenizer.json is not valid JSON (line 1, column 32")
+
+
+def test_a_tokenizer_that_does_not_load_is_one_line(tiny_bert_dir, tmp_path):
+    folder = _model_copy(tiny_bert_dir, tmp_path)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
+    cfg = ModelConfig(name="tiny", name_or_path=str(folder))
+    with pytest.raises(ConfigError) as caught:
+        load_tokenizer(inspect_model(cfg), cfg)
+    message = str(caught.value)
+    assert message.startswith(f"model.name_or_path={str(folder)!r}: its tokenizer does not load (") and (
+        "\n" not in message
+    ), message
+
+
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
+    folder = tmp_path / "gguf_model"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF" + b"\x07" * 200)  # the magic, then nothing valid
+    cfg = ModelConfig(
+        name="g", name_or_path=str(folder), gguf_file="model.gguf", cache_dir=str(tmp_path / "cache")
+    )
+    with pytest.raises(ConfigError) as caught:
+        inspect_model(cfg)
+    message = str(caught.value)
+    assert message.startswith("model.gguf_file='model.gguf': cannot be converted (") and "\n" not in message
+    assert not list((tmp_path / "cache" / "models").glob("*/"))  # no half-converted folder left
