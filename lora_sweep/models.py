@@ -155,7 +155,7 @@ def position_limit(skeleton) -> int | None:
     limits = []
     for name, module in skeleton.named_modules():
         leaf = name.rsplit(".", 1)[-1].lower()
-        if not isinstance(module, torch.nn.Embedding) or "rel" in leaf:
+        if not isinstance(module, torch.nn.Embedding) or "relative" in leaf:
             continue
         if "position" in leaf or leaf == "wpe":
             offset = getattr(module, "offset", None)
