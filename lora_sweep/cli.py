@@ -57,6 +57,7 @@ def summary(record) -> str:
             if "best_val_perplexity" in m
             else []
         ),
+        *length_lines(record.data),
         f"  trainable: {p['trainable_params']:,} of {p['total_params']:,} parameters "
         f"({100 * p['trainable_ratio']:.2f}%)",
         f"  time: {m['train_seconds']:.0f} s training, {m['seconds_per_step']:.2f} s/step, "
@@ -82,6 +83,23 @@ def summary(record) -> str:
     from lora_sweep.secrets import redact
 
     return redact("\n".join(lines))  # the tracking URI may carry a password
+
+
+def length_lines(data: dict) -> list[str]:
+    """What train.max_length cut, for the summary: only when it cut or dropped anything."""
+    truncated = {n: c for n, c in data.get("truncated", {}).items() if c["rows"]}
+    dropped = {n: c for n, c in data.get("dropped", {}).items() if c["rows"]}
+    if not truncated and not dropped:
+        return []
+    parts = [f"{c['rows']:,} of {c['of']:,} {n} rows ({100 * c['share']:.0f}%)" for n, c in truncated.items()]
+    text = f"  train.max_length={data.get('max_length')} truncated " + (", ".join(parts) or "no row")
+    if dropped:
+        gone = [
+            f"{c['rows']:,} of {c['of']:,} {'rows' if n == 'all' else n + ' rows'} ({100 * c['share']:.0f}%)"
+            for n, c in dropped.items()
+        ]
+        text += "; dropped (nothing left to learn) " + ", ".join(gone)
+    return [text]
 
 
 def main(cfg: DictConfig) -> float:

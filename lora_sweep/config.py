@@ -42,6 +42,14 @@ def _positive(key: str, value: float | int | None, allow_none: bool = False) -> 
         raise ConfigError(key, value, "must be > 0")
 
 
+def _seed(key: str, value: int) -> None:
+    # torch, numpy and datasets all take a seed in [0, 2**32): numpy refuses anything else with a traceback
+    if value < 0:
+        raise ConfigError(key, value, "must be >= 0")
+    if value >= 2**32:
+        raise ConfigError(key, value, "must be < 2**32 (4294967296): numpy's seeds are 32-bit")
+
+
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(key, value, f"must be one of {', '.join(map(str, choices))}")
@@ -83,6 +91,7 @@ class SplitConfig:
             value = getattr(self, name)
             if not 0 < value < 1:
                 raise ConfigError(name, value, "must be a fraction strictly between 0 and 1")
+        _seed("seed", self.seed)
         if self.validation + self.test >= 1:
             raise ConfigError(
                 "test",
@@ -276,6 +285,7 @@ class TrainConfig:
             raise ConfigError("eval_every", self.eval_every, "must be >= 0 (0: evaluate only at the end)")
         if self.num_workers < 0:
             raise ConfigError("num_workers", self.num_workers, "must be >= 0")
+        _seed("seed", self.seed)
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError("device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
 

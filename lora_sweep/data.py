@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,11 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.hub import require_hub_dataset
 from lora_sweep.offline import builtin_dataset
 
-CACHE_VERSION = 1  # bump when the prepared format changes
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2  # bump when the prepared format changes (2: truncation counts in the meta file)
+LENGTH_COLUMN = "_tokens"  # each row's token count before truncation, counted then dropped before caching
+CUT_WARNING_SHARE = 0.10  # a larger share of training rows cut (or dropped) at train.max_length warns
 SPLIT_NAMES = {
     "train": "train",
     "validation": "validation",
@@ -45,6 +51,8 @@ class TaskData:
     cache_path: Path
     from_cache: bool
     prompts: list = field(default_factory=list)  # causal LMs: the first test prompts, for generations
+    # what train.max_length did to the rows: {"max_length", "truncated": {split: counts}, "dropped": {...}}
+    lengths: dict = field(default_factory=dict)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -108,8 +116,15 @@ def load_raw(cfg: DataConfig, files: list[Path]):
         )
     builder = {"tsv": "csv", "jsonl": "json"}.get(fmt, fmt)
     extra = {"delimiter": "\t"} if fmt == "tsv" else {}
+    root = Path(cfg.path).expanduser()
     raw = {}
     for split, split_files in by_split.items():
+        for file in split_files:
+            if file.stat().st_size == 0:
+                raise ConfigError("data.path", cfg.path, f"{_shown(file, root)} is empty (0 bytes)")
+            problem = utf8_problem(file) if fmt != "parquet" else None
+            if problem:
+                raise ConfigError("data.path", cfg.path, f"{_shown(file, root)} {problem}")
         try:
             raw[split] = datasets.load_dataset(
                 builder, data_files={split: [str(f) for f in split_files]}, split=split, **extra
@@ -119,14 +134,151 @@ def load_raw(cfg: DataConfig, files: list[Path]):
                 raise ConfigError(
                     "data.path", cfg.path, f"the {split} split is empty ({split_files[0].name} has no rows)"
                 ) from err
-            raise ConfigError(
-                "data.path", cfg.path, f"could not be read as {fmt}: {str(err).splitlines()[0]}"
-            ) from err
+            raise _unreadable(cfg, fmt, split_files, root, err) from err
         except Exception as err:  # a file datasets cannot parse: name it, do not dump a traceback
-            raise ConfigError(
-                "data.path", cfg.path, f"could not be read as {fmt}: {str(err).splitlines()[0]}"
-            ) from err
+            raise _unreadable(cfg, fmt, split_files, root, err) from err
     return datasets.DatasetDict(raw)
+
+
+def _shown(file: Path, root: Path) -> str:
+    """A data file as the user knows it: its name, or its path inside data.path when that is a folder."""
+    return str(file.relative_to(root)) if root.is_dir() and file.is_relative_to(root) else file.name
+
+
+def _unreadable(cfg: DataConfig, fmt: str, files: list[Path], root: Path, err: Exception) -> ConfigError:
+    """Why datasets could not read ``files``, found by reading them again ourselves (only once datasets has
+    failed: nothing is read twice on the way that works): datasets' own message is a generic "An error
+    occurred while generating the dataset" whose cause is buried in a traceback."""
+    for file in files:
+        problem = file_problem(file, fmt)
+        if problem:
+            return ConfigError("data.path", cfg.path, f"{_shown(file, root)} {problem}")
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return ConfigError("data.path", cfg.path, f"could not be read as {fmt}: {text}")
+
+
+def file_problem(file: Path, fmt: str) -> str | None:
+    """What makes a text data file unreadable: bytes that are not UTF-8 (offset and line), a JSON line or
+    document that does not parse (line and column); None when we see nothing wrong."""
+    if fmt == "parquet":
+        return None
+    problem = utf8_problem(file)
+    if problem or fmt not in ("json", "jsonl"):
+        return problem
+    text = file.read_text(encoding="utf-8")
+    if not text.strip():
+        return f"is empty ({len(text)} characters of whitespace)"
+    if text.lstrip().startswith("["):  # one JSON document: a list of rows
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == 1:  # maybe no JSON lines at all but one pretty-printed document
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as whole:
+                    return f"is not valid JSON (line {whole.lineno}, column {whole.colno}: {whole.msg})"
+                return None
+            return f"line {number} is not valid JSON ({err.msg} at column {err.colno})"
+        if not isinstance(row, dict):
+            return f"line {number} is a JSON {type(row).__name__}, not an object of column values"
+    return None
+
+
+def utf8_problem(file: Path, chunk_size: int = 1 << 20) -> str | None:
+    """Where ``file`` stops being UTF-8 (byte, offset, line), reading it in chunks; None if it is UTF-8.
+    Checked before datasets reads a file: its JSON reader takes bad bytes in silently, and they fail later,
+    as a traceback, when the rows are tokenized."""
+    offset, lines, pending = 0, 1, b""
+    with file.open("rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size)
+            data = pending + chunk
+            try:
+                data.decode("utf-8")
+                valid = len(data)
+            except UnicodeDecodeError as err:
+                # a character split across two chunks is no error: decode it with the next chunk
+                if chunk and err.reason == "unexpected end of data":
+                    valid = err.start
+                else:
+                    where = offset + err.start
+                    line = lines + data.count(b"\n", 0, err.start)
+                    return (
+                        f"is not UTF-8 (byte 0x{data[err.start]:02x} at offset {where:,}, line {line}); "
+                        "save it as UTF-8"
+                    )
+            lines += data.count(b"\n", 0, valid)
+            offset += valid
+            pending = data[valid:]
+            if not chunk:
+                return None
+
+
+def check_not_all_empty(raw, columns: list[tuple[str, str | None]]) -> None:
+    """A column that is empty in every row of a split is named itself: otherwise dropping its empty rows
+    leaves nothing, and the error blames whichever column is checked next."""
+    for split_name, split in raw.items():
+        if len(split) == 0:
+            continue
+        for key, column in columns:
+            if column is None or column not in split.column_names:
+                continue
+            if all(v is None or (isinstance(v, str) and not v.strip()) for v in split[column]):
+                raise ConfigError(
+                    key, column, f"empty in every row of the {split_name} split ({len(split)} rows)"
+                )
+
+
+def length_counts(splits, max_length: int, dropped: dict | None = None, truncating: bool = True) -> dict:
+    """What train.max_length did to each split, from each row's untruncated token count
+    (``LENGTH_COLUMN``): rows truncated, their share, the median length; rows dropped for length."""
+    truncated = {}
+    for name, split in splits.items():
+        tokens = split[LENGTH_COLUMN] if truncating else []
+        cut = sum(n > max_length for n in tokens)
+        truncated[name] = {
+            "rows": cut,
+            "of": len(split),
+            "share": cut / len(split) if len(split) else 0.0,
+            **({"median_tokens": statistics.median(tokens)} if tokens else {}),
+        }
+    return {"max_length": max_length, "truncated": truncated, "dropped": dropped or {}}
+
+
+def warn_if_cut(lengths: dict) -> None:
+    """One warning when train.max_length cuts (or drops) a large share of the training rows."""
+    max_length = lengths.get("max_length")
+    train = lengths.get("truncated", {}).get("train")
+    if train and train["share"] > CUT_WARNING_SHARE:
+        log.warning(
+            "train.max_length=%s cuts %.0f%% of the train rows (median %g tokens); raise train.max_length",
+            max_length,
+            100 * train["share"],
+            train.get("median_tokens", 0),
+        )
+    for name, dropped in lengths.get("dropped", {}).items():
+        if dropped["share"] > CUT_WARNING_SHARE:
+            where = "rows" if name == "all" else f"{name} rows"
+            log.warning(
+                "train.max_length=%s leaves %.0f%% of the %s (%d of %d) nothing to learn from: dropped; "
+                "raise train.max_length",
+                max_length,
+                100 * dropped["share"],
+                where,
+                dropped["rows"],
+                dropped["of"],
+            )
 
 
 def _check_columns(cfg: DataConfig, raw) -> None:
@@ -249,12 +401,25 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
     meta_file = cache_path / "lora_sweep_data.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
+        warn_if_cut(meta["lengths"])
         return TaskData(
-            datasets.load_from_disk(str(cache_path / "splits")), meta["label_names"], cache_path, True
+            datasets.load_from_disk(str(cache_path / "splits")),
+            meta["label_names"],
+            cache_path,
+            True,
+            lengths=meta["lengths"],
         )
 
     raw = load_raw(cfg, files)
     _check_columns(cfg, raw)
+    check_not_all_empty(
+        raw,
+        [
+            ("data.text_column", cfg.text_column),
+            ("data.text_pair_column", cfg.text_pair_column),
+            ("data.label_column", cfg.label_column),
+        ],
+    )
     raw = datasets.DatasetDict(
         {
             n: s.filter(lambda row: row[cfg.label_column] is not None and row[cfg.text_column] is not None)
@@ -284,6 +449,9 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
         pairs = [str(t) for t in batch[cfg.text_pair_column]] if cfg.text_pair_column else None
         encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         encoded["labels"] = [index[str(v)] for v in batch[cfg.label_column]]
+        # untruncated (verbose=False: no "longer than the maximum" notice per long row)
+        full = tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]
+        encoded[LENGTH_COLUMN] = [len(ids) for ids in full]
         return encoded
 
     encoded = datasets.DatasetDict(
@@ -295,8 +463,15 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
         }
     )
     splits = _split(cfg, encoded)
+    lengths = length_counts(splits, max_length)
+    warn_if_cut(lengths)
+    splits = splits.remove_columns(LENGTH_COLUMN)
     return TaskData(
-        save_to_cache(splits, cache_path, {"label_names": label_names}), label_names, cache_path, False
+        save_to_cache(splits, cache_path, {"label_names": label_names, "lengths": lengths}),
+        label_names,
+        cache_path,
+        False,
+        lengths=lengths,
     )
 
 

@@ -61,7 +61,14 @@ def ensure_converted(folder: str, gguf_file: str, cache_dir: str) -> Path:
         tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         started = time.perf_counter()
-        convert(gguf_path(folder, gguf_file), tmp)
+        try:
+            convert(gguf_path(folder, gguf_file), tmp)
+        except Exception as err:  # noqa: BLE001 - a file the GGUF reader cannot parse: one line, no traceback
+            shutil.rmtree(tmp, ignore_errors=True)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ConfigError(
+                "model.gguf_file", gguf_file, f"cannot be converted ({type(err).__name__}: {first})"
+            ) from None
         shutil.rmtree(target, ignore_errors=True)  # a half folder left by a crash before the marker
         os.replace(tmp, target)
         log.info("converted %s into %s in %.0f s", gguf_file, target, time.perf_counter() - started)

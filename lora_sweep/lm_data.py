@@ -16,10 +16,21 @@ import json
 from pathlib import Path
 
 from lora_sweep.config import DataConfig
-from lora_sweep.data import TaskData, _split, _tokenizer_fingerprint, load_raw, save_to_cache, source_files
+from lora_sweep.data import (
+    LENGTH_COLUMN,
+    TaskData,
+    _split,
+    _tokenizer_fingerprint,
+    check_not_all_empty,
+    length_counts,
+    load_raw,
+    save_to_cache,
+    source_files,
+    warn_if_cut,
+)
 from lora_sweep.errors import ConfigError, LoraSweepError
 
-CACHE_VERSION = 1  # bump when the prepared format changes
+CACHE_VERSION = 2  # bump when the prepared format changes (2: truncation counts in the meta file)
 IGNORE = -100  # the label torch's cross entropy skips
 STORED_PROMPTS = 16  # test prompts kept for the end-of-run generations
 
@@ -38,8 +49,11 @@ def conversation(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
     return messages
 
 
-def encode_conversation(tokenizer, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
-    """input_ids, attention_mask and labels of one conversation; labels are -100 outside the answers."""
+def encode_conversation(
+    tokenizer, messages: list[dict[str, str]], max_length: int, count_tokens: bool = False
+) -> dict[str, list[int]]:
+    """input_ids, attention_mask and labels of one conversation; labels are -100 outside the answers.
+    ``count_tokens``: also its length before truncation (``LENGTH_COLUMN``)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, message in enumerate(messages):
@@ -60,7 +74,14 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]], max_length: i
         token if any(start <= offset[0] < end for start, end in spans) else IGNORE
         for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"])
     ]
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
+    result = {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "labels": labels,
+    }
+    if count_tokens:
+        result[LENGTH_COLUMN] = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return result
 
 
 def prompt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -127,7 +148,19 @@ def _check_columns(cfg: DataConfig, raw) -> None:
                 )
 
 
+def _check_not_all_empty(cfg: DataConfig, raw) -> None:
+    columns = set().union(*(split.column_names for split in raw.values()))
+    if cfg.kind == "text":
+        check_not_all_empty(raw, [("data.text_column", cfg.text_column)])
+    elif cfg.messages_column not in columns:
+        check_not_all_empty(
+            raw, [("data.prompt_column", cfg.prompt_column), ("data.response_column", cfg.response_column)]
+        )
+
+
 def _tokenize(cfg: DataConfig, raw, tokenizer, max_length: int):
+    """The tokenized splits, and the rows dropped for length per split of ``raw`` ("all" for data that
+    ships unsplit: its splits are cut after the drop, so no dropped row belongs to one)."""
     import datasets
 
     if cfg.kind == "instruction":
@@ -141,7 +174,7 @@ def _tokenize(cfg: DataConfig, raw, tokenizer, max_length: int):
         def encode(row):
             messages = conversation(row, cfg)
             return {
-                **encode_conversation(tokenizer, messages, max_length),
+                **encode_conversation(tokenizer, messages, max_length, count_tokens=True),
                 "prompt": json.dumps(prompt_messages(messages)),
             }
     else:
@@ -151,21 +184,29 @@ def _tokenize(cfg: DataConfig, raw, tokenizer, max_length: int):
             encoded = tokenizer(
                 text, truncation=not cfg.packing, max_length=None if cfg.packing else max_length
             )
+            full = encoded if cfg.packing else tokenizer(text, truncation=False, verbose=False)
             return {
+                LENGTH_COLUMN: len(full["input_ids"]),
                 "input_ids": encoded["input_ids"],
                 "attention_mask": encoded["attention_mask"],
                 "labels": list(encoded["input_ids"]),
                 "prompt": json.dumps(" ".join(text.split()[:8])),
             }
 
-    encoded = {}
+    encoded, dropped = {}, {}
     least = 1 if cfg.kind == "text" else 0  # a text's first token is never predicted
     for name, split in raw.items():
         split = split.filter(lambda row: cfg.kind != "text" or bool(str(row[cfg.text_column] or "").strip()))
         split = split.map(encode, remove_columns=split.column_names, desc=f"tokenizing {name}")
         # a prompt that fills max_length leaves no answer to learn from
         encoded[name] = split.filter(lambda row: sum(label != IGNORE for label in row["labels"]) > least)
-    return datasets.DatasetDict(encoded)
+        cut = len(split) - len(encoded[name])
+        dropped["all" if len(raw) == 1 else name] = {
+            "rows": cut,
+            "of": len(split),
+            "share": cut / len(split) if len(split) else 0.0,
+        }
+    return datasets.DatasetDict(encoded), dropped
 
 
 def prepare_lm_data(cfg: DataConfig, tokenizer, max_length: int) -> TaskData:
@@ -181,19 +222,30 @@ def prepare_lm_data(cfg: DataConfig, tokenizer, max_length: int) -> TaskData:
     meta_file = cache_path / "lora_sweep_data.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
+        warn_if_cut(meta["lengths"])
         return TaskData(
-            datasets.load_from_disk(str(cache_path / "splits")), [], cache_path, True, meta["prompts"]
+            datasets.load_from_disk(str(cache_path / "splits")),
+            [],
+            cache_path,
+            True,
+            meta["prompts"],
+            lengths=meta["lengths"],
         )
 
     raw = load_raw(cfg, files)
     _check_columns(cfg, raw)
-    tokenized = _tokenize(cfg, raw, tokenizer, max_length)
+    _check_not_all_empty(cfg, raw)
+    tokenized, dropped = _tokenize(cfg, raw, tokenizer, max_length)
     # no labels to stratify by; documents are split before packing, so none straddles two splits
     splits = _split(dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, stratify=False)), tokenized)
     prompts = [json.loads(p) for p in splits["test"]["prompt"][:STORED_PROMPTS]]
-    splits = splits.remove_columns("prompt")
+    # packed documents are cut into blocks, not truncated: nothing of them is lost
+    lengths = length_counts(splits, max_length, dropped, truncating=not cfg.packing)
+    warn_if_cut(lengths)
+    splits = splits.remove_columns(["prompt", LENGTH_COLUMN])
     if cfg.packing:
         splits = datasets.DatasetDict(
             {name: pack(split, max_length, tokenizer.eos_token_id) for name, split in splits.items()}
         )
-    return TaskData(save_to_cache(splits, cache_path, {"prompts": prompts}), [], cache_path, False, prompts)
+    meta = {"prompts": prompts, "lengths": lengths}
+    return TaskData(save_to_cache(splits, cache_path, meta), [], cache_path, False, prompts, lengths=lengths)

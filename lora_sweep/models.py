@@ -5,13 +5,20 @@ and where and in which precision it trains. What the method makes of it is :mod:
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from lora_sweep.config import ModelConfig
+from lora_sweep.errors import ConfigError
 from lora_sweep.hub import locate_model
 from lora_sweep.targets import head_module_names, linear_module_names
+from lora_sweep.weights import weights_problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +34,10 @@ class ModelSpec:
     # top-level modules the task class adds to the bare model (the new classifier, or lm_head): never LoRA
     # targets; a sequence classifier trains and saves them in full (modules_to_save)
     head_names: list[str] = field(default_factory=list)
+    # the most tokens a sequence may have: the rows of a learned (or fixed) position table; None where
+    # positions are computed (rotary, relative, ALiBi), which run past what the model was trained on
+    position_limit: int | None = None
+    trained_positions: int | None = None  # the config's max_position_embeddings (or n_positions, ...)
 
 
 @contextlib.contextmanager
@@ -65,9 +76,14 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
     source = model_source(cfg)
     # RunConfig resolves "auto" from data.kind; a bare ModelConfig means a classifier, as it always did
     task = cfg.task if cfg.task != "auto" else "sequence_classification"
-    config = AutoConfig.from_pretrained(
-        source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels
-    )
+    if Path(source).is_dir():
+        check_model_folder(Path(source), cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels
+        )
+    except (OSError, ValueError, KeyError) as err:  # e.g. a model_type this transformers does not know
+        raise ConfigError("model.name_or_path", cfg.name_or_path, _first_line(err)) from None
     with torch.device("meta"), _quiet_transformers():
         skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
     heads = _head_names(skeleton, config, cfg.trust_remote_code)
@@ -79,7 +95,103 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
         linear_names=linear_module_names(skeleton, heads),
         total_params=sum(p.numel() for p in skeleton.parameters()),
         head_names=heads,
+        position_limit=position_limit(skeleton),
+        trained_positions=trained_positions(config),
     )
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def check_model_folder(folder: Path, name_or_path: str) -> None:
+    """A local model folder's config.json and safetensors headers, read before transformers sees them:
+    transformers answers a broken config.json with a traceback, and a truncated weight file only fails once
+    the weights load, after the data is tokenized and the run recorded."""
+    key = "model.name_or_path"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            key, name_or_path, f"config.json is not UTF-8 (byte at offset {err.start})"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            key,
+            name_or_path,
+            f"config.json is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(
+            key, name_or_path, f"config.json holds a {type(config).__name__}, not a JSON object"
+        )
+    if not config.get("model_type"):
+        # transformers would guess the architecture from any model name inside the folder's path
+        raise ConfigError(
+            key,
+            name_or_path,
+            "config.json has no model_type, so the architecture is unknown; "
+            'add it (e.g. "model_type": "bert")',
+        )
+    for name in JSON_FILES:  # read by the tokenizer and generation loaders, with tracebacks of their own
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                where = f"line {err.lineno}, column {err.colno}: {err.msg}" if hasattr(err, "lineno") else err
+                raise ConfigError(key, name_or_path, f"{name} is not valid JSON ({where})") from None
+    problem = weights_problem(folder)
+    if problem:
+        raise ConfigError(key, name_or_path, problem)
+
+
+def position_limit(skeleton) -> int | None:
+    """The longest sequence the model's position table holds, from the table itself (on meta): RoBERTa's
+    and BART's start past an offset, so max_position_embeddings overstates them. None for a model whose
+    positions are computed (rotary, relative, ALiBi): it has no table to run out of."""
+    limits = []
+    for name, module in skeleton.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if not isinstance(module, torch.nn.Embedding) or "relative" in leaf:
+            continue
+        if "position" in leaf or leaf == "wpe":
+            offset = getattr(module, "offset", None)
+            if offset is None:  # RoBERTa-style position ids count from padding_idx + 1
+                offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            limits.append(module.num_embeddings - offset)
+    return min(limits) if limits else None
+
+
+def trained_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(spec: ModelSpec, max_length: int) -> None:
+    """train.max_length against the model's positions: past a position table the forward pass fails (an
+    index error in the embedding), so that is an error; past what a rotary model was trained on it runs,
+    with quality that may drop, so that is a warning."""
+    if spec.position_limit is not None and max_length > spec.position_limit:
+        table = f", max_position_embeddings={spec.trained_positions}" if spec.trained_positions else ""
+        raise ConfigError(
+            "train.max_length",
+            max_length,
+            f"above the model's {spec.position_limit} positions (a learned position table{table}); "
+            f"set train.max_length={spec.position_limit} or less",
+        )
+    if spec.position_limit is None and spec.trained_positions and max_length > spec.trained_positions:
+        log.warning(
+            "train.max_length=%d is past the %d positions the model was trained on "
+            "(max_position_embeddings); it runs, but quality may drop on longer sequences",
+            max_length,
+            spec.trained_positions,
+        )
 
 
 def _head_names(skeleton, config, trust_remote_code: bool) -> list[str]:
@@ -98,9 +210,16 @@ def _head_names(skeleton, config, trust_remote_code: bool) -> list[str]:
 def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception as err:  # noqa: BLE001 - tokenizers' own errors (Rust, KeyError, ...) share no base
+        raise ConfigError(
+            "model.name_or_path",
+            cfg.name_or_path,
+            f"its tokenizer does not load ({type(err).__name__}: {_first_line(err)})",
+        ) from None
     if tokenizer.pad_token is None:  # decoder LMs ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData
 from lora_sweep.methods import peft_config, trained_head
-from lora_sweep.models import ModelSpec, inspect_model, load_tokenizer
+from lora_sweep.models import ModelSpec, check_max_length, inspect_model, load_tokenizer
 from lora_sweep.schema import to_dict
 from lora_sweep.targets import resolve_targets
 from lora_sweep.tasks import check as check_task
@@ -51,6 +51,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     reused = cached is not None
     if cached is None:
         spec = inspect_model(cfg.model, num_labels=cfg.model.num_labels or 2)
+        if cfg.method.adapter:  # a bad target list is the first thing to hear about, as before
+            resolve_targets(cfg.method.targets, spec.linear_names)
+        check_max_length(spec, cfg.train.max_length)  # before tokenizing: the data cache is keyed by it
         tokenizer = load_tokenizer(spec, cfg.model)
         data = get_task(cfg).prepare_data(cfg, tokenizer)
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)

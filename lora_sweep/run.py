@@ -205,6 +205,10 @@ class Recipe:
             "label_names": prepared.data.label_names,
             "cache": str(prepared.data.cache_path),
             "from_cache": prepared.data.from_cache,
+            # what train.max_length cut: {split: {rows, of, share, median_tokens}}; rows dropped for length
+            "max_length": cfg.train.max_length,
+            "truncated": prepared.data.lengths.get("truncated", {}),
+            "dropped": prepared.data.lengths.get("dropped", {}),
         }
         record.params = {"target_modules": prepared.targets}
         record.write()

@@ -7,6 +7,7 @@ write, so a folder without safetensors weights is refused rather than handed to 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lora_sweep.errors import LoraSweepError
@@ -32,3 +33,54 @@ def require_safetensors(directory: str | Path) -> Path:
         f"checkpoint {directory}: no safetensors weights (adapter_model.safetensors or "
         f"model.safetensors){found}"
     )
+
+
+# safetensors' own cap on the JSON header: a larger length field means the first 8 bytes are not one
+MAX_HEADER_BYTES = 100_000_000
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file, read from its header alone: the 8-byte length, the JSON
+    header, and the file size the tensors' end offsets imply. None when nothing is. A file cut short (a
+    copy or download that stopped) is found without reading a single weight."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{path.name} is not a safetensors file ({size} bytes, shorter than its 8-byte header)"
+        length = int.from_bytes(head, "little")
+        if length > MAX_HEADER_BYTES:
+            return (
+                f"{path.name} is not a safetensors file (its first 8 bytes announce a {length:,}-byte header)"
+            )
+        if 8 + length > size:
+            return f"{path.name} is truncated: {size:,} bytes, but its header alone announces {8 + length:,}"
+        try:
+            header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"{path.name} is not a safetensors file (its header is not safetensors' JSON)"
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"{path.name} is truncated: {size:,} bytes of the {expected:,} its header announces"
+    return None
+
+
+def weights_problem(folder: Path) -> str | None:
+    """The first problem of a model folder's safetensors weights (a truncated file, a missing shard)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} is not a valid shard index (no weight_map)"
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            return (
+                f"{index.name} names {missing[0]}, which is missing ({len(missing)} of {len(shards)} shards)"
+            )
+    for file in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            return problem
+    return None

@@ -396,3 +396,56 @@ def test_label_that_only_an_evaluation_split_has(compose, tiny_overrides, tmp_pa
         r"split never has \(train labels: negative, positive\)$",
     ):
         prepare(cfg)
+
+
+# --- bad model folders, seeds, lengths and data files: one line each, nothing recorded (issue 12) -----------
+
+
+@pytest.mark.slow
+def test_bad_model_and_data_inputs_exit_2_with_one_line_before_anything_is_recorded(
+    tmp_path, tiny_overrides, tiny_bert_dir
+):
+    """After a finished run: a corrupt config.json, a truncated safetensors file, a negative seed, a
+    max_length past the model's position table, a non-UTF-8 csv. Each exits 2 with one line
+    naming the key and the value, before any record or MLflow run; the earlier run is intact."""
+    import shutil
+
+    good = single(tmp_path, tiny_overrides, "good")
+    assert good.returncode == 0, good.stderr[-3000:]
+    before, before_records = mlflow_snapshot(tmp_path), records(tmp_path)
+
+    corrupt = shutil.copytree(tiny_bert_dir, tmp_path / "corrupt_config")
+    (corrupt / "config.json").write_text('{"model_type": "bert", "hidden_size": 32,,}')
+    truncated = shutil.copytree(tiny_bert_dir, tmp_path / "truncated_weights")
+    weights = truncated / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    latin1 = write_csv(tmp_path / "latin1.csv", sentiment_rows(60))
+    latin1.write_bytes(latin1.read_bytes().replace(b"good", "g\u00e9od".encode("latin-1"), 1))
+    bad = {
+        "config": (
+            [f"model.name_or_path={corrupt}"],
+            f"error: model.name_or_path='{corrupt}': config.json is not valid JSON (line 1, column",
+        ),
+        "weights": (
+            [f"model.name_or_path={truncated}"],
+            f"error: model.name_or_path='{truncated}': model.safetensors is truncated: ",
+        ),
+        "seed": (["train.seed=-1"], "error: train.seed=-1: must be >= 0"),
+        "length": (
+            ["train.max_length=100"],
+            "error: train.max_length=100: above the model's 64 positions (a learned position table, "
+            "max_position_embeddings=64); set train.max_length=64 or less",
+        ),
+        "latin1": (
+            [f"data.path={latin1}"],
+            f"error: data.path='{latin1}': latin1.csv is not UTF-8 (byte 0xe9 at offset ",
+        ),
+    }
+    for name, (overrides, expected) in bad.items():
+        result = single(tmp_path, tiny_overrides, name, *overrides)
+        assert result.returncode == 2, (name, result.stderr[-3000:])
+        lines = error_lines(result.stderr)
+        assert len(lines) == 1 and lines[0].startswith(expected), (name, result.stderr[-3000:])
+    assert mlflow_snapshot(tmp_path) == before  # no new run, the old one value for value
+    assert records(tmp_path) == before_records  # no record started by any of them

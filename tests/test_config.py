@@ -187,3 +187,56 @@ def test_command_line_exits_with_one_line(tmp_path, override, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-2000:]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        ("train.seed=-1", "train.seed=-1", "must be >= 0"),
+        ("train.seed=4294967296", "train.seed=4294967296", "must be < 2**32"),
+        ("data.split.seed=-3", "data.split.seed=-3", "must be >= 0"),
+        ("train.num_workers=-1", "train.num_workers=-1", "must be >= 0"),
+        ("train.eval_every=-1", "train.eval_every=-1", "must be >= 0"),
+        ("train.max_steps=0", "train.max_steps=0", "must be > 0"),
+        ("train.grad_accum=0", "train.grad_accum=0", "must be > 0"),
+        ("train.log_every=0", "train.log_every=0", "must be > 0"),
+        ("train.epochs=0", "train.epochs=0", "must be > 0"),
+        ("train.eval_batch_size=-2", "train.eval_batch_size=-2", "must be > 0"),
+    ],
+)
+def test_every_integer_of_the_train_config_is_range_checked(compose, override, key, fragment):
+    with pytest.raises(ConfigError) as caught:
+        compose(override)
+    assert str(caught.value).startswith(key + ":") and fragment in str(caught.value), str(caught.value)
+
+
+def test_max_length_above_a_learned_position_table(compose, tiny_overrides, tiny_bert_dir):
+    """The tiny BERT has 64 learned positions: 100 tokens would crash in the forward pass."""
+    with pytest.raises(ConfigError) as caught:
+        prepare(compose(*tiny_overrides, "train.max_length=100"))
+    assert str(caught.value) == (
+        "train.max_length=100: above the model's 64 positions (a learned position table, "
+        "max_position_embeddings=64); set train.max_length=64 or less"
+    )
+    assert prepare(compose(*tiny_overrides, "train.max_length=64")).spec.position_limit == 64
+
+
+def test_max_length_past_a_rotary_models_trained_positions_warns(compose, tiny_causal, caplog):
+    """Rotary positions have no table to run out of: past max_position_embeddings is a warning only."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare(compose(*tiny_causal, "train.max_length=200"))
+    assert prepared.spec.position_limit is None
+    assert "train.max_length=200 is past the 128 positions the model was trained on" in caplog.text
+
+
+def test_model_cache_dir_follows_lora_sweep_cache(compose, monkeypatch, tmp_path, tiny_bert_dir):
+    monkeypatch.setenv("LORA_SWEEP_CACHE", str(tmp_path / "shared_cache"))
+    for model in ("minilm", "roberta_base", "smollm2_135m"):
+        assert compose(f"model={model}").model.cache_dir == str(tmp_path / "shared_cache"), model
+    local = compose("model=local", f"model.name_or_path={tiny_bert_dir}")
+    assert local.model.cache_dir == str(tmp_path / "shared_cache")
+    monkeypatch.delenv("LORA_SWEEP_CACHE")
+    unset = compose("model=local", f"model.name_or_path={tiny_bert_dir}")
+    assert unset.model.cache_dir == "~/.cache/lora_sweep"

@@ -146,3 +146,104 @@ def test_builtin_rotten_tomatoes_matches_the_reference_split(tmp_path):
     assert data.label_names == ["negative", "positive"]
     share = sum(data.splits["validation"]["labels"]) / data.sizes["validation"]
     assert share == pytest.approx(5242 / 10568, abs=0.002)
+
+
+# --- unreadable files: which file, which line or byte, what is wrong (issue 12) -------------------------
+
+
+def _data_problem(tmp_path, tokenizer, path, **extra) -> str:
+    from lora_sweep.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        prepare_data(_cfg(tmp_path, path, **extra), tokenizer, max_length=16)
+    message = str(caught.value)
+    assert "\n" not in message and "An error occurred while generating" not in message, message
+    return message
+
+
+def test_empty_csv(tmp_path, tokenizer):
+    path = tmp_path / "empty.csv"
+    path.write_text("")
+    message = _data_problem(tmp_path, tokenizer, path)
+    assert message == f"data.path={str(path)!r}: empty.csv is empty (0 bytes)"
+
+
+def test_csv_that_is_not_utf8(tmp_path, tokenizer):
+    path = write_csv(tmp_path / "latin1.csv", sentiment_rows(40))
+    text = path.read_bytes()
+    offset = len(text) - 20
+    path.write_bytes(text[:offset] + "é".encode("latin-1") + text[offset:])
+    line = text[:offset].count(b"\n") + 1
+    assert _data_problem(tmp_path, tokenizer, path) == (
+        f"data.path={str(path)!r}: latin1.csv is not UTF-8 (byte 0xe9 at offset {offset:,}, line {line}); "
+        "save it as UTF-8"
+    )
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    rows = [json.dumps({"text": t, "label": label}) for t, label in sentiment_rows(30)]
+    rows[6] = rows[6][:-1]  # a closing brace lost
+    path.write_text("\n".join(rows) + "\n")
+    message = _data_problem(tmp_path, tokenizer, path)
+    assert message.startswith(f"data.path={str(path)!r}: rows.jsonl line 7 is not valid JSON ("), message
+
+
+def test_malformed_json_document_names_line_and_column(tmp_path, tokenizer):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"text": "good film", "label": "positive"},\n  {"text": "bad" "label": 1}\n]\n')
+    message = _data_problem(tmp_path, tokenizer, path)
+    expected = f"data.path={str(path)!r}: rows.json is not valid JSON (line 3, column"
+    assert message.startswith(expected), message
+
+
+def test_a_file_in_a_split_folder_is_named(tmp_path, tokenizer):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    write_csv(folder / "train.csv", sentiment_rows(40))
+    (folder / "test.csv").write_text("")
+    assert _data_problem(tmp_path, tokenizer, folder) == (
+        f"data.path={str(folder)!r}: test.csv is empty (0 bytes)"
+    )
+
+
+def test_text_column_empty_in_every_row_is_blamed_on_the_text_column(tmp_path, tokenizer):
+    path = write_csv(tmp_path / "no_text.csv", [("", label) for _, label in sentiment_rows(40)])
+    assert _data_problem(tmp_path, tokenizer, path) == (
+        "data.text_column='text': empty in every row of the train split (40 rows)"
+    )
+
+
+# --- truncation at train.max_length is counted, per split, and survives the cache (issue 12) ------------
+
+
+def test_truncated_rows_are_counted_per_split_and_survive_a_cache_hit(tmp_path, tokenizer, caplog):
+    import logging
+
+    rows = [(" ".join(["good"] * (4 + i % 20)), "positive" if i % 2 else "negative") for i in range(200)]
+    path = write_csv(tmp_path / "long.csv", rows)
+    with caplog.at_level(logging.WARNING):
+        first = prepare_data(_cfg(tmp_path, path), tokenizer, max_length=12)
+    truncated = first.lengths["truncated"]
+    assert first.lengths["max_length"] == 12 and set(truncated) == {"train", "validation", "test"}
+    # a row is cut when its words plus [CLS] and [SEP] exceed 12 tokens: 11 to 23 words, 13 rows in 20
+    assert sum(s["rows"] for s in truncated.values()) == sum(len(t.split()) + 2 > 12 for t, _ in rows) == 130
+    for name, split in first.splits.items():
+        counted = truncated[name]
+        full_rows = sum(len(ids) == 12 for ids in split["input_ids"])
+        assert counted["of"] == len(split) and 0 < counted["rows"] <= full_rows
+        assert counted["share"] == pytest.approx(counted["rows"] / len(split))
+        assert 6 <= counted["median_tokens"] <= 25
+    assert first.lengths["dropped"] == {} and "_tokens" not in first.splits["train"].column_names
+    train = truncated["train"]
+    assert (
+        f"train.max_length=12 cuts {100 * train['share']:.0f}% of the train rows "
+        f"(median {train['median_tokens']:g} tokens); raise train.max_length" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = prepare_data(_cfg(tmp_path, path), tokenizer, max_length=12)
+    assert again.from_cache and again.lengths == first.lengths
+    assert "cuts" in caplog.text  # every run is told, not only the one that tokenized
+    short = prepare_data(_cfg(tmp_path, path), tokenizer, max_length=64)
+    assert all(s["rows"] == 0 for s in short.lengths["truncated"].values())

@@ -114,3 +114,102 @@ def test_full_method_trains_everything(tiny_bert_dir):
     model, _, _ = _model(tiny_bert_dir, method_config("full"))
     assert all(p.requires_grad for p in model.parameters())
     assert count_parameters(model)["trainable_ratio"] == 1.0
+
+
+# --- bad model folders: one line naming model.name_or_path, before any weight is read (issue 12) --------
+
+
+def _model_copy(source, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model_copy"
+    shutil.copytree(source, folder)
+    return folder
+
+
+def _problem(folder) -> str:
+    with pytest.raises(ConfigError) as caught:
+        _spec(folder)
+    message = str(caught.value)
+    assert message.startswith(f"model.name_or_path={str(folder)!r}: "), message
+    assert "\n" not in message
+    return message.split(": ", 1)[1]
+
+
+def test_corrupt_config_json_is_one_line(tiny_bert_dir, tmp_path):
+    folder = _model_copy(tiny_bert_dir, tmp_path)
+    (folder / "config.json").write_text('{"model_type": "bert",\n "hidden_size": 32,,\n}')
+    assert _problem(folder).startswith("config.json is not valid JSON (line 2, column")
+
+
+def test_config_json_without_model_type_is_one_line(tiny_bert_dir, tmp_path):
+    import json
+
+    folder = _model_copy(tiny_bert_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert _problem(folder).startswith("config.json has no model_type")
+
+
+def test_truncated_safetensors_is_found_from_its_header(tiny_bert_dir, tmp_path):
+    folder = _model_copy(tiny_bert_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as handle:
+        handle.truncate(size // 2)
+    problem = _problem(folder)
+    assert problem.startswith(f"model.safetensors is truncated: {size // 2:,} bytes of the {size:,}"), problem
+    weights.write_bytes(b"\x00" * 4)
+    assert _problem(folder).startswith("model.safetensors is not a safetensors file")
+
+
+def test_position_limit_comes_from_the_learned_position_table(tmp_path):
+    """BERT's table has max_position_embeddings rows, RoBERTa's two fewer usable ones (positions start after
+    padding_idx), GPT-2's n_positions; a rotary model (Llama) has no table, so no hard limit."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
+
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64}
+    configs = {
+        "bert": (BertConfig(max_position_embeddings=40, **small), 40),
+        "roberta": (RobertaConfig(max_position_embeddings=42, pad_token_id=1, **small), 40),
+        "gpt2": (GPT2Config(n_positions=40, n_embd=32, n_layer=1, n_head=4), 40),
+        "llama": (LlamaConfig(max_position_embeddings=40, num_key_value_heads=4, **small), None),
+    }
+    for name, (config, limit) in configs.items():
+        config.save_pretrained(tmp_path / name)  # config.json alone: inspect_model reads no weight
+        spec = _spec(tmp_path / name)
+        assert spec.position_limit == limit, name
+        assert spec.trained_positions == (42 if name == "roberta" else 40), name
+
+
+def test_corrupt_tokenizer_files_are_one_line(tiny_bert_dir, tmp_path):
+    folder = _model_copy(tiny_bert_dir, tmp_path)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "truncation"')
+    assert _problem(folder).startswith("tokenizer.json is not valid JSON (line 1, column 32")
+
+
+def test_a_tokenizer_that_does_not_load_is_one_line(tiny_bert_dir, tmp_path):
+    folder = _model_copy(tiny_bert_dir, tmp_path)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
+    cfg = ModelConfig(name="tiny", name_or_path=str(folder))
+    with pytest.raises(ConfigError) as caught:
+        load_tokenizer(inspect_model(cfg), cfg)
+    message = str(caught.value)
+    assert message.startswith(f"model.name_or_path={str(folder)!r}: its tokenizer does not load (") and (
+        "\n" not in message
+    ), message
+
+
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
+    folder = tmp_path / "gguf_model"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF" + b"\x07" * 200)  # the magic, then nothing valid
+    cfg = ModelConfig(
+        name="g", name_or_path=str(folder), gguf_file="model.gguf", cache_dir=str(tmp_path / "cache")
+    )
+    with pytest.raises(ConfigError) as caught:
+        inspect_model(cfg)
+    message = str(caught.value)
+    assert message.startswith("model.gguf_file='model.gguf': cannot be converted (") and "\n" not in message
+    assert not list((tmp_path / "cache" / "models").glob("*/"))  # no half-converted folder left

@@ -269,3 +269,11 @@ def test_a_report_names_paths_relative_to_its_own_folder(tmp_path):
         folder,
     )
     assert found == {"checkpoint": "../../outputs/best", "runs": ["best"], "rule": "the highest"}
+
+
+def test_truncation_notes_are_a_section_of_the_report(tmp_path):
+    note = "train.max_length=128 truncates 97% of the train rows (388 of 400, median 412 tokens) in trial 0"
+    markdown = to_markdown(_summary(truncation=[note]), _table(), {})
+    assert f"## Truncation at train.max_length\n\n- {note}\n" in markdown
+    assert "Truncation at train.max_length" not in to_markdown(_summary(), _table(), {})
+    assert "truncates 97% of the train rows" in to_html(_summary(truncation=[note]), _table(), {})

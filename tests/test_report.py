@@ -335,3 +335,36 @@ def test_confidence_interval_and_paired_test():
     )  # t(0.975, 2) * sd / sqrt(n)
     result = paired([0.80, 0.82, 0.81], [0.83, 0.84, 0.85])
     assert result["difference"]["mean"] == pytest.approx(-0.03) and 0 < result["p_value"] < 0.05
+
+
+def test_truncation_notes_group_the_trials_that_cut_the_same_rows():
+    from lora_sweep.report import truncation_notes
+
+    def record(max_length, cut, dropped=None):
+        return {
+            "data": {
+                "max_length": max_length,
+                "truncated": {
+                    "train": {"rows": cut, "of": 400, "share": cut / 400, "median_tokens": 412},
+                    "validation": {"rows": 3, "of": 80, "share": 3 / 80, "median_tokens": 15},
+                },
+                "dropped": dropped or {},
+            }
+        }
+
+    records = {
+        "lora #0": record(128, 388),
+        "lora #1": record(128, 388),
+        "full #0": record(128, 388),
+        "lora #2": record(512, 0),
+        "lora #3": record(64, 20, {"all": {"rows": 50, "of": 500, "share": 0.1}}),
+        "old": {"data": {}},  # a record written before truncation was counted
+    }
+    assert truncation_notes(records) == [
+        "train.max_length=128 truncates 97% of the train rows (388 of 400, median 412 tokens), 4% of the "
+        "validation rows (3 of 80) in trials lora #0, lora #1, full #0",
+        "train.max_length=64 truncates 5% of the train rows (20 of 400, median 412 tokens), 4% of the "
+        "validation rows (3 of 80) and drops 10% of the rows (50 of 500) in trial lora #3",
+        "train.max_length=512 truncates 4% of the validation rows (3 of 80) in trial lora #2",
+    ]
+    assert truncation_notes({"a": record(512, 0) | {"data": {"truncated": {}, "dropped": {}}}}) == []

@@ -8,6 +8,7 @@ never trains.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -71,6 +72,48 @@ def _records(table) -> dict[str, dict]:
         for _, r in table.iterrows()
         if r["state"] == "complete" and isinstance(r["record"], str) and Path(r["record"]).is_file()
     }
+
+
+def truncation_notes(records: dict[str, dict]) -> list[str]:
+    """What train.max_length cut in the trials' data, one line per distinct outcome (trials sharing data and
+    max_length share one), read from each record; the line says which trials it holds for."""
+    groups: dict[str, tuple[dict, list[str]]] = {}
+    for label, record in records.items():
+        data = record.get("data", {})
+        truncated = {n: c for n, c in data.get("truncated", {}).items() if c.get("rows")}
+        dropped = {n: c for n, c in data.get("dropped", {}).items() if c.get("rows")}
+        if not truncated and not dropped:
+            continue
+        outcome = {"max_length": data.get("max_length"), "truncated": truncated, "dropped": dropped}
+        key = json.dumps(outcome, sort_keys=True)
+        groups.setdefault(key, (outcome, []))[1].append(label)
+
+    def train_share(item: tuple[dict, list[str]]) -> float:
+        return item[0]["truncated"].get("train", {}).get("share", 0.0)
+
+    notes = []
+    for outcome, labels in sorted(groups.values(), key=train_share, reverse=True):
+        cut = [
+            f"{100 * c['share']:.0f}% of the {name} rows ({c['rows']:,} of {c['of']:,}"
+            + (
+                f", median {c['median_tokens']:g} tokens)"
+                if name == "train" and "median_tokens" in c
+                else ")"
+            )
+            for name, c in outcome["truncated"].items()
+        ]
+        gone = [
+            f"{100 * c['share']:.0f}% of the {'rows' if name == 'all' else name + ' rows'} "
+            f"({c['rows']:,} of {c['of']:,})"
+            for name, c in outcome["dropped"].items()
+        ]
+        text = f"train.max_length={outcome['max_length']}"
+        if cut:
+            text += " truncates " + ", ".join(cut)
+        if gone:
+            text += (" and drops " if cut else " drops ") + ", ".join(gone)
+        notes.append(text + f" in trial{'s' if len(labels) > 1 else ''} {', '.join(labels)}")
+    return notes
 
 
 def checkpoint_sections(
@@ -203,6 +246,9 @@ def build_report(
         if choice.row is None
         else {k: (None if v != v else v) for k, v in choice.row.drop(labels=["evaluations"]).items()}
     )
+    truncation = truncation_notes(_records(table))
+    if truncation:  # read from the records: how much of each row the trials were trained on
+        extra["truncation"] = truncation
     summary = {
         "study": sweep.study_name,
         "metric": sweep.metric,

@@ -104,6 +104,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         ]
     else:
         lines += ["No LoRA trial has completed yet.", ""]
+    if summary.get("truncation"):
+        lines += ["## Truncation at train.max_length", "", *[f"- {n}" for n in summary["truncation"]], ""]
     return lines + checkpoint_lines(summary)
 
 
