@@ -27,7 +27,7 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
 from lora_sweep.secrets import password_of, redact_text, redact_url, secret_values
 from lora_sweep.sweep.optuna_api import stale_trial_ids, storage_of, trial_id
-from lora_sweep.sweep.settings import PrunerConf, SamplerConf
+from lora_sweep.sweep.settings import PRUNERS, SAMPLERS, PrunerConf, SamplerConf  # noqa: F401 - names
 
 log = logging.getLogger(__name__)
 # TPE's group/constant_liar options are "experimental" in Optuna 5 but stable in practice; the warnings
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
 JOURNAL_PREFIX = "journal:"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONNECT_TIMEOUT = 10  # seconds to reach a database server
@@ -106,9 +104,7 @@ def make_sampler(
     """The sampler of ``cfg``: the schema's dataclass, or a mapping of some of its fields."""
     if isinstance(cfg, Mapping):
         cfg = build(SamplerConf, cfg, "hydra.sweeper.sampler")
-    name, seed = cfg.name, cfg.seed
-    if name not in SAMPLERS:
-        raise ConfigError("hydra.sweeper.sampler.name", name, f"must be one of {', '.join(SAMPLERS)}")
+    name, seed = cfg.name, cfg.seed  # names and ranges: checked by the schema (SamplerConf)
     if name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed,
@@ -139,9 +135,7 @@ def make_pruner(cfg: PrunerConf | Mapping[str, Any]) -> optuna.pruners.BasePrune
     it in its user attributes), the schema's defaults filling the rest."""
     if isinstance(cfg, Mapping):
         cfg = build(PrunerConf, cfg, "hydra.sweeper.pruner")
-    name = cfg.name
-    if name not in PRUNERS:
-        raise ConfigError("hydra.sweeper.pruner.name", name, f"must be one of {', '.join(PRUNERS)}")
+    name = cfg.name  # names and ranges: checked by the schema (PrunerConf)
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
