@@ -118,3 +118,16 @@ def test_a_read_only_report_folder(tmp_path, monkeypatch):
     (tmp_path / "locked").mkdir(mode=0o555)
     with pytest.raises(ConfigError, match=r"^hydra.sweeper.report.dir='locked/r': cannot write the report"):
         sweeper_conf({"report": {"dir": "locked/r"}})
+
+
+def test_a_journal_under_a_file_is_found_before_anything_runs(tmp_path):
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    storage = f"journal:{tmp_path}/afile/x.journal"
+    with pytest.raises(ConfigError) as caught:
+        sweeper_conf({"storage": storage})
+    assert str(caught.value) == (
+        f"hydra.sweeper.storage='{storage}': cannot write the journal there: {tmp_path / 'afile'} is a file, "
+        "not a folder"
+    )
+    assert sweeper_conf({"storage": f"journal:{tmp_path}/new/x.journal"}).storage.endswith("x.journal")
+    assert not (tmp_path / "new").exists()

@@ -20,6 +20,7 @@ from lora_sweep.schema import build
 
 SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
+JOURNAL_PREFIX = "journal:"  # hydra.sweeper.storage=journal:<file>: an Optuna journal file
 MAX_SEED = 2**32 - 1  # numpy's RandomState, which every Optuna sampler seeds, takes no other seed
 
 
@@ -153,6 +154,8 @@ def sweeper_conf(settings: Mapping[str, Any]) -> "LoraOptunaSweeperConf":
     checks, creating nothing, that the report's folder can be written: the sweep writes it only at the end."""
     given = {k: v for k, v in settings.items() if k != "_target_"}
     conf = build(LoraOptunaSweeperConf, given, "hydra.sweeper")
+    if conf.storage is not None and conf.storage.startswith(JOURNAL_PREFIX):
+        check_journal(conf.storage)
     if conf.report.enabled:
         problem = unwritable(Path(conf.report.dir))
         if problem:
@@ -160,6 +163,13 @@ def sweeper_conf(settings: Mapping[str, Any]) -> "LoraOptunaSweeperConf":
                 "hydra.sweeper.report.dir", conf.report.dir, f"cannot write the report there: {problem}"
             )
     return conf
+
+
+def check_journal(storage: str) -> None:
+    """A ``journal:<file>`` storage whose folder cannot be made or written is one line, not a traceback."""
+    problem = unwritable(Path(storage[len(JOURNAL_PREFIX) :]).expanduser().parent)
+    if problem:
+        raise ConfigError("hydra.sweeper.storage", storage, f"cannot write the journal there: {problem}")
 
 
 def unwritable(folder: Path) -> Optional[str]:

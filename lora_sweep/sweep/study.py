@@ -27,7 +27,14 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
 from lora_sweep.secrets import password_of, redact_text, redact_url, secret_values
 from lora_sweep.sweep.optuna_api import stale_trial_ids, storage_of, trial_id
-from lora_sweep.sweep.settings import PRUNERS, SAMPLERS, PrunerConf, SamplerConf  # noqa: F401 - names
+from lora_sweep.sweep.settings import (  # noqa: F401 - SAMPLERS, PRUNERS: the names, importable here too
+    JOURNAL_PREFIX,
+    PRUNERS,
+    SAMPLERS,
+    PrunerConf,
+    SamplerConf,
+    check_journal,
+)
 
 log = logging.getLogger(__name__)
 # TPE's group/constant_liar options are "experimental" in Optuna 5 but stable in practice; the warnings
@@ -35,7 +42,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-JOURNAL_PREFIX = "journal:"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONNECT_TIMEOUT = 10  # seconds to reach a database server
 
@@ -53,6 +59,7 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
     if spec.startswith(JOURNAL_PREFIX):
         from optuna.storages.journal import JournalFileBackend
 
+        check_journal(spec)
         path = Path(spec[len(JOURNAL_PREFIX) :])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
