@@ -36,6 +36,7 @@ class LoraOptunaSweeper(Sweeper):
         from lora_sweep.errors import LoraSweepError
         from lora_sweep.sweep.runner import SweepRunner
         from lora_sweep.sweep.settings import sweeper_conf
+        from lora_sweep.sweep.space import check_search
 
         parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(
             list(arguments)
@@ -51,6 +52,7 @@ class LoraOptunaSweeper(Sweeper):
             sys.exit(2)
         try:
             conf = sweeper_conf(self.settings)
+            check_search(conf, self.config)  # before the storage opens: a bad space creates nothing
             loader = self.hydra_context.config_loader
             return SweepRunner(conf, self.config, self.launcher, loader, arguments).run()
         except LoraSweepError as err:
