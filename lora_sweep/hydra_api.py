@@ -142,7 +142,8 @@ def _one_line(err: Exception, overrides: list[str], parsed: list, config_dir: st
     message = str(err)
     by_line = {o.input_line: o for o in parsed}
     for text in overrides:  # a swept override's variant is not in parsed as such
-        by_line.setdefault(text, _parse(text))
+        if text not in by_line:
+            by_line[text] = _parse(text)
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
         options = [str(o) for o in err.options or []]
@@ -152,18 +153,15 @@ def _one_line(err: Exception, overrides: list[str], parsed: list, config_dir: st
         given = any(by_line[t].key_or_group == group for t in overrides)
         where = "" if given else f" ({message.splitlines()[0]})"  # a defaults list names it, not the command
         return ConfigError(group, option, f"no such {group} option{hint}{listing}{where}")
-    culprit = next(
-        (
-            by_line[t]
-            for t in overrides
-            if t in message or f"'{by_line[t].key_or_group}'" in message or f"'{t}'" in message
-        ),
-        None,
-    )
     cause = _omegaconf_cause(err)
-    if culprit is None:
-        full_key = getattr(cause, "full_key", None)
-        culprit = next((by_line[t] for t in overrides if by_line[t].key_or_group == full_key), None)
+    full_key = getattr(cause, "full_key", None)
+    # which override: the one OmegaConf names, else the one Hydra's message quotes or repeats
+    tests = (
+        lambda t: by_line[t].key_or_group == full_key,
+        lambda t: f"'{by_line[t].key_or_group}'" in message,
+        lambda t: f"override {t}" in message or f"'{t}'" in message,
+    )
+    culprit = next((by_line[t] for test in tests for t in overrides if test(t)), None)
     if culprit is None:
         return ConfigError("command line", " ".join(overrides), message.splitlines()[0])
     key, value = culprit.key_or_group, _typed_value(culprit)
