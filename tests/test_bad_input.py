@@ -463,6 +463,11 @@ def test_bad_sweeper_settings_and_hydra_errors_on_rerun_change_nothing(swept, ti
             [f"hydra.sweeper.storage=journal:{root}/afile/x.journal"],
             f"error: hydra.sweeper.storage='journal:{root}/afile/x.journal': cannot write the journal there",
         ),
+        "sweep dir": (
+            ["hydra.sweep.dir=afile/sweeps"],
+            "error: hydra.sweep.dir='afile/sweeps': cannot make the sweep's folder: "
+            f"{root / 'afile'} is a file",
+        ),
         "typo": (["train.lrr=1"], "error: train.lrr=1: no such config key (did you mean train.lr?)"),
         "type": (["hydra.sweeper.n_trials=abc"], "error: hydra.sweeper.n_trials='abc': expected an integer"),
         "option": (["method=nope"], "error: method='nope': no such method option; options: adalora, full"),
