@@ -8,13 +8,14 @@ overrides: ``hydra.*`` keys, ``hydra.searchpath``, sweep files), and turns what 
 ``python -m lora_sweep`` prints it as ``error: <line>`` and exits 2 before ``hydra.main`` starts. A command
 line that composes costs one composition (~0.15 s) and goes on to Hydra unchanged.
 
-The one thing taken from past Hydra's public API: the command line is split as ``hydra.main`` splits it,
-by Hydra's own argument parser (``hydra._internal.utils.get_args_parser``), so flags (``--multirun``,
-``-cn``, ``--cfg``...) and overrides are told apart exactly as Hydra will. tests/test_hydra_api.py pins it.
+Only Hydra's public API is used. The command line is split as ``hydra.main`` splits it, by a parser with
+the flags of Hydra's own (``hydra._internal.utils.get_args_parser``, private): tests/test_hydra_api.py
+checks that the two agree, so a Hydra upgrade that adds or changes a flag fails there, in one place.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 from collections.abc import Iterator, Sequence
@@ -22,13 +23,15 @@ from typing import Any
 
 from lora_sweep.errors import ConfigError
 
-# flags whose output is Hydra's own (help, config printing, shell completion) or which move the config
-# folder: the command line goes to Hydra as it is
+# flags whose output is Hydra's own (help, version, config printing, shell completion) or which move the
+# config folder: the command line goes to Hydra as it is
 HANDED_OVER = (
     "help",
     "hydra_help",
+    "version",
     "cfg",
     "info",
+    "package",
     "shell_completion",
     "config_path",
     "config_dir",
@@ -37,12 +40,46 @@ HANDED_OVER = (
 MAX_COMPOSITIONS = 16  # a basic-sweeper grid: each value of each swept key composed once, up to this many
 
 
-def parse_command_line(argv: Sequence[str]) -> Any:
-    """``argv`` split as ``hydra.main`` splits it: Hydra's argparse namespace (``overrides``, ``multirun``,
-    ``config_name``, ...). A malformed flag exits 2 with argparse's usage line, as Hydra would."""
-    from hydra._internal.utils import get_args_parser  # Hydra's own parser: the one hydra.main uses
+class _Unparsable(Exception):
+    pass
 
-    return get_args_parser().parse_args(list(argv))
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # Hydra's own parser reports a bad flag: hand the command line over
+        raise _Unparsable(message)
+
+
+def args_parser() -> argparse.ArgumentParser:
+    """The flags of ``hydra.main``'s parser, with the same names, arities and destinations."""
+    parser = _Parser(add_help=False, prog="lora_sweep")
+    for flags in (("--help", "-h"), ("--hydra-help",), ("--version",), ("--resolve",), ("--run", "-r")):
+        parser.add_argument(*flags, action="store_true")
+    parser.add_argument("--multirun", "-m", action="store_true")
+    parser.add_argument("--shell-completion", "-sc", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--cfg", "-c", choices=["job", "hydra", "all"])
+    parser.add_argument("--package", "-p")
+    parser.add_argument("--config-path", "-cp")
+    parser.add_argument("--config-name", "-cn")
+    parser.add_argument("--config-dir", "-cd")
+    parser.add_argument("--experimental-rerun")
+    parser.add_argument(
+        "--info",
+        "-i",
+        const="all",
+        nargs="?",
+        choices=["all", "config", "defaults", "defaults-tree", "plugins", "searchpath"],
+    )
+    return parser
+
+
+def parse_command_line(argv: Sequence[str]) -> Any:
+    """``argv`` split as ``hydra.main`` splits it (``overrides``, ``multirun``, ``config_name``, ...), or
+    None where Hydra's parser would refuse it (Hydra then says why)."""
+    try:
+        return args_parser().parse_args(list(argv))
+    except _Unparsable:
+        return None
 
 
 def command_line_error(argv: Sequence[str], config_dir: str, config_name: str) -> str | None:
@@ -51,7 +88,7 @@ def command_line_error(argv: Sequence[str], config_dir: str, config_name: str) -
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's full report
         return None
     args = parse_command_line(argv)
-    if any(getattr(args, flag, None) for flag in HANDED_OVER):
+    if args is None or any(getattr(args, flag, None) for flag in HANDED_OVER):
         return None
     try:
         check_overrides(list(args.overrides), config_dir, args.config_name or config_name, args.multirun)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lora_sweep import cli
-from lora_sweep.hydra_api import command_line_error, parse_command_line
+from lora_sweep.hydra_api import args_parser, command_line_error, parse_command_line
 
 CONF = str(cli.CONF_DIR)
 cli.register_resolvers()
@@ -109,14 +109,39 @@ def test_a_searchpath_folder_on_the_command_line_is_composed_with(tmp_path):
     assert error("method=mine").startswith("method='mine': no such method option")
 
 
-def test_the_command_line_is_split_as_hydra_main_splits_it():
-    """Pins the one private API used: Hydra's own argument parser (hydra._internal.utils.get_args_parser)."""
-    args = parse_command_line(["-m", "--config-name", "other", "a=1", "b=2"])
-    assert args.multirun is True and args.overrides == ["a=1", "b=2"] and args.config_name == "other"
-    args = parse_command_line(["--multirun", "--cfg", "job", "c=3"])
-    assert args.multirun is True and args.cfg == "job" and args.overrides == ["c=3"]
-    for flag in ("help", "hydra_help", "info", "shell_completion", "config_path", "config_dir"):
-        assert hasattr(args, flag), flag
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "--config-name", "other", "a=1", "b=2"],
+        ["--multirun", "--cfg", "job", "c=3"],
+        ["-cn", "x", "-cp", "y", "-cd", "z", "--resolve", "-p", "pkg", "d=4"],
+        ["--info"],
+        ["-i", "plugins", "--run"],
+        ["--hydra-help", "-sc"],
+        ["--experimental-rerun", "f.pickle"],
+        ["-h", "e=5"],
+        [],
+    ],
+)
+def test_the_command_line_is_split_as_hydra_main_splits_it(argv):
+    """Our parser against Hydra's own (private: hydra._internal.utils.get_args_parser): same flags, same
+    values. A Hydra upgrade that adds or changes a flag fails here."""
+    from hydra._internal.utils import get_args_parser
+
+    assert vars(parse_command_line(argv)) == {**vars(get_args_parser().parse_args(argv)), "version": False}
+
+
+def test_every_flag_of_hydras_parser_is_known():
+    from hydra._internal.utils import get_args_parser
+
+    theirs = {option for action in get_args_parser()._actions for option in action.option_strings}
+    ours = {option for action in args_parser()._actions for option in action.option_strings}
+    assert ours == theirs
+
+
+def test_a_flag_hydra_refuses_goes_to_hydra():
+    assert parse_command_line(["--nope"]) is None and parse_command_line(["--cfg", "everything"]) is None
+    assert error("--nope", "train.lrr=1") is None
 
 
 def test_hydra_full_error_hands_everything_to_hydra(monkeypatch):
