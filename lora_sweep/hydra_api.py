@@ -192,11 +192,11 @@ def _one_line(err: Exception, overrides: list[str], parsed: list, config_dir: st
         return ConfigError(group, option, f"no such {group} option{hint}{listing}{where}")
     cause = _omegaconf_cause(err)
     full_key = getattr(cause, "full_key", None)
-    # which override: the one OmegaConf names, else the one Hydra's message quotes or repeats
+    # which override: the one Hydra's message repeats, else the first with the key OmegaConf or Hydra names
     tests = (
+        lambda t: f"override {t}" in message or f"'{t}'" in message,
         lambda t: by_line[t].key_or_group == full_key,
         lambda t: f"'{by_line[t].key_or_group}'" in message,
-        lambda t: f"override {t}" in message or f"'{t}'" in message,
     )
     culprit = next((by_line[t] for test in tests for t in overrides if test(t)), None)
     if culprit is None:

@@ -54,6 +54,10 @@ def error(*argv: str) -> str | None:
         (["-m", "method.r=8,16", "train.lrr=1,2"], "train.lrr=1: no such config key"),
         (["hydra/launcher=nope"], "hydra/launcher='nope': no such hydra/launcher option; options: basic"),
         (["sweeps=nope"], "sweeps='nope': no such sweeps option; options: causal_gpu, causal_quick, methods"),
+        (
+            ["-m", "sweeps=quick", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_trials=abc"],
+            "hydra.sweeper.n_trials='abc': expected an integer",
+        ),
         (["train.lr=[1"], "train.lr='[1': not a valid override (no viable alternative at input '[1')"),
         (
             ["method.r=8,16"],
