@@ -61,6 +61,8 @@ def coerce(annotation: Any, value: Any, key: str) -> Any:
                 return coerce(option, value, key)
             except ConfigError as err:
                 errors.append(err)
+        if len(errors) == 1 and errors[0].key != key:  # Optional[<dataclass>]: the error inside it says more
+            raise errors[0]
         raise ConfigError(
             key, value, "expected " + " or ".join(_describe(o) for o in options if o is not type(None))
         )

@@ -449,3 +449,117 @@ def test_bad_model_and_data_inputs_exit_2_with_one_line_before_anything_is_recor
         assert len(lines) == 1 and lines[0].startswith(expected), (name, result.stderr[-3000:])
     assert mlflow_snapshot(tmp_path) == before  # no new run, the old one value for value
     assert records(tmp_path) == before_records  # no record started by any of them
+
+
+# --- bad sweeper settings and Hydra errors on the command line (issue 12) -------------------------------
+
+
+def everything_on_disk(root: Path) -> dict[str, bytes]:
+    """Every file under outputs/ (journal, records, checkpoints, summaries) and reports/, byte for byte."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for folder in ("outputs", "reports")
+        for p in sorted((root / folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_bad_sweeper_settings_and_hydra_errors_on_rerun_change_nothing(swept, tiny):
+    """Against a finished sweep: each bad setting, search range or Hydra error is one line on stderr and exit
+    code 2, before anything is created; the study, its MLflow runs (the parent included), the records and
+    every file on disk are as they were, byte for byte."""
+    root = swept
+    (root / "afile").write_text("a file where a folder should be")
+    before = optuna_snapshot(root, "intact"), mlflow_snapshot(root), records(root), everything_on_disk(root)
+    assert [s[0] for s in before[0].values()] == [TrialState.COMPLETE] * 2
+    report_on = "hydra.sweeper.report.enabled=true"
+    cases = {
+        "failure rate": (
+            ["hydra.sweeper.max_failure_rate=-1"],
+            "error: hydra.sweeper.max_failure_rate=-1.0: must be in [0, 1]",
+        ),
+        "no trials": (
+            ["hydra.sweeper.n_trials=0"],
+            "error: hydra.sweeper.n_trials=0: must be a positive integer",
+        ),
+        "baseline": (
+            ["hydra.sweeper.baseline.n_trials=-1"],
+            "error: hydra.sweeper.baseline.n_trials=-1: must be >= 0",
+        ),
+        "replicates": (
+            [report_on, "hydra.sweeper.report.replicates=-1"],
+            "error: hydra.sweeper.report.replicates=-1: must be >= 0",
+        ),
+        "tolerance": (
+            ["hydra.sweeper.report.tolerance=-1"],
+            "error: hydra.sweeper.report.tolerance=-1.0: must be >= 0",
+        ),
+        "keep": (
+            ["hydra.sweeper.keep_checkpoints=0"],
+            "error: hydra.sweeper.keep_checkpoints=0: must be >= 1",
+        ),
+        "report dir": (
+            [report_on, "hydra.sweeper.report.dir=afile/reports"],
+            "error: hydra.sweeper.report.dir='afile/reports': cannot write the report there: "
+            f"{root / 'afile'} is a file, not a folder",
+        ),
+        "warmup": (
+            ["hydra.sweeper.pruner.n_warmup_steps=-1"],
+            "error: hydra.sweeper.pruner.n_warmup_steps=-1: must be >= 0",
+        ),
+        "seed": (
+            ["hydra.sweeper.sampler.seed=-1"],
+            "error: hydra.sweeper.sampler.seed=-1: must be in [0, 4294967295]",
+        ),
+        "journal": (
+            [f"hydra.sweeper.storage=journal:{root}/afile/x.journal"],
+            f"error: hydra.sweeper.storage='journal:{root}/afile/x.journal': cannot write the journal there",
+        ),
+        "sweep dir": (
+            ["hydra.sweep.dir=afile/sweeps"],
+            "error: hydra.sweep.dir='afile/sweeps': cannot make the sweep's folder: "
+            f"{root / 'afile'} is a file",
+        ),
+        "typo": (["train.lrr=1"], "error: train.lrr=1: no such config key (did you mean train.lr?)"),
+        "type": (["hydra.sweeper.n_trials=abc"], "error: hydra.sweeper.n_trials='abc': expected an integer"),
+        "option": (["method=nope"], "error: method='nope': no such method option; options: adalora, full"),
+    }
+    for name, (overrides, expected) in cases.items():
+        result = run_sweep(
+            root, "intact", tiny, "train.epochs=1", "hydra.sweeper.n_trials=3", *overrides, check=False
+        )
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), (
+            name,
+            result.stderr,
+        )
+
+    # a range whose high end no run accepts: the sweep file edited by hand
+    write_sweep(
+        root, "intact", {**SWEEP, "params": {**SWEEP["params"], "method.dropout": "interval(0.0, 1.5)"}}
+    )
+    result = run_sweep(root, "intact", tiny, "train.epochs=1", "hydra.sweeper.n_trials=3", check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: hydra.sweeper.params.method.dropout='interval(0.0, 1.5)': its high end 1.5 fails the run "
+        "config's check: method.dropout=1.5: must be in [0, 1)"
+    ), result.stderr[-3000:]
+    after = optuna_snapshot(root, "intact"), mlflow_snapshot(root), records(root), everything_on_disk(root)
+    assert after == before
+
+
+@pytest.mark.slow
+def test_hydra_errors_of_a_single_run_are_one_line_and_create_nothing(tmp_path, tiny_overrides):
+    cases = {
+        "train.lrr=1": "error: train.lrr=1: no such config key (did you mean train.lr?)",
+        "hydra.sweeper.n_trials=abc": "error: hydra.sweeper.n_trials='abc': no such config key (a setting of "
+        "hydra/sweeper=lora_optuna",
+        "method=nope": "error: method='nope': no such method option; options: adalora, full",
+        "train.lr=[1": "error: train.lr='[1': not a valid override",
+        "method.r=8,16": "error: method.r='8,16': a comma list or sweep runs several jobs: add --multirun",
+    }
+    for override, expected in cases.items():
+        result = single(tmp_path, tiny_overrides, "bad", override)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output folder, no MLflow store, no cache

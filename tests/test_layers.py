@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     # entry points: what a user or Hydra starts
     "lora_sweep.__main__": ENTRY,
     "lora_sweep.cli": ENTRY,
+    "lora_sweep.hydra_api": ENTRY,  # the command line's composition check, for __main__
     "lora_sweep.report.__main__": ENTRY,
     "hydra_plugins": ENTRY,
     # orchestration: a run, a sweep, a report

@@ -194,3 +194,93 @@ def test_in_range_examples():
     assert _in_range(
         CategoricalDistribution(["a", "b"]), CategoricalDistribution(["a", "b"]).to_internal_repr("b")
     )
+
+
+# --- every value a sweep can sample meets the run config's own checks -----------------------------------
+
+
+def _composed(*overrides: str):
+    """The run config a sweep composes (as the sweeper receives it), with no model or data behind it."""
+    from hydra import compose, initialize_config_dir
+
+    from lora_sweep import cli
+
+    cli.register_resolvers()
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+        return compose(
+            "config",
+            ["model=local", "model.name_or_path=/nowhere", "data=local", "data.path=x.csv", *overrides],
+        )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"params": {"method.dropout": "interval(0.0, 1.5)"}},
+            "hydra.sweeper.params.method.dropout='interval(0.0, 1.5)': its high end 1.5 fails the run "
+            "config's check: method.dropout=1.5: must be in [0, 1)",
+        ),
+        (
+            {"params": {"train.warmup_ratio": "interval(-0.1, 0.5)"}},
+            "hydra.sweeper.params.train.warmup_ratio='interval(-0.1, 0.5)': its low end -0.1 fails the run "
+            "config's check: train.warmup_ratio=-0.1: must be in [0, 1)",
+        ),
+        (
+            {"params": {"method.r": "range(4, 20, 8)", "train.epochs": "range(0, 3)"}},
+            "hydra.sweeper.params.train.epochs='range(0, 3)': its low end 0 fails the run config's check: "
+            "train.epochs=0: must be > 0",
+        ),
+        (
+            {"alpha": {"ratio": [1, 2], "free": "interval(-4, 64)"}},
+            "hydra.sweeper.alpha.free='interval(-4, 64)': its low end -4.0 fails the run config's check: "
+            "method.alpha=-4.0: must be > 0",
+        ),
+        (
+            {"params": {"train.batch_size": "choice(16, 0)"}},
+            "hydra.sweeper.params -> train.batch_size=0: must be > 0",
+        ),
+        (
+            {"baseline": {"n_trials": 1, "params": {"train.lr": "interval(0.0, 1e-4)"}}},
+            "hydra.sweeper.baseline.params.train.lr='interval(0.0, 1e-4)': its low end 0.0 fails the run "
+            "config's check: train.lr=0.0: must be > 0",
+        ),
+        (
+            {"params": {"train.lr": "tag(log, interval(1e-2, 1e-4))"}},
+            "hydra.sweeper.params.train.lr='tag(log, interval(1e-2, 1e-4))': low 0.01 > high 0.0001",
+        ),
+        (
+            {"params": {"method.rank": "choice(4, 8)"}},
+            "hydra.sweeper.params.method.rank='choice(4, 8)': no such config key",
+        ),
+    ],
+)
+def test_every_end_of_every_range_and_every_choice_meets_the_run_configs_checks(settings, message):
+    from lora_sweep.sweep.settings import sweeper_conf
+    from lora_sweep.sweep.space import check_search
+
+    with pytest.raises(ConfigError) as caught:
+        check_search(sweeper_conf({"report": {"enabled": False}, **settings}), _composed())
+    assert str(caught.value) == message
+
+
+def test_a_search_within_the_run_configs_ranges_passes():
+    from lora_sweep.sweep.settings import sweeper_conf
+    from lora_sweep.sweep.space import check_search
+
+    conf = sweeper_conf(
+        {
+            "report": {"enabled": False},
+            "params": {
+                "method": "choice(lora, ia3)",  # method.* keys: the chosen method's, composed per choice
+                "method.r": "range(2, 9, 2)",
+                "method.dropout": "interval(0.0, 0.5)",
+                "train.lr": "tag(log, interval(1e-4, 1e-2))",
+                "method.targets": "choice(attention_qv, qkv)",
+            },
+            "target_sets": {"qkv": ["query", "key", "value"]},
+            "conditions": {"method.r": {"method": ["lora"]}, "method.dropout": {"method": ["lora"]}},
+            "baseline": {"n_trials": 1, "params": {"train.lr": "tag(log, interval(2e-5, 2e-4))"}},
+        }
+    )
+    check_search(conf, _composed())

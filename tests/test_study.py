@@ -240,3 +240,17 @@ def test_stale_trials_go_back_to_the_queue_and_resume_as_the_same_trial(tmp_path
     assert trials[0].user_attrs["interruptions"] == ["its heartbeat stopped"]
     assert trials[1].user_attrs["interruptions"] == ["its worker process died"]
     assert {study.ask().number, study.ask().number} == {silent.number, dead.number}
+
+
+def test_a_journal_that_cannot_be_written_is_one_line_and_creates_nothing(tmp_path):
+    from lora_sweep.sweep.study import open_storage
+
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    spec = f"journal:{tmp_path}/afile/sub/x.journal"
+    with pytest.raises(ConfigError) as caught:
+        open_storage(spec)
+    assert str(caught.value) == (
+        f"hydra.sweeper.storage='{spec}': cannot write the journal there: {tmp_path / 'afile'} is a file, "
+        "not a folder"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

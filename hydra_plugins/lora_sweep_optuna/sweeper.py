@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
@@ -33,9 +34,10 @@ class LoraOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        from lora_sweep.errors import LoraSweepError
+        from lora_sweep.errors import ConfigError, LoraSweepError
         from lora_sweep.sweep.runner import SweepRunner
-        from lora_sweep.sweep.settings import sweeper_conf
+        from lora_sweep.sweep.settings import sweeper_conf, unwritable
+        from lora_sweep.sweep.space import check_search
 
         parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(
             list(arguments)
@@ -51,6 +53,11 @@ class LoraOptunaSweeper(Sweeper):
             sys.exit(2)
         try:
             conf = sweeper_conf(self.settings)
+            check_search(conf, self.config)  # before the storage opens: a bad space creates nothing
+            sweep_dir = str(self.config.hydra.sweep.dir)
+            problem = unwritable(Path(sweep_dir))
+            if problem:
+                raise ConfigError("hydra.sweep.dir", sweep_dir, f"cannot make the sweep's folder: {problem}")
             loader = self.hydra_context.config_loader
             return SweepRunner(conf, self.config, self.launcher, loader, arguments).run()
         except LoraSweepError as err:

@@ -9,10 +9,31 @@ These dataclasses are the only place the sweeper's defaults live: the sweeper bu
 its fields without fallbacks.
 """
 
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
+
+SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+JOURNAL_PREFIX = "journal:"  # hydra.sweeper.storage=journal:<file>: an Optuna journal file
+MAX_SEED = 2**32 - 1  # numpy's RandomState, which every Optuna sampler seeds, takes no other seed
+
+
+def _at_least(key: str, value: Any, low: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not value >= low:  # NaN fails too
+        raise ConfigError(key, value, f"must be >= {low:g}")
+
+
+def _resource(key: str, value: Any) -> None:
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(key, value, "must be auto or an integer >= 1")
 
 
 @dataclass
@@ -20,6 +41,13 @@ class SamplerConf:
     name: str = "tpe"  # tpe | random | grid | gp | cmaes | nsga2
     seed: Optional[int] = 0
     n_startup_trials: int = 10
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ConfigError("name", self.name, f"must be one of {', '.join(SAMPLERS)}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("seed", self.seed, f"must be in [0, {MAX_SEED}] (or null: unseeded)")
+        _at_least("n_startup_trials", self.n_startup_trials, 0)
 
 
 @dataclass
@@ -31,6 +59,19 @@ class PrunerConf:
     max_resource: Any = "auto"
     reduction_factor: int = 3
 
+    def __post_init__(self) -> None:
+        if self.name not in PRUNERS:
+            raise ConfigError("name", self.name, f"must be one of {', '.join(PRUNERS)}")
+        _at_least("n_startup_trials", self.n_startup_trials, 0)
+        _at_least("n_warmup_steps", self.n_warmup_steps, 0)
+        _resource("min_resource", self.min_resource)
+        _resource("max_resource", self.max_resource)
+        if "auto" not in (self.min_resource, self.max_resource) and self.max_resource < self.min_resource:
+            raise ConfigError(
+                "max_resource", self.max_resource, f"must be >= pruner.min_resource ({self.min_resource})"
+            )
+        _at_least("reduction_factor", self.reduction_factor, 2)
+
 
 @dataclass
 class BaselineConf:
@@ -41,6 +82,9 @@ class BaselineConf:
     params: Dict[str, str] = field(default_factory=dict)
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
     sampler: Optional[SamplerConf] = None  # None: TPE, seeded like the main study
+
+    def __post_init__(self) -> None:
+        _at_least("n_trials", self.n_trials, 0)  # 0: no baseline
 
 
 @dataclass
@@ -54,6 +98,12 @@ class ReportConf:
     # the sweep's last phase: seeds to re-train the chosen and the best full FT config with (0: skip)
     replicates: int = 3
     register_as: Optional[str] = None  # MLflow registered model name (alias "champion"); None: the study name
+
+    def __post_init__(self) -> None:
+        _at_least("tolerance", self.tolerance, 0)
+        if not math.isfinite(self.tolerance):
+            raise ConfigError("tolerance", self.tolerance, "must be a finite number >= 0")
+        _at_least("replicates", self.replicates, 0)
 
 
 @dataclass
@@ -80,9 +130,57 @@ class LoraOptunaSweeperConf:
     heartbeat_interval: Optional[int] = 60  # RDB storages: seconds between a running trial's heartbeats
     report: ReportConf = field(default_factory=ReportConf)
 
+    def __post_init__(self) -> None:
+        if not self.study_name.strip():
+            raise ConfigError("study_name", self.study_name, "must not be empty")
+        if not self.n_trials >= 1:
+            raise ConfigError("n_trials", self.n_trials, "must be a positive integer")
+        # the sweep stops once more than max_failure_rate * n_trials trials failed: 0 at the first failure,
+        # 1 after n_trials failures (as many failed trials as the sweep wants finished ones)
+        if not 0 <= self.max_failure_rate <= 1:
+            raise ConfigError(
+                "max_failure_rate",
+                self.max_failure_rate,
+                "must be in [0, 1] (0: stop at the first failed trial; 1: after n_trials failures)",
+            )
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1, allow_none=True)
+        if self.heartbeat_interval is not None and not self.heartbeat_interval > 0:
+            raise ConfigError("heartbeat_interval", self.heartbeat_interval, "must be > 0 (or null: none)")
+
 
 def sweeper_conf(settings: Mapping[str, Any]) -> "LoraOptunaSweeperConf":
     """The sweeper's settings (a plain mapping, as Hydra composed them) as the typed schema; a key left
-    out takes the schema's default, an unknown key or a bad value is a one-line ``ConfigError``."""
+    out takes the schema's default, an unknown key or a bad value is a one-line ``ConfigError``. Also
+    checks, creating nothing, that the report's folder can be written: the sweep writes it only at the end."""
     given = {k: v for k, v in settings.items() if k != "_target_"}
-    return build(LoraOptunaSweeperConf, given, "hydra.sweeper")
+    conf = build(LoraOptunaSweeperConf, given, "hydra.sweeper")
+    if conf.storage is not None and conf.storage.startswith(JOURNAL_PREFIX):
+        check_journal(conf.storage)
+    if conf.report.enabled:
+        problem = unwritable(Path(conf.report.dir))
+        if problem:
+            raise ConfigError(
+                "hydra.sweeper.report.dir", conf.report.dir, f"cannot write the report there: {problem}"
+            )
+    return conf
+
+
+def check_journal(storage: str) -> None:
+    """A ``journal:<file>`` storage whose folder cannot be made or written is one line, not a traceback."""
+    problem = unwritable(Path(storage[len(JOURNAL_PREFIX) :]).expanduser().parent)
+    if problem:
+        raise ConfigError("hydra.sweeper.storage", storage, f"cannot write the journal there: {problem}")
+
+
+def unwritable(folder: Path) -> Optional[str]:
+    """Why files cannot be made in ``folder`` (created with its parents if missing), or None; creates
+    nothing. The first part of the path that exists decides: a file, or a folder this user cannot write."""
+    folder = folder.expanduser().absolute()
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

@@ -21,8 +21,9 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from lora_sweep.config import TARGET_PRESETS
+from lora_sweep.config import TARGET_PRESETS, RunConfig
 from lora_sweep.errors import ConfigError
+from lora_sweep.sweep.settings import LoraOptunaSweeperConf
 
 FREE = "free"
 ALPHA_RATIO, ALPHA = "method.alpha_ratio", "method.alpha"
@@ -33,6 +34,8 @@ class Param:
     name: str  # the config key it overrides, which is also its Optuna name
     distribution: BaseDistribution
     when: dict[str, list] | None = None
+    where: str = ""  # the sweeper key it is written under, and its text there: for error lines
+    text: str = ""
 
 
 def _parse(key: str, text: str, where: str) -> BaseDistribution:
@@ -88,6 +91,7 @@ class SearchSpace:
         prefix: str = "hydra.sweeper",
     ):
         self.target_sets = dict(target_sets or {})
+        self.prefix = prefix
         self.params: list[Param] = []
         conditions = dict(conditions or {})
         for key, text in params.items():
@@ -95,8 +99,9 @@ class SearchSpace:
                 raise ConfigError(
                     f"{prefix}.params.{key}", text, "alpha is already searched through hydra.sweeper.alpha"
                 )
+            where = f"{prefix}.params.{key}"
             self.params.append(
-                Param(key, _parse(key, str(text), f"{prefix}.params.{key}"), conditions.pop(key, None))
+                Param(key, _parse(key, str(text), where), conditions.pop(key, None), where, str(text))
             )
         if alpha:
             ratios = [float(r) for r in alpha.get("ratio") or []]
@@ -110,8 +115,9 @@ class SearchSpace:
                 Param(ALPHA_RATIO, CategoricalDistribution(choices), conditions.pop(ALPHA_RATIO, None))
             )
             if free:
+                where = f"{prefix}.alpha.free"
                 self.params.append(
-                    Param(ALPHA, _parse(ALPHA, str(free), f"{prefix}.alpha.free"), {ALPHA_RATIO: [FREE]})
+                    Param(ALPHA, _parse(ALPHA, str(free), where), {ALPHA_RATIO: [FREE]}, where, str(free))
                 )
         if conditions:
             key = next(iter(conditions))
@@ -201,6 +207,45 @@ class SearchSpace:
             if not inside:
                 raise ConfigError(f"{where}.{name}", value, "outside the searched range or choices")
 
+    def check_values(self, config: dict[str, Any], other_method: bool = False) -> None:
+        """Every choice, and both ends of every range, set in ``config`` (the run config as plain data) and
+        put through the run config's own checks: a value the search can sample but no run accepts fails
+        now, in one line, instead of failing trials one by one. ``other_method``: the ``method.*`` keys
+        belong to another method file than ``config``'s (a searched ``method``, the baseline's
+        ``method=full``); the sweep checks those by composing each choice."""
+        for param in self.params:
+            if param.name == "method" or (other_method and param.name.startswith("method.")):
+                continue  # a config group, composed choice by choice before the first trial
+            if not _has_key(config, param.name):
+                raise ConfigError(param.where, param.text, "no such config key")
+            dist = param.distribution
+            if isinstance(dist, CategoricalDistribution):
+                for choice in dist.choices:
+                    try:
+                        _check_run_config(config, self._assignments(param.name, choice))
+                    except ConfigError as err:  # as the sweep's composition of each choice names it
+                        raise ConfigError(
+                            f"{self.prefix}.params -> {err.key}", err.value, err.problem
+                        ) from None
+                continue
+            for end, value in (("low", dist.low), ("high", dist.high)):
+                try:
+                    _check_run_config(config, self._assignments(param.name, value))
+                except ConfigError as err:
+                    raise ConfigError(
+                        param.where,
+                        param.text,
+                        f"its {end} end {value!r} fails the run config's check: {err}",
+                    ) from None
+
+    def _assignments(self, name: str, value: Any) -> dict[str, Any]:
+        """The config values one sampled value sets, as :meth:`overrides` writes them."""
+        if name == ALPHA_RATIO:
+            return {ALPHA_RATIO: None} if value == FREE else {ALPHA_RATIO: value, ALPHA: None}
+        if name == "method.targets" and value in self.target_sets:
+            return {name: list(self.target_sets[value])}
+        return {name: value}
+
     def grid(self, where: str) -> dict[str, list]:
         """The search space as GridSampler wants it: every parameter discrete, none conditional."""
         grid = {}
@@ -222,6 +267,52 @@ class SearchSpace:
                     f"{where}.{param.name}", "interval", "the grid sampler needs choice() or range() values"
                 )
         return grid
+
+
+def check_search(conf: LoraOptunaSweeperConf, config: Any) -> None:
+    """Parse every search space of the sweep (the baseline's, then the search's, as the sweep builds them)
+    and check every value they can sample against the run config's own checks, before the sweep opens its
+    storage: a bad space creates no study, journal file or MLflow run. ``config``: the composed config."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(config, resolve=False)
+    plain.pop("hydra", None)
+    plain["output_dir"] = "validation"  # ${hydra:runtime.output_dir} has no job to resolve against yet
+    blocks = [("hydra.sweeper", conf.params, conf.alpha, conf.conditions, "method" in conf.params)]
+    if conf.baseline.n_trials > 0:  # its overrides switch the method file (method=full)
+        blocks.insert(0, ("hydra.sweeper.baseline", conf.baseline.params, None, None, True))
+    for prefix, params, alpha, conditions, other_method in blocks:
+        space = SearchSpace(
+            params, alpha=alpha, target_sets=conf.target_sets, conditions=conditions, prefix=prefix
+        )
+        space.check_values(plain, other_method)
+
+
+def _has_key(config: dict[str, Any], key: str) -> bool:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _check_run_config(config: dict[str, Any], values: dict[str, Any]) -> None:
+    """The run config's checks (config.py, then the task's) on ``config`` with dotted ``values`` set."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from lora_sweep.tasks import check as check_task
+
+    changed = copy.deepcopy(config)
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = changed
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    check_task(RunConfig.from_hydra(OmegaConf.create(changed)))
 
 
 def _in_range(dist, internal: float) -> bool:

@@ -27,7 +27,14 @@ from lora_sweep.errors import ConfigError
 from lora_sweep.schema import build
 from lora_sweep.secrets import password_of, redact_text, redact_url, secret_values
 from lora_sweep.sweep.optuna_api import stale_trial_ids, storage_of, trial_id
-from lora_sweep.sweep.settings import PrunerConf, SamplerConf
+from lora_sweep.sweep.settings import (  # noqa: F401 - SAMPLERS, PRUNERS: the names, importable here too
+    JOURNAL_PREFIX,
+    PRUNERS,
+    SAMPLERS,
+    PrunerConf,
+    SamplerConf,
+    check_journal,
+)
 
 log = logging.getLogger(__name__)
 # TPE's group/constant_liar options are "experimental" in Optuna 5 but stable in practice; the warnings
@@ -35,9 +42,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
-JOURNAL_PREFIX = "journal:"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONNECT_TIMEOUT = 10  # seconds to reach a database server
 
@@ -55,6 +59,7 @@ def open_storage(spec: str, heartbeat_interval: int | None = None) -> optuna.sto
     if spec.startswith(JOURNAL_PREFIX):
         from optuna.storages.journal import JournalFileBackend
 
+        check_journal(spec)
         path = Path(spec[len(JOURNAL_PREFIX) :])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
@@ -106,9 +111,7 @@ def make_sampler(
     """The sampler of ``cfg``: the schema's dataclass, or a mapping of some of its fields."""
     if isinstance(cfg, Mapping):
         cfg = build(SamplerConf, cfg, "hydra.sweeper.sampler")
-    name, seed = cfg.name, cfg.seed
-    if name not in SAMPLERS:
-        raise ConfigError("hydra.sweeper.sampler.name", name, f"must be one of {', '.join(SAMPLERS)}")
+    name, seed = cfg.name, cfg.seed  # names and ranges: checked by the schema (SamplerConf)
     if name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed,
@@ -139,9 +142,7 @@ def make_pruner(cfg: PrunerConf | Mapping[str, Any]) -> optuna.pruners.BasePrune
     it in its user attributes), the schema's defaults filling the rest."""
     if isinstance(cfg, Mapping):
         cfg = build(PrunerConf, cfg, "hydra.sweeper.pruner")
-    name = cfg.name
-    if name not in PRUNERS:
-        raise ConfigError("hydra.sweeper.pruner.name", name, f"must be one of {', '.join(PRUNERS)}")
+    name = cfg.name  # names and ranges: checked by the schema (PrunerConf)
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
