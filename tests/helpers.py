@@ -140,14 +140,15 @@ def replay_sampler(sampler: dict, params: dict[str, str], values: list, directio
     import optuna
 
     from lora_sweep.sweep.space import SearchSpace
-    from lora_sweep.sweep.study import make_sampler
+    from lora_sweep.sweep.study import ask, seeded_samplers
 
     space = SearchSpace(params)
     grid = space.grid("hydra.sweeper.params") if sampler.get("name") == "grid" else None
-    study = optuna.create_study(sampler=make_sampler(dict(sampler), grid, False), direction=direction)
+    samplers = seeded_samplers(dict(sampler), grid, False)  # each trial's own seed, as the sweep asks
+    study = optuna.create_study(sampler=samplers(0), direction=direction)
     sampled = []
     for value in values:
-        trial = study.ask()
+        trial = ask(study, samplers)
         space.sample(trial, {})
         sampled.append(trial.params)
         study.tell(trial, value)
