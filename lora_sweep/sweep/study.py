@@ -150,12 +150,17 @@ def seeded_samplers(
 ) -> Callable[[int], optuna.samplers.BaseSampler]:
     """``number -> sampler`` for :func:`ask`: ``cfg``'s sampler seeded for that trial. Every sampler here
     keeps its state in the study (TPE's liars, CMA-ES's and NSGA-II's generations, the grid's visited
-    points), so a fresh instance per trial loses nothing but the random stream it must not share."""
+    points), so a fresh instance per trial loses nothing but the random stream it must not share.
+
+    The grid keeps the study's own seed: it shuffles its points once, by that seed, and trial n takes
+    point n of that order (Optuna's GridSampler), which is already the same in every process."""
     if isinstance(cfg, Mapping):
         cfg = build(SamplerConf, cfg, "hydra.sweeper.sampler")
     make_sampler(cfg, grid, multi_objective)  # a bad name fails now, not at the first ask
 
     def sampler_for(number: int) -> optuna.samplers.BaseSampler:
+        if cfg.name == "grid":
+            return make_sampler(cfg, grid, multi_objective)
         seeded = dataclasses.replace(cfg, seed=trial_seed(cfg.seed, number))
         return make_sampler(seeded, grid, multi_objective)
 
