@@ -164,7 +164,8 @@ def test_kill_between_asking_for_a_trial_and_naming_its_worker(tmp_path, tiny):
 
 def test_two_workers_started_together_never_sample_the_same_configuration(tmp_path, tiny):
     _sweep(tmp_path, "pair", 2)
-    command = sweep_command(tmp_path, "pair", tiny, "train.epochs=1")
+    # trials long enough that the second worker asks before the first one's trial ends
+    command = sweep_command(tmp_path, "pair", tiny, "train.epochs=4")
     workers = [
         subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
