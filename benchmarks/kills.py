@@ -106,6 +106,8 @@ def build_tiny(root: Path) -> list[str]:
         "train.log_every=2",
         "train.max_length=16",
         "tracking.system_metrics=false",
+        # every block's linear layers but the pooler: what the test suite's tiny sweeps learn with
+        "method.targets=[query,key,value,attention.output.dense,intermediate.dense,output.dense]",
     ]
 
 
@@ -128,11 +130,11 @@ def attempt(command: list[str], cwd: Path, env: dict, delay: float | None, log) 
     }
 
 
-def sweep_settings(sweep_dir: Path) -> dict:
-    """The sweeper's settings as Hydra composed them (the sweep folder's multirun.yaml)."""
+def sweep_settings(sweep_file: Path) -> dict:
+    """The sweeper's settings as the sweep file writes them (command-line overrides of them not applied)."""
     import yaml
 
-    return yaml.safe_load((sweep_dir / "multirun.yaml").read_text())["hydra"]["sweeper"]
+    return yaml.safe_load(sweep_file.read_text())["hydra"]["sweeper"]
 
 
 def study_figures(sweep_dir: Path, settings: dict) -> dict:
@@ -258,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         final = attempt(command, workdir, env, None, log)
     print(f"final run: exit {final['exit']} after {final['seconds']:.1f} s", flush=True)
 
-    sweep_dirs = [p.parent for p in (workdir / "outputs" / "sweeps").glob("*/multirun.yaml")]
-    if final["exit"] != 0 or len(sweep_dirs) != 1:
+    if final["exit"] != 0:
         print(f"the final run failed (see {workdir / 'kills.log'})", file=sys.stderr)
         return 1
-    sweep_dir = sweep_dirs[0]
-    settings = sweep_settings(sweep_dir)
+    folder = workdir / "extra_conf" / "sweeps" if args.tiny else REPO / "sweeps"
+    settings = sweep_settings(folder / f"{TINY_STUDY if args.tiny else args.sweep}.yaml")
+    sweep_dir = workdir / "outputs" / "sweeps" / settings["study_name"]  # the sweep files' hydra.sweep.dir
     tracking_uri = next(
         (o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.tracking_uri=")), None
     )
