@@ -198,6 +198,8 @@ def checkpoint_figures(sweep_dir: Path) -> dict:
 
     checked, unloadable = 0, []
     for meta in sorted(sweep_dir.glob("*/checkpoints/*/lora_sweep.json")):
+        if meta.parent.name.startswith("."):  # a save cut short: a stale temp folder, counted as such
+            continue
         checked += 1
         problem = verify(meta.parent)
         if problem:

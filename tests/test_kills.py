@@ -197,6 +197,7 @@ def test_the_kill_benchmark_in_tiny_mode(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads((tmp_path / "kills.json").read_text())
-    assert figures["kills"] == 2 and figures["parent_runs"] == 1 and figures["running_runs"] == 0
-    assert figures["duplicate_configurations"] == 0 and figures["unloadable_checkpoints"] == []
-    assert all(s["finished"] == s["n_trials"] for s in figures["studies"].values())
+    clean = {"kills": 2, "parent_runs": 1, "running_runs": 0, "duplicate_configurations": 0}
+    assert {key: figures[key] for key in clean} == clean, result.stdout[-3000:]
+    assert figures["unloadable_checkpoints"] == [], result.stdout[-3000:]
+    assert all(s["finished"] == s["n_trials"] for s in figures["studies"].values()), result.stdout[-3000:]
