@@ -187,6 +187,8 @@ def test_the_kill_benchmark_in_tiny_mode(tmp_path):
             "--tiny",
             "--kills",
             "2",
+            "--max-delay",
+            "15",
             "--workdir",
             str(tmp_path),
         ],
@@ -197,7 +199,9 @@ def test_the_kill_benchmark_in_tiny_mode(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads((tmp_path / "kills.json").read_text())
-    clean = {"kills": 2, "parent_runs": 1, "running_runs": 0, "duplicate_configurations": 0}
+    # an attempt that ends before its delay is not killed: at most 15 s, far less than the sweep needs
+    assert len(figures["attempts"]) == 2 and figures["kills"] >= 1, result.stdout[-3000:]
+    clean = {"parent_runs": 1, "running_runs": 0, "duplicate_configurations": 0}
     assert {key: figures[key] for key in clean} == clean, result.stdout[-3000:]
     assert figures["unloadable_checkpoints"] == [], result.stdout[-3000:]
     assert all(s["finished"] == s["n_trials"] for s in figures["studies"].values()), result.stdout[-3000:]
