@@ -50,6 +50,19 @@ def test_a_sweep_folder_holding_another_storages_trials_is_found(tmp_path):
     assert foreign_trial_folder(tmp_path / "nothing-here", studies, OLD) is None
 
 
+def test_a_sweep_folder_moved_with_its_own_journal_is_still_its_studys(tmp_path):
+    """Records name the journal by its absolute path: moved along with the folder, it is the same study."""
+    old = tmp_path / "old"
+    _record(tmp_path / "new" / "search-000", "s", 0, f"journal:{old / 'optuna.journal'}")
+    record = json.loads((tmp_path / "new" / "search-000" / "record.json").read_text())
+    record["output_dir"] = str(old / "search-000")
+    (tmp_path / "new" / "search-000" / "record.json").write_text(json.dumps(record))
+    own = f"journal:{tmp_path / 'new' / 'optuna.journal'}"
+    assert foreign_trial_folder(tmp_path / "new", ("s",), own) is None
+    elsewhere = f"journal:{tmp_path / 'other' / 'optuna.journal'}"  # but not another journal
+    assert foreign_trial_folder(tmp_path / "new", ("s",), elsewhere)[0] == "search-000"
+
+
 @pytest.mark.slow  # one training, in-process
 def test_moving_the_storage_of_an_existing_sweep_folder_is_refused_in_one_line(
     tmp_path, sweep_in_process, capsys

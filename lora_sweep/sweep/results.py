@@ -61,9 +61,18 @@ def foreign_trial_folder(sweep_dir: Path, studies: tuple[str, ...], spec: str) -
         except (OSError, ValueError):  # a record cut short is resumed over, whoever wrote it
             continue
         study, _, theirs = record_trial(record)
-        if study not in studies or theirs != storage:
+        if study not in studies or theirs not in (storage, _moved_journal(record, spec, sweep_dir)):
             return folder.name, record["config"]["sweep"]
     return None
+
+
+def _moved_journal(record: dict, spec: str, sweep_dir: Path) -> str | None:
+    """When ``spec`` is the sweep folder's own journal, the name that journal had in the record's days: a
+    sweep folder moved with its journal is the same study (its records still name the old path)."""
+    own = f"journal:{(sweep_dir / 'optuna.journal').resolve()}"
+    if spec != own or not record.get("output_dir"):
+        return None
+    return f"journal:{Path(record['output_dir']).parent / 'optuna.journal'}"
 
 
 def trial_attrs(record: dict | None) -> dict[str, Any]:
