@@ -163,18 +163,19 @@ def test_kill_between_asking_for_a_trial_and_naming_its_worker(tmp_path, tiny):
 
 
 def test_two_workers_started_together_never_sample_the_same_configuration(tmp_path, tiny):
-    _sweep(tmp_path, "pair", 2)
-    # trials long enough that the second worker asks before the first one's trial ends
+    """Each worker's first trial is the first draw of its own sampler unless seeds are per trial: three
+    trials, long enough that both workers get one even when one starts much later than the other."""
+    _sweep(tmp_path, "pair", 3)
     command = sweep_command(tmp_path, "pair", tiny, "train.epochs=4")
-    workers = [
-        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    for worker in workers:
-        stdout, stderr = worker.communicate(timeout=900)
-        assert worker.returncode == 0, stdout[-2000:] + stderr[-4000:]
-    trials = check_ended_once(tmp_path, "pair", 2)
-    assert {t.user_attrs["sweeper"]["pid"] for t in trials} == {w.pid for w in workers}  # one trial each
+    # output to files, not pipes: a worker whose full pipe nobody reads yet would stall, and not ask
+    logs = [(tmp_path / f"worker-{i}.log").open("w") for i in range(2)]
+    workers = [subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    for worker, log in zip(workers, logs):
+        worker.wait(timeout=900)
+        log.close()
+        assert worker.returncode == 0, Path(log.name).read_text()[-4000:]
+    trials = check_ended_once(tmp_path, "pair", 3)
+    assert {t.user_attrs["sweeper"]["pid"] for t in trials} == {w.pid for w in workers}  # both asked
     check_sampled_as_unkilled(trials)
 
 
