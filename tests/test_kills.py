@@ -166,7 +166,7 @@ def test_two_workers_started_together_never_sample_the_same_configuration(tmp_pa
     """Each worker's first trial is the first draw of its own sampler unless seeds are per trial: three
     trials, long enough that both workers get one even when one starts much later than the other."""
     _sweep(tmp_path, "pair", 3)
-    command = sweep_command(tmp_path, "pair", tiny, "train.epochs=4")
+    command = sweep_command(tmp_path, "pair", tiny, "train.epochs=10")  # ~17 s a trial: setup takes ~15
     # output to files, not pipes: a worker whose full pipe nobody reads yet would stall, and not ask
     logs = [(tmp_path / f"worker-{i}.log").open("w") for i in range(2)]
     workers = [subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT) for log in logs]
