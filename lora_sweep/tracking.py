@@ -259,22 +259,48 @@ class SweepRun:
                 ) from err
 
     def open(
-        self, existing_run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]
+        self,
+        existing_run_id: str | None,
+        name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        identity: tuple[str, ...] = (),
     ) -> str | None:
+        """Reopen ``existing_run_id``, else the run whose ``identity`` tags (keys of ``tags``) all match:
+        one made by a process killed before it could store the run's id; else create the run."""
         if self._client is None:
             return None
         client = self._client
+        if not existing_run_id and identity:
+            existing_run_id = self._find({key: tags[key] for key in identity})
         if existing_run_id:
             client.update_run(existing_run_id, status="RUNNING")
             self.run_id = existing_run_id
+            run = client.get_run(existing_run_id)
+            missing_tags = {k: v for k, v in redact(tags).items() if k not in run.data.tags}
+            self.set_tags(missing_tags)
+            self._log_params({k: v for k, v in params.items() if k not in run.data.params})
             return existing_run_id
         experiment = _use_experiment(self.cfg, self.location)
         run = client.create_run(experiment.experiment_id, run_name=redact(name), tags=redact(tags))
         self.run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        self._log_params(params)
         return self.run_id
+
+    def _find(self, tags: dict[str, str]) -> str | None:
+        """The oldest run of the experiment carrying all of ``tags`` (deleted runs are not searched)."""
+        experiment = _use_experiment(self.cfg, self.location)
+        query = " and ".join(f"tags.`{k}` = '{redact(str(v))}'" for k, v in tags.items())
+        runs = self._client.search_runs(
+            [experiment.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
+        )
+        return runs[0].info.run_id if runs else None
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        if params:
+            from mlflow.entities import Param
+
+            self._client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
 
     def log_dict(self, data: dict, filename: str) -> None:
         if self._client is not None and self.run_id:

@@ -214,7 +214,8 @@ def fit(
         and evaluations[-1]["step"] == step
     ):
         # the kill may have come between this evaluation's checkpoint and the pruner's answer: ask again
-        if on_evaluation(step, {k: v for k, v in evaluations[-1].items() if k != "step"}):
+        stop = on_evaluation(step, {k: v for k, v in evaluations[-1].items() if k != "step"})
+        if stop and step < total_steps:  # a run that reached its last step is complete
             status = "pruned"
     batches_per_epoch = math.ceil(len(data.splits["train"]) / train_cfg.batch_size)
     epochs = (
@@ -322,6 +323,7 @@ def fit(
                     keep_previous=checkpoint_dir / "previous",
                 )
                 stop = on_evaluation is not None and on_evaluation(step, metrics)
+                stop = stop and step < total_steps  # the last step's evaluation is reported, never pruned
                 overhead += time.perf_counter() - pause
                 last_log += time.perf_counter() - pause  # keep eval time out of the step-time figures
                 if stop:

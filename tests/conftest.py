@@ -254,3 +254,48 @@ def _mlflow_uri_stays_in_its_test():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture
+def sweep_in_process(tmp_path, monkeypatch, tiny):
+    """``sweep_in_process(name, *extra)`` runs ``python -m lora_sweep --multirun sweeps=<name>`` in this
+    process, in tmp_path; Hydra's global state and the logging it installs are undone afterwards."""
+    import logging
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lora_sweep import __main__ as entry
+    from lora_sweep import run as run_module
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.chdir(tmp_path)
+
+    def call(name: str, *extra: str) -> None:
+        argv = [
+            "lora_sweep",
+            "--multirun",
+            f"sweeps={name}",
+            f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            # explicit: an earlier test in this process may have set MLflow's process-wide tracking URI
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *tiny,
+            *extra,
+        ]
+        monkeypatch.setattr(sys, "argv", argv)
+        # a fresh process would start with nothing loaded: earlier tests here may have filled the caches
+        run_module._PREPARED.clear()
+        run_module._MODELS.clear()
+        try:
+            entry.main()
+        finally:
+            GlobalHydra.instance().clear()
+
+    yield call
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)

@@ -134,20 +134,71 @@ def children(root: Path, parent_id: str):
     return client(root).search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
+# --- snapshots of everything a bad input (or a kill) must not touch -----------------------------------
+
+
+def optuna_snapshot(root: Path, study: str) -> dict:
+    """Every trial of ``study`` (in its sweep folder's journal): state, values, params, attributes, times."""
+    return {
+        t.number: (
+            t.state,
+            t.values,
+            t.params,
+            t.distributions,
+            t.intermediate_values,
+            t.user_attrs,
+            t.datetime_start,
+            t.datetime_complete,
+        )
+        for t in load(root, study).get_trials()
+    }
+
+
+def mlflow_snapshot(root: Path) -> dict:
+    """Every run of every experiment: status, times, params, tags, metrics and each metric's full history."""
+    from mlflow.entities import ViewType
+
+    c = client(root)
+    experiments = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    snapshot = {}
+    for r in c.search_runs(experiments, run_view_type=ViewType.ALL):
+        histories = {
+            key: [(m.step, m.value, m.timestamp) for m in c.get_metric_history(r.info.run_id, key)]
+            for key in r.data.metrics
+        }
+        snapshot[r.info.run_id] = {
+            "status": r.info.status,
+            "start": r.info.start_time,
+            "end": r.info.end_time,
+            "name": r.info.run_name,
+            "params": r.data.params,
+            "tags": r.data.tags,
+            "metrics": r.data.metrics,
+            "histories": histories,
+        }
+    return snapshot
+
+
+def records(root: Path) -> dict[str, bytes]:
+    """Every record.json under ``root/outputs``, byte for byte."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "outputs").rglob("record.json"))}
+
+
 def replay_sampler(sampler: dict, params: dict[str, str], values: list, direction) -> list[dict]:
     """The parameters the named sampler proposes, in order, when told ``values``: what a sweep with that
     sampler (and seed) over ``params`` must have sampled, trial by trial, in one worker."""
     import optuna
 
     from lora_sweep.sweep.space import SearchSpace
-    from lora_sweep.sweep.study import make_sampler
+    from lora_sweep.sweep.study import ask, seeded_samplers
 
     space = SearchSpace(params)
     grid = space.grid("hydra.sweeper.params") if sampler.get("name") == "grid" else None
-    study = optuna.create_study(sampler=make_sampler(dict(sampler), grid, False), direction=direction)
+    samplers = seeded_samplers(dict(sampler), grid, False)  # each trial's own seed, as the sweep asks
+    study = optuna.create_study(sampler=samplers(0), direction=direction)
     sampled = []
     for value in values:
-        trial = study.ask()
+        trial = ask(study, samplers)
         space.sample(trial, {})
         sampled.append(trial.params)
         study.tell(trial, value)

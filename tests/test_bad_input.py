@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.entities import ViewType
 from optuna.trial import TrialState
 
 from lora_sweep.errors import ConfigError
@@ -26,7 +25,18 @@ from lora_sweep.record import read_record
 from lora_sweep.run import prepare, run
 from tests.helpers import raise_from_forward
 
-from .helpers import client, load, run_sweep, sentiment_rows, sweep_command, write_csv, write_sweep
+from .helpers import (
+    client,
+    load,
+    mlflow_snapshot,
+    optuna_snapshot,
+    records,
+    run_sweep,
+    sentiment_rows,
+    sweep_command,
+    write_csv,
+    write_sweep,
+)
 
 DIVERGING_LR = (
     "1e6"  # AdamW moves every adapter weight by ~lr per step: the tiny model's loss is NaN within 6 steps
@@ -34,49 +44,6 @@ DIVERGING_LR = (
 
 
 # --- snapshots of everything a bad input must not touch ------------------------------------------------
-
-
-def optuna_snapshot(root: Path, study: str) -> dict:
-    return {
-        t.number: (
-            t.state,
-            t.values,
-            t.params,
-            t.distributions,
-            t.intermediate_values,
-            t.user_attrs,
-            t.datetime_start,
-            t.datetime_complete,
-        )
-        for t in load(root, study).get_trials()
-    }
-
-
-def mlflow_snapshot(root: Path) -> dict:
-    """Every run of every experiment: status, times, params, tags, metrics and each metric's full history."""
-    c = client(root)
-    experiments = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
-    snapshot = {}
-    for r in c.search_runs(experiments, run_view_type=ViewType.ALL):
-        histories = {
-            key: [(m.step, m.value, m.timestamp) for m in c.get_metric_history(r.info.run_id, key)]
-            for key in r.data.metrics
-        }
-        snapshot[r.info.run_id] = {
-            "status": r.info.status,
-            "start": r.info.start_time,
-            "end": r.info.end_time,
-            "name": r.info.run_name,
-            "params": r.data.params,
-            "tags": r.data.tags,
-            "metrics": r.data.metrics,
-            "histories": histories,
-        }
-    return snapshot
-
-
-def records(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "outputs").rglob("record.json"))}
 
 
 def error_lines(stderr: str) -> list[str]:

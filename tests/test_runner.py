@@ -4,8 +4,6 @@ the trials in this process): the fast counterpart of tests/test_sweep.py's comma
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,48 +14,6 @@ from lora_sweep.sweep.runner import _job_error, phase_sampler
 from lora_sweep.sweep.settings import SamplerConf, sweeper_conf
 
 from .helpers import children, client, load, parents, write_sweep
-
-
-@pytest.fixture
-def sweep_in_process(tmp_path, monkeypatch, tiny):
-    """``sweep_in_process(name, *extra)`` runs ``python -m lora_sweep --multirun sweeps=<name>`` in this
-    process, in tmp_path; Hydra's global state and the logging it installs are undone afterwards."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lora_sweep import __main__ as entry
-    from lora_sweep import run as run_module
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    monkeypatch.chdir(tmp_path)
-
-    def call(name: str, *extra: str) -> None:
-        argv = [
-            "lora_sweep",
-            "--multirun",
-            f"sweeps={name}",
-            f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            # explicit: an earlier test in this process may have set MLflow's process-wide tracking URI
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            *tiny,
-            *extra,
-        ]
-        monkeypatch.setattr(sys, "argv", argv)
-        # a fresh process would start with nothing loaded: earlier tests here may have filled the caches
-        run_module._PREPARED.clear()
-        run_module._MODELS.clear()
-        try:
-            entry.main()
-        finally:
-            GlobalHydra.instance().clear()
-
-    yield call
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
 
 
 @pytest.mark.slow  # two trainings: ~5 min on 2 shared cores, tens of seconds idle

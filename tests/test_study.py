@@ -11,7 +11,7 @@ import pytest
 from lora_sweep.errors import ConfigError
 from lora_sweep.sweep.settings import PrunerConf, SamplerConf
 from lora_sweep.sweep.space import SearchSpace
-from lora_sweep.sweep.study import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from lora_sweep.sweep.study import PRUNERS, SAMPLERS, ask, make_pruner, make_sampler, seeded_samplers
 
 from .helpers import replay_sampler
 
@@ -28,10 +28,11 @@ def _sweep(sampler: dict, params: dict, n_trials: int, *, tell_last: bool = True
     """What the sweep runner does in one worker: ask, sample the space, tell the result."""
     space = SearchSpace(params)
     grid = space.grid("hydra.sweeper.params") if sampler.get("name") == "grid" else None
-    study = optuna.create_study(sampler=make_sampler(dict(sampler), grid, False), direction="maximize")
+    samplers = seeded_samplers(dict(sampler), grid, False)
+    study = optuna.create_study(sampler=samplers(0), direction="maximize")
     sampled = []
     for number in range(n_trials):
-        trial = study.ask()
+        trial = ask(study, samplers)
         space.sample(trial, {})
         sampled.append(trial.params)
         if tell_last or number < n_trials - 1:

@@ -64,15 +64,16 @@ def lock_file(spec: str, study_name: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def study_lock(storage, spec: str, study_name: str) -> Iterator[None]:
-    """Hold the study-wide lock of ``study_name`` in ``storage`` (an Optuna storage opened from ``spec``)."""
+def study_lock(storage, spec: str, study_name: str) -> Iterator[bool]:
+    """Hold the study-wide lock of ``study_name`` in ``storage`` (an Optuna storage opened from ``spec``).
+    Yields whether it excludes every other process (False: a storage without a cross-process lock)."""
     path = lock_file(spec, study_name)
     if path is not None:
         from filelock import FileLock
 
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path)):
-            yield
+            yield True
         return
     engine = database_engine(storage)
     if engine is not None and engine.dialect.name == "postgresql":
@@ -80,7 +81,7 @@ def study_lock(storage, spec: str, study_name: str) -> Iterator[None]:
 
         with engine.begin() as connection:  # the lock lasts until this transaction commits
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(study_name)})
-            yield
+            yield True
         return
     if spec not in _warned:
         _warned.add(spec)
@@ -89,7 +90,7 @@ def study_lock(storage, spec: str, study_name: str) -> Iterator[None]:
             "may "
             "overshoot n_trials by a trial or two (journal, sqlite and postgresql storages are exact)"
         )
-    yield
+    yield False
 
 
 @contextlib.contextmanager

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from lora_sweep.record import RECORD_FILE, read_record
+from lora_sweep.secrets import redact
 from lora_sweep.sweep.study import counts
 
 # objective name -> where its value is in a trial's record, and which way is better
@@ -24,10 +26,53 @@ def objective_value(record: dict, objective: str) -> float:
     return float(record[section][objective])
 
 
-def read_record_in(output_dir: Path | None) -> dict | None:
+TRIAL_FOLDER = re.compile(r"(search|baseline|replicate)-\d{3,}")
+
+
+def read_record_in(output_dir: Path | None, trial: tuple[str, int, str] | None = None) -> dict | None:
+    """The record in ``output_dir``; with ``trial`` (study name, trial number, storage spec) only if it is
+    that trial's: a record another study's trial left in a reused folder is none of this trial's."""
     if output_dir is None or not (output_dir / RECORD_FILE).is_file():
         return None
-    return read_record(output_dir)
+    record = read_record(output_dir)
+    if trial is not None and record_trial(record) != (trial[0], trial[1], redact(trial[2])):
+        return None
+    return record
+
+
+def record_trial(record: dict) -> tuple[str | None, int | None, str | None]:
+    """Which trial a record belongs to: (study name, trial number, storage), from its ``sweep.*`` config
+    (the storage as records keep it, password masked)."""
+    sweep = (record.get("config") or {}).get("sweep") or {}
+    return sweep.get("study_name"), sweep.get("trial_number"), sweep.get("storage")
+
+
+def foreign_trial_folder(sweep_dir: Path, studies: tuple[str, ...], spec: str) -> tuple[str, dict] | None:
+    """The first trial folder of ``sweep_dir`` whose record belongs to a study other than ``studies`` in
+    storage ``spec``, with that record's ``sweep.*`` config; None when every trial folder is theirs."""
+    if not sweep_dir.is_dir():
+        return None
+    storage = redact(spec)
+    for folder in sorted(sweep_dir.iterdir()):
+        if not TRIAL_FOLDER.fullmatch(folder.name) or not (folder / RECORD_FILE).is_file():
+            continue
+        try:
+            record = read_record(folder)
+        except (OSError, ValueError):  # a record cut short is resumed over, whoever wrote it
+            continue
+        study, _, theirs = record_trial(record)
+        if study not in studies or theirs not in (storage, _moved_journal(record, spec, sweep_dir)):
+            return folder.name, record["config"]["sweep"]
+    return None
+
+
+def _moved_journal(record: dict, spec: str, sweep_dir: Path) -> str | None:
+    """When ``spec`` is the sweep folder's own journal, the name that journal had in the record's days: a
+    sweep folder moved with its journal is the same study (its records still name the old path)."""
+    own = f"journal:{(sweep_dir / 'optuna.journal').resolve()}"
+    if spec != own or not record.get("output_dir"):
+        return None
+    return f"journal:{Path(record['output_dir']).parent / 'optuna.journal'}"
 
 
 def trial_attrs(record: dict | None) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import threading
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,17 +30,25 @@ from lora_sweep.schema import to_dict
 from lora_sweep.sweep.locks import closes_the_sweep, study_lock
 from lora_sweep.sweep.optuna_api import heartbeat_enabled, storage_of
 from lora_sweep.sweep.optuna_api import trial_id as trial_id_of
-from lora_sweep.sweep.results import OBJECTIVES, objective_value, read_record_in, summarize, trial_attrs
+from lora_sweep.sweep.results import (
+    OBJECTIVES,
+    foreign_trial_folder,
+    objective_value,
+    read_record_in,
+    summarize,
+    trial_attrs,
+)
 from lora_sweep.sweep.settings import BaselineConf, LoraOptunaSweeperConf, ReportConf, SamplerConf
 from lora_sweep.sweep.space import SearchSpace, format_value
 from lora_sweep.sweep.study import (
     FINISHED,
+    ask,
     counts,
     make_pruner,
-    make_sampler,
     open_storage,
     requeue,
     requeue_stale_trials,
+    seeded_samplers,
     storage_spec,
     worker_identity,
 )
@@ -67,6 +77,7 @@ class Phase:
         default_factory=list
     )  # the command line's overrides that apply to this phase
     wanted: list[dict[str, Any]] = field(default_factory=list)  # replicates: which source trial, which seed
+    samplers: Callable[[int], optuna.samplers.BaseSampler] | None = None  # trial number -> seeded sampler
 
 
 class SweepRunner:
@@ -172,7 +183,7 @@ class SweepRunner:
         directions = [self._direction(o) for o in objectives]
         sampler_cfg = phase_sampler(self.conf, role)
         grid = space.grid(f"{where}.params") if sampler_cfg.name == "grid" else None
-        sampler = make_sampler(sampler_cfg, grid, len(directions) > 1)
+        samplers = seeded_samplers(sampler_cfg, grid, len(directions) > 1)
         n_trials = int(block["n_trials"])
         if grid is not None and n_trials > math.prod(len(values) for values in grid.values()):
             n_trials = math.prod(len(values) for values in grid.values())
@@ -181,7 +192,7 @@ class SweepRunner:
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
-            sampler=sampler,
+            sampler=samplers(0),  # replaced before every ask (see _worker)
             pruner=pruner,
             directions=directions,
             load_if_exists=True,
@@ -204,7 +215,9 @@ class SweepRunner:
             )
             for entry in block.get("enqueue") or []:
                 study.enqueue_trial(dict(entry), user_attrs={"enqueued": True})
-        return Phase(role, study, space, overrides, n_trials, objectives, self._arguments_for(overrides))
+        phase = Phase(role, study, space, overrides, n_trials, objectives, self._arguments_for(overrides))
+        phase.samplers = samplers
+        return phase
 
     def _direction(self, objective: str) -> str:
         if objective == "objective":
@@ -319,6 +332,46 @@ class SweepRunner:
         trial.suggest_int("train.seed", attrs["seed"], attrs["seed"])
         return attrs
 
+    # --- the sweep folder and the MLflow parent run --------------------------------------------------
+    def _refuse_foreign_trial_folders(self, spec: str, study_name: str) -> None:
+        """A trial folder of this sweep folder that holds another study's trial (the storage was moved, or
+        another study shares the folder) would be relaunched into, and its record read as this trial's."""
+        names = (study_name, f"{study_name}-baseline", f"{study_name}-replicates")
+        foreign = foreign_trial_folder(self.sweep_dir, names, spec)
+        if foreign is not None:
+            folder, theirs = foreign
+            raise ConfigError(
+                "hydra.sweep.dir",
+                str(self.sweep_dir),
+                f"{folder} holds trial {theirs['trial_number']} of study {theirs['study_name']!r} in storage "
+                f"{theirs['storage']}, not of this sweep's storage; give this sweep its own hydra.sweep.dir, "
+                "or its old storage",
+            )
+
+    def _open_parent(self, main: optuna.Study, study_name: str) -> SweepRun:
+        """The study's one MLflow parent run. The study gets its identity before the run exists: a run made
+        by a process killed before storing the run's id is found again by that identity, never doubled."""
+        uid = main.user_attrs.get("lora_sweep_uid")
+        if uid is None:
+            uid = uuid.uuid4().hex
+            main.set_user_attr("lora_sweep_uid", uid)
+        from lora_sweep.secrets import redact_url
+
+        parent = SweepRun(self._tracking_config())
+        known = main.user_attrs.get("mlflow_parent_run_id")
+        tags = {
+            "lora_sweep.sweep": study_name,
+            "lora_sweep.role": "sweep",
+            "lora_sweep.study_uid": uid,
+            "lora_sweep.storage": redact_url(self.storage_spec),
+        }
+        identity = ("lora_sweep.sweep", "lora_sweep.study_uid")
+        parent_id = parent.open(known, f"sweep {study_name}", self._parent_params(), tags, identity)
+        if parent_id and known != parent_id:
+            parent.log_dict(OmegaConf.to_container(self.config.hydra.sweeper, resolve=True), "sweep.yaml")
+            main.set_user_attr("mlflow_parent_run_id", parent_id)
+        return parent
+
     # --- the loop ------------------------------------------------------------------------------------
     def run(self) -> list[Phase]:
         from filelock import FileLock
@@ -338,8 +391,9 @@ class SweepRunner:
                 "hydra.sweeper.report.replicates", replicates, "must be an integer >= 0 (0: no replicates)"
             )
         spec = storage_spec(self.conf.storage, self.sweep_dir)
-        storage = open_storage(spec, self.conf.heartbeat_interval)
         study_name = settings["study_name"]
+        self._refuse_foreign_trial_folders(spec, study_name)
+        storage = open_storage(spec, self.conf.heartbeat_interval)
         baseline = settings["baseline"]
         self.storage_spec = spec
 
@@ -360,22 +414,10 @@ class SweepRunner:
             objectives = list(self.conf.objectives or LoraOptunaSweeperConf().objectives)
             phases.append(self._phase("search", storage, study_name, settings, [], objectives))
             self.phases = phases
-            main = phases[-1].study
-            tracking = self._tracking_config()
-            self.parent = SweepRun(tracking)
-            parent_id = self.parent.open(
-                main.user_attrs.get("mlflow_parent_run_id"),
-                f"sweep {study_name}",
-                self._parent_params(),
-                {"lora_sweep.sweep": study_name, "lora_sweep.role": "sweep"},
-            )
-            if parent_id and main.user_attrs.get("mlflow_parent_run_id") != parent_id:
-                main.set_user_attr("mlflow_parent_run_id", parent_id)
-                self.parent.log_dict(
-                    OmegaConf.to_container(self.config.hydra.sweeper, resolve=True), "sweep.yaml"
-                )
+            self.parent = self._open_parent(phases[-1].study, study_name)
         for phase in phases:
-            requeue_stale_trials(phase.study)
+            with study_lock(storage, spec, phase.study.study_name) as exclusive:
+                requeue_stale_trials(phase.study, orphans=exclusive)
             done = counts(phase.study)
             log.info(
                 "study %s (%s): %d of %d trials finished, %d failed; storage %s",
@@ -428,7 +470,10 @@ class SweepRunner:
         device = self._device_for(index)
         while True:
             # threads of this process, then every other worker of the study: count and ask as one step
-            with self._lock, study_lock(storage_of(phase.study), self.storage_spec, phase.study.study_name):
+            lock = study_lock(storage_of(phase.study), self.storage_spec, phase.study.study_name)
+            with self._lock, lock as exclusive:
+                # a worker killed mid-trial, or between asking and naming itself: its trial is ours now
+                requeue_stale_trials(phase.study, orphans=exclusive)
                 state = counts(phase.study)
                 finished = state["complete"] + state["pruned"]
                 limit = float(self.conf.max_failure_rate) * max(phase.n_trials, 1)
@@ -440,7 +485,7 @@ class SweepRunner:
                     )
                 if finished + state["running"] >= phase.n_trials:
                     return
-                trial = phase.study.ask()
+                trial = ask(phase.study, phase.samplers) if phase.samplers else phase.study.ask()
                 trial.set_user_attr("worker", worker_identity())
                 trial.set_user_attr(
                     "sweeper", worker_identity()
@@ -496,7 +541,8 @@ class SweepRunner:
         output_dir = (
             Path(str(result.hydra_cfg.hydra.runtime.output_dir)) if result.hydra_cfg is not None else None
         )
-        record = read_record_in(output_dir)
+        # only this trial's record: a folder can hold another study's (refused at start, unless it came later)
+        record = read_record_in(output_dir, (phase.study.study_name, trial.number, self.storage_spec))
         for key, value in trial_attrs(record).items():
             trial.set_user_attr(key, value)
         status = record.get("status") if record else None

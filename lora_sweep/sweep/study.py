@@ -12,11 +12,13 @@ resumes, as the same trial, from its last checkpoint (:func:`requeue_stale_trial
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import socket
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,55 @@ def make_sampler(
     )
 
 
+def trial_seed(seed: int | None, number: int) -> int | None:
+    """The sampler seed of trial ``number`` of a study seeded ``seed``: a fixed function of both, so trial n
+    proposes the same configuration in whichever process asks for it, after any number of kills, and two
+    trials never share a random stream (a sampler seeded once per process restarts its sequence in each)."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{number}".encode(), digest_size=4).digest(), "big")
+
+
+def seeded_samplers(
+    cfg: SamplerConf | Mapping[str, Any], grid: dict[str, list] | None, multi_objective: bool
+) -> Callable[[int], optuna.samplers.BaseSampler]:
+    """``number -> sampler`` for :func:`ask`: ``cfg``'s sampler seeded for that trial. Every sampler here
+    keeps its state in the study (TPE's liars, CMA-ES's and NSGA-II's generations, the grid's visited
+    points), so a fresh instance per trial loses nothing but the random stream it must not share.
+
+    The grid keeps the study's own seed: it shuffles its points once, by that seed, and trial n takes
+    point n of that order (Optuna's GridSampler), which is already the same in every process."""
+    if isinstance(cfg, Mapping):
+        cfg = build(SamplerConf, cfg, "hydra.sweeper.sampler")
+    make_sampler(cfg, grid, multi_objective)  # a bad name fails now, not at the first ask
+
+    def sampler_for(number: int) -> optuna.samplers.BaseSampler:
+        if cfg.name == "grid":
+            return make_sampler(cfg, grid, multi_objective)
+        seeded = dataclasses.replace(cfg, seed=trial_seed(cfg.seed, number))
+        return make_sampler(seeded, grid, multi_objective)
+
+    return sampler_for
+
+
+def next_trial_number(study: optuna.Study) -> int:
+    """The number ``study.ask()`` gives next: the first queued trial's, else a new one's. Exact while the
+    caller holds the study lock (nobody else asks meanwhile)."""
+    trials = study.get_trials(deepcopy=False)
+    waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+    return min(waiting) if waiting else len(trials)
+
+
+def ask(study: optuna.Study, samplers: Callable[[int], optuna.samplers.BaseSampler]) -> optuna.Trial:
+    """``study.ask()`` with the sampler seeded for the trial it is about to create or pop."""
+    number = next_trial_number(study)
+    study.sampler = samplers(number)
+    trial = study.ask()
+    if trial.number != number:  # another process asked meanwhile (a storage without a study lock)
+        log.debug("trial %d sampled with trial %d's seed", trial.number, number)
+    return trial
+
+
 def make_pruner(cfg: PrunerConf | Mapping[str, Any]) -> optuna.pruners.BasePruner:
     """The pruner of ``cfg``: the schema's dataclass, or a mapping of some of its fields (as a study keeps
     it in its user attributes), the schema's defaults filling the rest."""
@@ -193,19 +244,26 @@ def requeue(study: optuna.Study, trial_id: int, reason: str) -> bool:
     return True
 
 
-def requeue_stale_trials(study: optuna.Study) -> list[int]:
+def requeue_stale_trials(study: optuna.Study, orphans: bool = False) -> list[int]:
     """Requeue RUNNING trials whose worker is gone; return their numbers.
 
     On this machine a dead worker is seen at once (its pid no longer exists). RDB storages also see a
     trial whose heartbeat stopped, from any machine (Optuna's heartbeat). A trial of a live worker, or of
     another machine without heartbeat, is left alone.
+
+    ``orphans``: the caller holds the study lock, under which every worker asks for a trial and names
+    itself its worker in one step; a RUNNING trial that names no worker was then asked for by a worker
+    killed in between, and nobody will ever finish it.
     """
     storage = storage_of(study)
     stale: dict[int, str] = {trial_id: "its heartbeat stopped" for trial_id in stale_trial_ids(study)}
     me = worker_identity()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker") or {}
-        if worker.get("host") == me["host"] and not _alive(int(worker.get("pid", -1))):
+        worker = trial.user_attrs.get("worker")
+        if worker is None:
+            if orphans:
+                stale[trial_id(study, trial.number)] = "its worker died as it asked for the trial"
+        elif worker.get("host") == me["host"] and not _alive(int(worker.get("pid", -1))):
             stale[trial_id(study, trial.number)] = "its worker process died"
     numbers = [
         storage.get_trial(trial_id).number
