@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+import uuid
 import warnings
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def derived_params(cfg: RunConfig, prepared: Prepared, device: str, precision: s
 
 
 FINAL_STATES = ("completed", "pruned")
+RUN_UID_TAG = "lora_sweep.run_uid"
 
 
 def earlier_attempt(cfg: RunConfig, config_tree: dict) -> dict | None:
@@ -211,6 +213,10 @@ class Recipe:
             "dropped": prepared.data.lengths.get("dropped", {}),
         }
         record.params = {"target_modules": prepared.targets}
+        # the MLflow run's identity, on disk before the run exists: an attempt killed between creating the
+        # run and writing its id is continued by the next one (found by this tag), never doubled
+        earlier_uid = (previous or {}).get("mlflow", {}).get("run_uid")
+        record.mlflow = {"run_uid": earlier_uid or uuid.uuid4().hex}
         record.write()
         self.record = record
 
@@ -228,6 +234,7 @@ class Recipe:
             **{f"version.{k}": v for k, v in record.versions.items()},
             **cfg.tags,
             **extra_tags,
+            RUN_UID_TAG: record.mlflow["run_uid"],
         }
         params = {
             **flatten(record.config),
@@ -242,12 +249,13 @@ class Recipe:
                 params,
                 tags,
                 resume_run_id=earlier_run.get("run_id") if same_store else None,
+                identity=(RUN_UID_TAG,),
             )
         except BaseException as err:  # an unusable tracking store: the record must not stay "running"
             record.finish("failed", error=_one_line(err))
             raise
         self.tracker = tracker
-        record.mlflow = {"run_id": tracker.run_id, "tracking_uri": tracker.location}
+        record.mlflow = {**record.mlflow, "run_id": tracker.run_id, "tracking_uri": tracker.location}
         record.write()  # the run id on disk at once: a killed attempt is continued in the same MLflow run
         tracker.log_dict(record.config, "config.yaml")
 

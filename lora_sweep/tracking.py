@@ -62,9 +62,16 @@ class Tracker:
     location: str | None = None
 
     def start(
-        self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None
+        self,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        resume_run_id: str | None = None,
+        identity: tuple[str, ...] = (),
     ) -> None:
-        """Open the run; with ``resume_run_id``, continue that run (an interrupted attempt of this one)."""
+        """Open the run; with ``resume_run_id``, continue that run (an interrupted attempt of this one); else
+        continue the run whose ``identity`` tags (keys of ``tags``) all match, if there is one: an attempt
+        killed after creating its run but before it could write the run's id down."""
 
     def close_run(self, run_id: str | None, status: str) -> None:
         """End a run an earlier process left open (it finished its work but died before saying so)."""
@@ -103,11 +110,20 @@ class MLflowTracker(Tracker):
         self._logged_through: dict[str, int] = {}
 
     def start(
-        self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str | None = None
+        self,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        resume_run_id: str | None = None,
+        identity: tuple[str, ...] = (),
     ) -> None:
         mlflow = self._mlflow
         probe_tracking_server(self.location)
-        _use_experiment(self.cfg, self.location)
+        experiment = _use_experiment(self.cfg, self.location)
+        if not resume_run_id and identity:
+            resume_run_id = _find_run(
+                mlflow.MlflowClient(), experiment.experiment_id, {key: tags[key] for key in identity}
+            )
         if self.cfg.system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
         logged: dict[str, str] = {}
@@ -221,6 +237,13 @@ def _use_experiment(cfg: TrackingConfig, location: str | None):
     return experiment
 
 
+def _find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The oldest run of the experiment carrying all of ``tags`` (deleted runs are not searched)."""
+    query = " and ".join(f"tags.`{k}` = '{redact(str(v))}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id if runs else None
+
+
 def _param_value(value: Any) -> str:
     text = redact(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
     return text if len(text) <= MLFLOW_PARAM_LIMIT else text[: MLFLOW_PARAM_LIMIT - 3] + "..."
@@ -288,13 +311,7 @@ class SweepRun:
         return self.run_id
 
     def _find(self, tags: dict[str, str]) -> str | None:
-        """The oldest run of the experiment carrying all of ``tags`` (deleted runs are not searched)."""
-        experiment = _use_experiment(self.cfg, self.location)
-        query = " and ".join(f"tags.`{k}` = '{redact(str(v))}'" for k, v in tags.items())
-        runs = self._client.search_runs(
-            [experiment.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
-        )
-        return runs[0].info.run_id if runs else None
+        return _find_run(self._client, _use_experiment(self.cfg, self.location).experiment_id, tags)
 
     def _log_params(self, params: dict[str, Any]) -> None:
         if params:

@@ -206,3 +206,50 @@ def test_the_kill_benchmark_in_tiny_mode(tmp_path):
     assert {key: figures[key] for key in clean} == clean, result.stdout[-3000:]
     assert figures["unloadable_checkpoints"] == [], result.stdout[-3000:]
     assert all(s["finished"] == s["n_trials"] for s in figures["studies"].values()), result.stdout[-3000:]
+
+
+def has_run_of(db: Path, output_dir: Path) -> bool:
+    """Whether MLflow's sqlite store holds a run of ``output_dir`` (a run and its tags come at once)."""
+    if not db.exists():
+        return False
+    try:
+        connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0)
+        try:
+            query = "SELECT 1 FROM tags WHERE key = 'lora_sweep.output_dir' AND value = ?"
+            return connection.execute(query, (str(output_dir),)).fetchone() is not None
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return False
+
+
+def test_kill_between_creating_a_run_and_writing_its_id_to_the_record(tmp_path, tiny_overrides):
+    """A run killed after MLflow made its run but before record.json named it: the rerun continues that run
+    (found by the identity the record held before the run existed), so there is one run, FINISHED."""
+    folder = tmp_path / "outputs" / "one"
+    command = [
+        sys.executable,
+        "-m",
+        "lora_sweep",
+        *tiny_overrides,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.epochs=1",
+        "hydra.run.dir=outputs/one",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=lambda: os.nice(10),
+    )
+    kill_when(process, lambda: has_run_of(tmp_path / "mlflow.db", folder.resolve()))
+    record = json.loads((folder / "record.json").read_text())
+    assert record["status"] == "running" and "run_id" not in record["mlflow"]  # killed inside the window
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    store = client(tmp_path)
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
+    assert json.loads((folder / "record.json").read_text())["mlflow"]["run_id"] == runs[0].info.run_id
