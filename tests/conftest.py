@@ -3,7 +3,9 @@ size 32 and their tokenizers, a small learnable sentiment dataset, and helpers t
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,6 +294,35 @@ def sweep_in_process(tmp_path, monkeypatch, tiny):
             entry.main()
         finally:
             GlobalHydra.instance().clear()
+
+    yield call
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+@pytest.fixture
+def entry_point(tmp_path, monkeypatch):
+    """Run the Hydra entry point with ``overrides`` in tmp_path; Hydra's global state and the logging
+    setup it installs are undone afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lora_sweep import __main__ as entry
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.chdir(tmp_path)
+
+    def call(*overrides: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["lora_sweep", *overrides])
+        try:
+            with pytest.raises(SystemExit) as caught:
+                entry.main()
+        finally:
+            GlobalHydra.instance().clear()
+        return caught.value.code
 
     yield call
     for handler in root.handlers[:]:

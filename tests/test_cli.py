@@ -3,39 +3,7 @@ stderr before anything is recorded (the same through a real subprocess: tests/te
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import pytest
-
-
-@pytest.fixture
-def entry_point(tmp_path, monkeypatch):
-    """Run the Hydra entry point with ``overrides`` in tmp_path; Hydra's global state and the logging
-    setup it installs are undone afterwards."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lora_sweep import __main__ as entry
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    monkeypatch.chdir(tmp_path)
-
-    def call(*overrides: str) -> int:
-        monkeypatch.setattr(sys, "argv", ["lora_sweep", *overrides])
-        try:
-            with pytest.raises(SystemExit) as caught:
-                entry.main()
-        finally:
-            GlobalHydra.instance().clear()
-        return caught.value.code
-
-    yield call
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,6 @@ tests/test_bad_input.py, slow)."""
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import pytest
 
 from lora_sweep import cli
@@ -151,32 +148,6 @@ def test_a_flag_hydra_refuses_goes_to_hydra():
 def test_hydra_full_error_hands_everything_to_hydra(monkeypatch):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     assert error("train.lrr=1") is None
-
-
-@pytest.fixture
-def entry_point(tmp_path, monkeypatch):
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lora_sweep import __main__ as entry
-
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    monkeypatch.chdir(tmp_path)
-
-    def call(*argv: str) -> int:
-        monkeypatch.setattr(sys, "argv", ["lora_sweep", *argv])
-        try:
-            with pytest.raises(SystemExit) as caught:
-                entry.main()
-        finally:
-            GlobalHydra.instance().clear()
-        return caught.value.code
-
-    yield call
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
 
 
 @pytest.mark.parametrize("mode", [[], ["--multirun"]])

@@ -42,16 +42,20 @@ def _sweep(root: Path, name: str, n_trials: int) -> None:
     )
 
 
-def start(root: Path, name: str, tiny: list[str], *extra: str) -> subprocess.Popen:
-    """The sweep in its own process group, niced: the test's polling loop gets a core when it needs one."""
+def launch(root: Path, command: list[str]) -> subprocess.Popen:
+    """``command`` in its own process group, niced: the test's polling loop gets a core when it needs one."""
     return subprocess.Popen(
-        sweep_command(root, name, tiny, *extra),
+        command,
         cwd=root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         preexec_fn=lambda: os.nice(10),
     )
+
+
+def start(root: Path, name: str, tiny: list[str], *extra: str) -> subprocess.Popen:
+    return launch(root, sweep_command(root, name, tiny, *extra))
 
 
 def kill_when(process: subprocess.Popen, moment, timeout: float = 600) -> None:
@@ -88,19 +92,23 @@ class Journal:
         return self.ops
 
 
-def has_parent_run(db: Path) -> bool:
-    """Whether MLflow's sqlite store holds a sweep's parent run (its row and its tags, one transaction)."""
+def has_tag(db: Path, key: str, value: str) -> bool:
+    """Whether MLflow's sqlite store holds a run tagged ``key=value`` (a run and its tags come at once)."""
     if not db.exists():
         return False
     try:
         connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0)
         try:
-            query = "SELECT 1 FROM tags WHERE key = 'lora_sweep.role' AND value = 'sweep'"
-            return connection.execute(query).fetchone() is not None
+            query = "SELECT 1 FROM tags WHERE key = ? AND value = ?"
+            return connection.execute(query, (key, value)).fetchone() is not None
         finally:
             connection.close()
     except sqlite3.Error:  # not created yet, or a writer holds it this instant
         return False
+
+
+def has_parent_run(db: Path) -> bool:
+    return has_tag(db, "lora_sweep.role", "sweep")
 
 
 def check_ended_once(root: Path, name: str, n_trials: int) -> list:
@@ -208,21 +216,6 @@ def test_the_kill_benchmark_in_tiny_mode(tmp_path):
     assert all(s["finished"] == s["n_trials"] for s in figures["studies"].values()), result.stdout[-3000:]
 
 
-def has_run_of(db: Path, output_dir: Path) -> bool:
-    """Whether MLflow's sqlite store holds a run of ``output_dir`` (a run and its tags come at once)."""
-    if not db.exists():
-        return False
-    try:
-        connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0)
-        try:
-            query = "SELECT 1 FROM tags WHERE key = 'lora_sweep.output_dir' AND value = ?"
-            return connection.execute(query, (str(output_dir),)).fetchone() is not None
-        finally:
-            connection.close()
-    except sqlite3.Error:
-        return False
-
-
 def test_kill_between_creating_a_run_and_writing_its_id_to_the_record(tmp_path, tiny_overrides):
     """A run killed after MLflow made its run but before record.json named it: the rerun continues that run
     (found by the identity the record held before the run existed), so there is one run, FINISHED."""
@@ -236,15 +229,9 @@ def test_kill_between_creating_a_run_and_writing_its_id_to_the_record(tmp_path, 
         "train.epochs=1",
         "hydra.run.dir=outputs/one",
     ]
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        preexec_fn=lambda: os.nice(10),
-    )
-    kill_when(process, lambda: has_run_of(tmp_path / "mlflow.db", folder.resolve()))
+    process = launch(tmp_path, command)
+    run_row = ("lora_sweep.output_dir", str(folder.resolve()))
+    kill_when(process, lambda: has_tag(tmp_path / "mlflow.db", *run_row))
     record = json.loads((folder / "record.json").read_text())
     assert record["status"] == "running" and "run_id" not in record["mlflow"]  # killed inside the window
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
