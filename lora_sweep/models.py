@@ -38,6 +38,7 @@ class ModelSpec:
     # positions are computed (rotary, relative, ALiBi), which run past what the model was trained on
     position_limit: int | None = None
     trained_positions: int | None = None  # the config's max_position_embeddings (or n_positions, ...)
+    module_names: list[str] = field(default_factory=list)  # every module, for method.modules_to_save
 
 
 @contextlib.contextmanager
@@ -97,6 +98,7 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
         head_names=heads,
         position_limit=position_limit(skeleton),
         trained_positions=trained_positions(config),
+        module_names=[name for name, _ in skeleton.named_modules() if name],
     )
 
 

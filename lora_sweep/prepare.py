@@ -17,7 +17,7 @@ from lora_sweep.data import TaskData
 from lora_sweep.methods import peft_config, trained_head
 from lora_sweep.models import ModelSpec, check_max_length, inspect_model, load_tokenizer
 from lora_sweep.schema import to_dict
-from lora_sweep.targets import resolve_targets
+from lora_sweep.targets import check_modules_to_save, resolve_targets
 from lora_sweep.tasks import check as check_task
 from lora_sweep.tasks import get_task
 
@@ -59,6 +59,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         cached = _PREPARED[key] = Prepared(spec, tokenizer, data, None, 0.0)
     targets = resolve_targets(cfg.method.targets, cached.spec.linear_names) if cfg.method.adapter else None
     if cfg.method.adapter:  # PEFT's own checks of the method's values, before any weight loads
+        check_modules_to_save(cfg.method.modules_to_save, cached.spec.module_names)
         peft_config(
             cfg.method,
             targets,

@@ -71,6 +71,22 @@ def _leaf_names(names: Iterable[str], limit: int = 40) -> str:
     return ", ".join(leaves[:limit]) + (", ..." if len(leaves) > limit else "")
 
 
+def check_modules_to_save(
+    modules: list[str], module_names: Iterable[str], key: str = "method.modules_to_save"
+) -> None:
+    """Each name must match a module by its full name or a dotted suffix, as PEFT matches them: PEFT itself
+    skips a name that matches nothing, and the module would silently stay frozen."""
+    names = list(module_names)
+    for i, module in enumerate(modules):
+        if not any(name == module or name.endswith("." + module) for name in names):
+            top = sorted({name.split(".")[0] for name in names})
+            raise ConfigError(
+                f"{key}[{i}]",
+                module,
+                f"no module of the model has this name (its top-level modules: {', '.join(top)})",
+            )
+
+
 def resolve_targets(
     targets: str | list[str], linear_names: Iterable[str], key: str = "method.targets"
 ) -> list[str]:

@@ -327,3 +327,15 @@ def test_gpt2_run_trains_conv1d_adapters_and_records_them(compose, tiny_override
     assert any(".c_attn.lora_A." in key for key in saved) and any(
         key.startswith("base_model.model.score.") for key in saved
     )
+
+
+def test_modules_to_save_that_match_no_module_are_one_line(compose, tiny_overrides):
+    """PEFT skips a modules_to_save name that matches nothing, so the module would silently stay frozen."""
+    from lora_sweep.errors import ConfigError
+    from lora_sweep.prepare import prepare
+
+    bad = compose(*tiny_overrides, "method.modules_to_save=[embeddings.word_embeddings,nope]")
+    with pytest.raises(ConfigError, match=r"^method.modules_to_save\[1\]='nope': no module of the model"):
+        prepare(bad)
+    good = prepare(compose(*tiny_overrides, "method.modules_to_save=[embeddings.word_embeddings]"))
+    assert "bert.embeddings.word_embeddings" in good.spec.module_names
