@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TEMP_FOLDER = re.compile(r"^\..*\.tmp\d+$")
 TINY_STUDY = "tiny_kills"
+REPLICATE_KEYS = ("replicate_of", "source_study", "source_trial")
 WORDS = {
     "positive": ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart", "warm", "best"],
     "negative": ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat", "cold", "worst"],
@@ -130,11 +131,22 @@ def attempt(command: list[str], cwd: Path, env: dict, delay: float | None, log) 
     }
 
 
-def sweep_settings(sweep_file: Path) -> dict:
-    """The sweeper's settings as the sweep file writes them (command-line overrides of them not applied)."""
+def sweep_settings(sweep_file: Path, overrides: list[str]) -> dict:
+    """The sweeper's settings as the sweep file writes them, with the command line's ``hydra.sweeper.*``
+    overrides applied (``hydra.sweeper.report.replicates=1`` changes the replicates' budget)."""
     import yaml
 
-    return yaml.safe_load(sweep_file.read_text())["hydra"]["sweeper"]
+    settings = yaml.safe_load(sweep_file.read_text())["hydra"]["sweeper"]
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        if not key.startswith("hydra.sweeper."):
+            continue
+        *parents, leaf = key[len("hydra.sweeper.") :].split(".")
+        node = settings
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return settings
 
 
 def study_figures(sweep_dir: Path, settings: dict) -> dict:
@@ -163,7 +175,13 @@ def study_figures(sweep_dir: Path, settings: dict) -> dict:
         study = optuna.load_study(study_name=summary.study_name, storage=store)
         trials = study.get_trials(deepcopy=False)
         finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-        configs = [tuple(sorted((k, repr(v)) for k, v in t.params.items())) for t in trials if t.params]
+        # a replicate's configuration is its source trial's and its seed (its params hold only the seed)
+        configs = [
+            tuple(sorted((k, repr(v)) for k, v in t.params.items()))
+            + tuple(repr(t.user_attrs.get(k)) for k in REPLICATE_KEYS if k in t.user_attrs)
+            for t in trials
+            if t.params
+        ]
         figures[summary.study_name] = {
             "n_trials": budgets.get(summary.study_name),
             "finished": len(finished),
@@ -266,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the final run failed (see {workdir / 'kills.log'})", file=sys.stderr)
         return 1
     folder = workdir / "extra_conf" / "sweeps" if args.tiny else REPO / "sweeps"
-    settings = sweep_settings(folder / f"{TINY_STUDY if args.tiny else args.sweep}.yaml")
+    settings = sweep_settings(folder / f"{TINY_STUDY if args.tiny else args.sweep}.yaml", args.overrides)
     sweep_dir = workdir / "outputs" / "sweeps" / settings["study_name"]  # the sweep files' hydra.sweep.dir
     tracking_uri = next(
         (o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.tracking_uri=")), None
