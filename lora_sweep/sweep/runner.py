@@ -42,6 +42,7 @@ from lora_sweep.sweep.settings import BaselineConf, LoraOptunaSweeperConf, Repor
 from lora_sweep.sweep.space import SearchSpace, format_value
 from lora_sweep.sweep.study import (
     FINISHED,
+    JOURNAL_PREFIX,
     ask,
     counts,
     make_pruner,
@@ -392,8 +393,12 @@ class SweepRunner:
             )
         spec = storage_spec(self.conf.storage, self.sweep_dir)
         study_name = settings["study_name"]
-        self._refuse_foreign_trial_folders(spec, study_name)
-        storage = open_storage(spec, self.conf.heartbeat_interval)
+        if spec.startswith(JOURNAL_PREFIX):  # opening a journal creates it: refuse a foreign folder first
+            self._refuse_foreign_trial_folders(spec, study_name)
+            storage = open_storage(spec, self.conf.heartbeat_interval)
+        else:  # a database that cannot be reached is the first thing to hear about
+            storage = open_storage(spec, self.conf.heartbeat_interval)
+            self._refuse_foreign_trial_folders(spec, study_name)
         baseline = settings["baseline"]
         self.storage_spec = spec
 
