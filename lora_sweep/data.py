@@ -447,11 +447,23 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, num_labels: int | 
     def encode(batch):
         texts = [str(t) for t in batch[cfg.text_column]]
         pairs = [str(t) for t in batch[cfg.text_pair_column]] if cfg.text_pair_column else None
-        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        # untruncated first, to count (verbose=False: no "longer than the maximum" notice per long row);
+        # then only the rows that are too long are encoded again, cut as the tokenizer cuts them
+        encoded = tokenizer(texts, pairs, truncation=False, verbose=False)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        long = [i for i, n in enumerate(lengths) if n > max_length]
+        if long:
+            cut = tokenizer(
+                [texts[i] for i in long],
+                [pairs[i] for i in long] if pairs else None,
+                truncation=True,
+                max_length=max_length,
+            )
+            for key in encoded:
+                for j, i in enumerate(long):
+                    encoded[key][i] = cut[key][j]
         encoded["labels"] = [index[str(v)] for v in batch[cfg.label_column]]
-        # untruncated (verbose=False: no "longer than the maximum" notice per long row)
-        full = tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]
-        encoded[LENGTH_COLUMN] = [len(ids) for ids in full]
+        encoded[LENGTH_COLUMN] = lengths
         return encoded
 
     encoded = datasets.DatasetDict(
