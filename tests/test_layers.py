@@ -57,6 +57,7 @@ LAYERS: dict[str, int] = {
             "sweep.locks",
             "sweep.trials",
             "sweep.optuna_api",
+            "sweep.devices",
         )
     },
     # foundations

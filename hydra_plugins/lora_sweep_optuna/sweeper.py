@@ -19,6 +19,7 @@ class LoraOptunaSweeper(Sweeper):
             for k, v in settings.items()
         }
         self.hydra_context = None
+        self.task_function = None
         self.config = None
         self.launcher = None
 
@@ -26,6 +27,7 @@ class LoraOptunaSweeper(Sweeper):
         from hydra.core.plugins import Plugins
 
         self.hydra_context = hydra_context
+        self.task_function = task_function
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
@@ -59,9 +61,24 @@ class LoraOptunaSweeper(Sweeper):
             if problem:
                 raise ConfigError("hydra.sweep.dir", sweep_dir, f"cannot make the sweep's folder: {problem}")
             loader = self.hydra_context.config_loader
-            return SweepRunner(conf, self.config, self.launcher, loader, arguments).run()
+            runner = SweepRunner(conf, self.config, self.launcher, loader, arguments)
+            if runner.pool is not None:
+                runner.launcher = self._joblib_launcher(runner.pool)
+            return runner.run()
         except LoraSweepError as err:
             from lora_sweep.secrets import redact
 
             print(f"error: {redact(str(err))}", file=sys.stderr)
             sys.exit(2)
+
+    def _joblib_launcher(self, n_jobs: int) -> Any:
+        """The joblib launcher again with a pool of ``n_jobs`` processes: trials_per_device > 1 sizes the
+        pool when hydra.launcher.n_jobs is left at joblib's default (one process per CPU core)."""
+        from hydra.core.plugins import Plugins
+        from omegaconf import open_dict, read_write
+
+        with read_write(self.config.hydra), open_dict(self.config.hydra):
+            self.config.hydra.launcher.n_jobs = n_jobs
+        return Plugins.instance().instantiate_launcher(
+            hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
+        )

@@ -93,6 +93,8 @@ class SweepRunner:
         self.arguments = list(arguments)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self._lock = threading.Lock()
+        # before anything opens: a trials_per_device the launcher cannot serve is a one-line error
+        self.devices, self.pool = self._worker_plan()
 
     # --- setup: everything here runs, and fails, before any training ------------------------------------
     def _task_config(self, overrides: list[str]) -> RunConfig:
@@ -449,7 +451,7 @@ class SweepRunner:
         return phases
 
     def _run_phase(self, phase: Phase) -> None:
-        workers = self._parallelism()
+        workers = len(self.devices)
         if workers == 1:
             self._worker(phase, 0)
             return
@@ -472,7 +474,7 @@ class SweepRunner:
             raise errors[0]
 
     def _worker(self, phase: Phase, index: int) -> None:
-        device = self._device_for(index)
+        device = self.devices[index]
         while True:
             # threads of this process, then every other worker of the study: count and ask as one step
             lock = study_lock(storage_of(phase.study), self.storage_spec, phase.study.study_name)
@@ -637,21 +639,31 @@ class SweepRunner:
         )
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _parallelism(self) -> int:
+    def _worker_plan(self) -> tuple[list[str | None], int | None]:
+        """Each worker thread's device, and the joblib pool size they need (see ``plan_workers``)."""
+        from lora_sweep.sweep.devices import SPREAD, plan_workers
+
         launcher = OmegaConf.select(self.config, "hydra.launcher") or {}
-        if "joblib" not in str(launcher.get("_target_", "")).lower():
-            return 1
-        n_jobs = int(launcher.get("n_jobs", 1) or 1)
-        return os.cpu_count() or 1 if n_jobs < 0 else n_jobs
+        n_jobs = None  # Hydra's basic launcher: one trial at a time, in this process
+        if "joblib" in str(launcher.get("_target_", "")).lower():
+            value = launcher.get("n_jobs")
+            n_jobs = 1 if value is None else int(value)  # joblib reads null as 1
+        device = str(OmegaConf.select(self.config, "train.device", default="auto"))
+        gpus = 0
+        if device in SPREAD:
+            import torch
 
-    def _device_for(self, index: int) -> str | None:
-        """With several GPUs and train.device=auto, worker i trains on GPU i (mod the count)."""
-        if OmegaConf.select(self.config, "train.device") != "auto":
-            return None
-        import torch
-
-        count = torch.cuda.device_count()
-        return f"cuda:{index % count}" if count > 1 else None
+            gpus = torch.cuda.device_count()
+        k = self.conf.trials_per_device
+        devices, pool = plan_workers(device, gpus, k, n_jobs, os.cpu_count() or 1)
+        if k > 1:
+            log.info(
+                "%d trials at once (hydra.sweeper.trials_per_device=%d): %s",
+                len(devices),
+                k,
+                ", ".join(d or device for d in devices),
+            )
+        return devices, pool
 
     def _tracking_config(self):
         from lora_sweep.config import TrackingConfig

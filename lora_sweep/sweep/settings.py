@@ -128,6 +128,8 @@ class LoraOptunaSweeperConf:
         None  # keep the checkpoints of the k best trials (+ the report's pick); None: all
     )
     heartbeat_interval: Optional[int] = 60  # RDB storages: seconds between a running trial's heartbeats
+    # >1: this many trials at once on each visible GPU (or on the CPU), each in its own joblib process
+    trials_per_device: int = 1
     report: ReportConf = field(default_factory=ReportConf)
 
     def __post_init__(self) -> None:
@@ -146,6 +148,8 @@ class LoraOptunaSweeperConf:
         _at_least("keep_checkpoints", self.keep_checkpoints, 1, allow_none=True)
         if self.heartbeat_interval is not None and not self.heartbeat_interval > 0:
             raise ConfigError("heartbeat_interval", self.heartbeat_interval, "must be > 0 (or null: none)")
+        if not self.trials_per_device >= 1:
+            raise ConfigError("trials_per_device", self.trials_per_device, "must be a positive integer")
 
 
 def sweeper_conf(settings: Mapping[str, Any]) -> "LoraOptunaSweeperConf":
