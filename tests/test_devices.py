@@ -7,7 +7,6 @@ test checks the round-robin on the GPUs there are (skipped without CUDA)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -94,12 +93,10 @@ def overlap(a: dict, b: dict) -> bool:
     return a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
 
 
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
-
-
 @pytest.mark.slow
-def test_two_trials_per_device_on_cpu_run_at_once_and_bad_settings_change_nothing(tmp_path, tiny):
+def test_two_trials_per_device_on_cpu_run_at_once_and_bad_settings_change_nothing(
+    tmp_path, tiny, sweep_in_process, capsys
+):
     write_sweep(tmp_path, "pertwo", SWEEP)
     result = run_sweep(
         tmp_path,
@@ -144,19 +141,13 @@ def test_two_trials_per_device_on_cpu_run_at_once_and_bad_settings_change_nothin
             "error: hydra.launcher.n_jobs=1: fewer processes than the 2 trials",
         ),
     }
-    for name, (overrides, expected) in cases.items():
-        bad = run_sweep(
-            tmp_path,
-            "pertwo",
-            tiny,
-            "train.epochs=1",
-            "train.device=cpu",
-            "hydra.sweeper.n_trials=4",
-            *overrides,
-            check=False,
-        )
-        lines = error_lines(bad)
-        assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), (name, bad.stderr)
+    for name, (overrides, expected) in cases.items():  # in this process: no second start-up to pay
+        with pytest.raises(SystemExit) as caught:
+            sweep_in_process(
+                "pertwo", "train.epochs=1", "train.device=cpu", "hydra.sweeper.n_trials=4", *overrides
+            )
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert caught.value.code == 2 and len(lines) == 1 and lines[0].startswith(expected), (name, lines)
     assert (optuna_snapshot(tmp_path, "pertwo"), mlflow_snapshot(tmp_path), records(tmp_path)) == before
 
 
