@@ -3,6 +3,8 @@
 Each trial is one Hydra job (own output folder, own ``.hydra/``), launched by whatever launcher is
 configured. With a parallel launcher (joblib, ``n_jobs`` workers) one thread per worker pulls trials
 from the study as soon as its previous trial ends, so nobody waits for the slowest trial of a batch.
+``hydra.sweeper.trials_per_device=k`` sizes that crew instead: k threads per visible GPU, each bound to one
+GPU (:mod:`lora_sweep.sweep.devices`).
 The study's storage is the only shared state, which is also what lets separate processes (two terminals,
 two machines) work on one study.
 """
