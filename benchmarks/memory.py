@@ -1,7 +1,7 @@
 """Peak host memory (RSS) of a 3-trial LoRA sweep on a ~0.5B-parameter Llama, before and after lean reuse.
 
     python benchmarks/memory.py                          # this checkout vs 8440ff5, fp32 and bf16 bases
-    python benchmarks/memory.py --dtypes fp32 --steps 2  # the README's figures
+    python benchmarks/memory.py --dtypes fp32             # the README's figures
     python benchmarks/memory.py --baseline-ref none      # this checkout only
 
 The model is random-initialised from a ``LlamaConfig`` (hidden 1024, 32 layers, MLP 2816, 16 heads, untied
@@ -129,6 +129,7 @@ def sweep_command(model: Path, study: str, workdir: Path, steps: int, dtype: str
         "evaluate_test=false",
         "lm_eval.reference_texts=0",
         "lm_eval.num_prompts=0",
+        "data.prompts=[]",  # chatterbot's own generation prompts: minutes of decoding, nothing for memory
         f"data.cache_dir={workdir / 'data_cache'}",
         f"hydra.sweeper.study_name={study}",
         f"hydra.sweep.dir={workdir / 'sweeps' / study}",
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temp folder")
     parser.add_argument("--baseline-ref", default="8440ff5", help="the code before; 'none' to skip it")
     parser.add_argument("--dtypes", default="fp32,bf16", help="base dtypes to measure (model.dtype)")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per trial")
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per trial")
     args = parser.parse_args()
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="lora_sweep_memory_"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
