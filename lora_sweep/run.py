@@ -14,10 +14,10 @@ import uuid
 import warnings
 from pathlib import Path
 
+from lora_sweep import reuse
 from lora_sweep.checkpoint import (
     RESUME_FILES,
     drop_training_state,
-    is_peft_model,
     remove_stale_saves,
     restore_weights,
     resume_point,
@@ -40,6 +40,9 @@ from lora_sweep.oom import evaluation_pass, guard_memory
 # _PREPARED: tests clear the per-process caches through this module
 from lora_sweep.prepare import _PREPARED, Prepared, cache_key, prepare  # noqa: F401
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
+
+# _MODELS: tests clear the per-process caches through this module
+from lora_sweep.reuse import _MODELS  # noqa: F401
 from lora_sweep.schema import flatten, to_dict
 from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
 from lora_sweep.tasks import get_task
@@ -51,34 +54,27 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-# A sweep's later trials reuse the loaded base model (one per process).
-_MODELS: dict[str, tuple[object, dict]] = {}
+def model_key(cfg: RunConfig, prepared: Prepared) -> str:
+    return cache_key(prepared.spec.source, cfg.model.revision, prepared.data.label_names, cfg.train.seed)
 
 
 def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
     """The pretrained model with a fresh head, exactly as loading it from disk under this seed gives.
 
-    The first call loads it and keeps a CPU copy of its pristine state; later calls (a sweep's later
-    trials) take the same object back: LoRA layers removed (PEFT unload), every weight restored.
-    Returns (model, whether it was reused).
+    The first call loads it; a sweep's later trials take the same object back, as the trial before gave
+    it back (:mod:`lora_sweep.reuse`: adapters unloaded, whatever the trial changed restored). The caller
+    owns the model until it gives it back. Returns (model, whether it was reused).
     """
     from transformers import set_seed
 
-    key = cache_key(prepared.spec.source, cfg.model.revision, prepared.data.label_names, cfg.train.seed)
-    if key in _MODELS:
-        model, pristine = _MODELS[key]
-        if set(model.state_dict()) != set(pristine):
-            raise RuntimeError(
-                "the cached base model still carries adapter layers: the last run did not unload them"
-            )
-        model.load_state_dict(pristine)
+    model = reuse.take(model_key(cfg, prepared))
+    if model is not None:
         return model, True
-    _MODELS.clear()  # one base model per process: a new one replaces the old
+    reuse.drop_all()  # one base model per process: the old one's memory is free before the new one loads
     set_seed(cfg.train.seed)
     model = load_base_model(
         prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
     )
-    _MODELS[key] = (model, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     return model, False
 
 
@@ -157,6 +153,9 @@ def run(
         return recipe.record
     except BaseException as err:
         recipe.record_failure(err)
+        # the finished frames of the traceback hold the trial's optimizer, activations and adapter: let
+        # them go now, not when the caller drops the exception (the OOM-across-trials of other tools)
+        traceback.clear_frames(err.__traceback__)
         raise
     finally:
         recipe.release_model()
@@ -180,6 +179,7 @@ class Recipe:
         self.record: RunRecord | None = None
         self.tracker: Tracker | None = None
         self.model = None
+        self.base: reuse.TrialBase | None = None
         self.forgetting: dict[str, float] = {}
         self.test: dict[str, float] = {}
 
@@ -266,6 +266,8 @@ class Recipe:
         cfg, prepared = self.cfg, self.prepared
         model, reused_model = base_model(cfg, prepared)
         self.model = model
+        in_sweep = cfg.sweep.study_name is not None  # a single run keeps no copy of anything
+        self.base = reuse.TrialBase(model_key(cfg, prepared), model, cfg.method, in_sweep, self.device)
         set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
         self.forgetting = self.task.before_training(
             model, prepared.tokenizer, cfg, prepared.spec.source, self.device, self.precision
@@ -414,8 +416,13 @@ class Recipe:
         self.tracker.end(status)
 
     def release_model(self) -> None:
-        if self.model is not None and is_peft_model(self.model):
-            self.model.unload()  # leave the cached base model without adapters for the next trial
+        """The base back to the cache for the next trial (or dropped), and the trial's memory freed."""
+        model, self.model = self.model, None
+        if self.base is not None:
+            self.base.give_back(model)
+            self.base = None
+        del model
+        reuse.free_memory()
 
 
 def _one_line(err: BaseException) -> str:

@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
             "hub",
             "offline",
             "oom",
+            "reuse",
             "weights",
             "system",
             "prepare",

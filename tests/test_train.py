@@ -237,7 +237,9 @@ def test_reused_base_model_trains_exactly_like_a_fresh_one(compose, tiny_overrid
     A LoRA run after a full fine-tune in the same process must equal a LoRA run from a fresh load."""
     import lora_sweep.run as run_module
 
+    # as sweep trials: a single run keeps no pristine copy, so a run after a full fine-tune reloads
     lora = ["tracking=none", "train.epochs=1", "train.lr=5e-3", "method.targets=all_linear"]
+    lora.append("sweep.study_name=s")
     run_module._PREPARED.clear()
     run_module._MODELS.clear()
     fresh = run(compose(*tiny_overrides, *lora, output_dir=tmp_path / "fresh"))
@@ -249,6 +251,7 @@ def test_reused_base_model_trains_exactly_like_a_fresh_one(compose, tiny_overrid
             "train.epochs=1",
             "method=full",
             "train.lr=1e-3",
+            "sweep.study_name=s",
             output_dir=tmp_path / "full",
         )
     )
