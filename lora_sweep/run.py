@@ -29,11 +29,15 @@ from lora_sweep.methods import apply_method, is_mergeable
 from lora_sweep.methods import derived_params as method_params
 from lora_sweep.methods import run_name as method_run_name
 from lora_sweep.models import (
+    BasePlan,
     count_parameters,
+    dtypes_of,
     load_base_model,
     pick_device,
     pick_precision,
+    plan_base,
     set_gradient_checkpointing,
+    wants_gradient_checkpointing,
 )
 from lora_sweep.oom import evaluation_pass, guard_memory
 
@@ -55,7 +59,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 _MODELS: dict[str, tuple[object, dict]] = {}
 
 
-def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
+def base_model(cfg: RunConfig, prepared: Prepared, plan: BasePlan | None = None) -> tuple[object, bool]:
     """The pretrained model with a fresh head, exactly as loading it from disk under this seed gives.
 
     The first call loads it and keeps a CPU copy of its pristine state; later calls (a sweep's later
@@ -64,7 +68,13 @@ def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
     """
     from transformers import set_seed
 
-    key = cache_key(prepared.spec.source, cfg.model.revision, prepared.data.label_names, cfg.train.seed)
+    key = cache_key(
+        prepared.spec.source,
+        cfg.model.revision,
+        prepared.data.label_names,
+        cfg.train.seed,
+        plan.key() if plan is not None else None,
+    )
     if key in _MODELS:
         model, pristine = _MODELS[key]
         if set(model.state_dict()) != set(pristine):
@@ -76,7 +86,7 @@ def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
     _MODELS.clear()  # one base model per process: a new one replaces the old
     set_seed(cfg.train.seed)
     model = load_base_model(
-        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id, plan
     )
     _MODELS[key] = (model, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     return model, False
@@ -86,16 +96,28 @@ def run_name(cfg: RunConfig) -> str:
     return cfg.tracking.run_name or method_run_name(cfg.method, cfg.train.lr)
 
 
-def derived_params(cfg: RunConfig, prepared: Prepared, device: str, precision: str) -> dict[str, object]:
+def derived_params(
+    cfg: RunConfig, prepared: Prepared, device: str, precision: str, plan: BasePlan | None = None
+) -> dict[str, object]:
     params: dict[str, object] = {
         "run.device": device,
         "run.precision": precision,
+        **(dtype_params(plan) if plan is not None else {}),
         "model.model_type": prepared.spec.model_type,
         "data.num_labels": len(prepared.data.label_names),
     }
     params.update({f"data.size.{name}": size for name, size in prepared.data.sizes.items()})
     params.update(method_params(cfg.method, prepared.targets))
     return params
+
+
+def dtype_params(plan: BasePlan) -> dict[str, object]:
+    return {
+        "run.base_dtype": plan.base_dtype,
+        "run.trainable_dtype": plan.trainable_dtype,
+        "run.quantization": plan.quantization,
+        "run.compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+    }
 
 
 FINAL_STATES = ("completed", "pruned")
@@ -140,12 +162,13 @@ def run(
     started = time.perf_counter()
     prepared = prepare(cfg)
     device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
+    plan = plan_base(cfg.model, cfg.method.adapter, device)
+    precision = pick_precision(cfg.train.precision, device, plan)
     previous = earlier_attempt(cfg, to_dict(cfg))
     remove_stale_saves(Path(cfg.output_dir) / "checkpoints")  # a folder of this config: ours to tidy
     if previous is not None and previous.get("status") in FINAL_STATES:
         return _nothing_to_do(cfg, previous)
-    recipe = Recipe(cfg, prepared, device, precision, previous)
+    recipe = Recipe(cfg, prepared, device, precision, previous, plan)
     recipe.start_record()
     recipe.start_tracking(tracker, extra_tags or {}, run_name_prefix)
     try:
@@ -171,8 +194,17 @@ def _nothing_to_do(cfg: RunConfig, previous: dict) -> RunRecord:
 class Recipe:
     """One run's steps, in the order :func:`run` calls them; the state they share lives here."""
 
-    def __init__(self, cfg: RunConfig, prepared: Prepared, device, precision: str, previous: dict | None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        prepared: Prepared,
+        device,
+        precision: str,
+        previous: dict | None,
+        plan: BasePlan | None = None,
+    ):
         self.cfg, self.prepared, self.device, self.precision = cfg, prepared, device, precision
+        self.plan = plan or plan_base(cfg.model, cfg.method.adapter, device)
         self.task = get_task(cfg)
         self.output_dir = Path(cfg.output_dir)
         self.previous = previous
@@ -212,7 +244,7 @@ class Recipe:
             "truncated": prepared.data.lengths.get("truncated", {}),
             "dropped": prepared.data.lengths.get("dropped", {}),
         }
-        record.params = {"target_modules": prepared.targets}
+        record.params = {"target_modules": prepared.targets, **dtype_params(self.plan)}
         # the MLflow run's identity, on disk before the run exists: an attempt killed between creating the
         # run and writing its id is continued by the next one (found by this tag), never doubled
         earlier_uid = (previous or {}).get("mlflow", {}).get("run_uid")
@@ -238,7 +270,7 @@ class Recipe:
         }
         params = {
             **flatten(record.config),
-            **derived_params(cfg, self.prepared, str(self.device), self.precision),
+            **derived_params(cfg, self.prepared, str(self.device), self.precision, self.plan),
         }
         earlier_run = (self.previous or {}).get("mlflow", {})
         try:
@@ -264,9 +296,10 @@ class Recipe:
         from transformers import set_seed
 
         cfg, prepared = self.cfg, self.prepared
-        model, reused_model = base_model(cfg, prepared)
+        model, reused_model = base_model(cfg, prepared, self.plan)
         self.model = model
-        set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
+        checkpointing = wants_gradient_checkpointing(cfg.train.gradient_checkpointing, self.plan, model)
+        set_gradient_checkpointing(model, checkpointing)
         self.forgetting = self.task.before_training(
             model, prepared.tokenizer, cfg, prepared.spec.source, self.device, self.precision
         )
@@ -285,6 +318,7 @@ class Recipe:
         counts = count_parameters(model)
         self.record.params.update(
             counts,
+            parameter_dtypes=dtypes_of(model),  # as loaded: what plan_base asked for, checked
             setup_seconds=setup_seconds,
             setup_reused=reused,
             mergeable=is_mergeable(model) if cfg.method.adapter else None,
