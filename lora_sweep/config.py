@@ -384,7 +384,7 @@ class RunConfig:
                 "model.dtype",
                 self.model.dtype,
                 f"method={self.method.name} keeps fp32 master weights (updates to {self.model.dtype} "
-                "weights round away); use model.dtype=auto or fp32, with train.precision=bf16 for bf16 compute",
+                "weights round away); use model.dtype=auto or fp32 (train.precision=bf16 computes in bf16)",
             )
 
     @classmethod

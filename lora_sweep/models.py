@@ -282,7 +282,9 @@ def plan_base(cfg: ModelConfig, adapter: bool, device: torch.device) -> BasePlan
         if name == "bf16" and not bf16_ok:
             raise ConfigError("model.dtype", name, "this GPU has no bf16; use model.dtype=fp16 or auto")
         if name == "fp16" and not cuda:
-            raise ConfigError("model.dtype", name, "fp16 weights need a GPU; use model.dtype=bf16 or fp32 on CPU")
+            raise ConfigError(
+                "model.dtype", name, "fp16 weights need a GPU; use model.dtype=bf16 or fp32 on CPU"
+            )
     compute = TORCH_DTYPES[name] if cuda else torch.float32
     where = None
     if cfg.quantization != "none":
@@ -313,8 +315,8 @@ def check_attention(cfg: ModelConfig, skeleton_class, config) -> None:
             raise ConfigError(
                 "model.attn_implementation",
                 choice,
-                "flash-attn is not installed or has no GPU here (pip install flash-attn --no-build-isolation, "
-                "on a CUDA machine); use sdpa",
+                "flash-attn is not installed or has no GPU here (on a CUDA machine: "
+                "pip install flash-attn --no-build-isolation); use sdpa",
             )
     if choice == "sdpa":  # the default: transformers falls back to eager where a model has no SDPA
         return

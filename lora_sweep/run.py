@@ -102,7 +102,7 @@ def derived_params(
     params: dict[str, object] = {
         "run.device": device,
         "run.precision": precision,
-        **(dtype_params(plan) if plan is not None else {}),
+        **({f"run.{k}": v for k, v in dtype_params(plan).items()} if plan is not None else {}),
         "model.model_type": prepared.spec.model_type,
         "data.num_labels": len(prepared.data.label_names),
     }
@@ -112,11 +112,11 @@ def derived_params(
 
 
 def dtype_params(plan: BasePlan) -> dict[str, object]:
+    """The frozen and trainable weights' dtypes (record params; MLflow params under run.)."""
     return {
-        "run.base_dtype": plan.base_dtype,
-        "run.trainable_dtype": plan.trainable_dtype,
-        "run.quantization": plan.quantization,
-        "run.compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+        "base_dtype": plan.base_dtype,
+        "trainable_dtype": plan.trainable_dtype,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
     }
 
 

@@ -20,6 +20,18 @@ from lora_sweep.tasks import get_task
 from lora_sweep.weights import require_safetensors
 
 REFERENCE_SIZE = 256
+CPU = torch.device("cpu")
+# A quantized run's merged model: its base dequantized to this dtype, the adapter merged into it. fp32, not
+# bf16: the dequantized NF4 values are not bf16 numbers, and rounding them (and the merged update) to bf16
+# moves the logits past the export's 1e-4 check; in fp32 the merged model computes what the adapter did.
+MERGED_DTYPE = torch.float32
+
+
+def _plan(cfg: RunConfig):
+    """The base as the run loaded it (dtype, quantization), on CPU where the report works."""
+    from lora_sweep.models import plan_base
+
+    return plan_base(cfg.model, cfg.method.adapter, CPU)
 
 
 def _setup(record: dict[str, Any]):
@@ -30,7 +42,7 @@ def _setup(record: dict[str, Any]):
     prepared = prepare(cfg)
     torch.manual_seed(cfg.train.seed)
     base = load_base_model(
-        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id, _plan(cfg)
     )
     return cfg, prepared, base
 
@@ -50,6 +62,7 @@ def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
 
 def test_metrics(record: dict[str, Any]) -> dict[str, float]:
     from lora_sweep.data import make_loader
+    from lora_sweep.models import pick_precision
 
     cfg, prepared, model = load_trained(record)
     loader = make_loader(
@@ -58,9 +71,8 @@ def test_metrics(record: dict[str, Any]) -> dict[str, float]:
         cfg.train.eval_batch_size,
         shuffle=False,
     )
-    return get_task(cfg).evaluate(
-        model, loader, torch.device("cpu"), "fp32", len(prepared.data.label_names), desc="test"
-    )
+    precision = pick_precision("auto", CPU, _plan(cfg))  # a bf16 base computes in bf16, as it trained
+    return get_task(cfg).evaluate(model, loader, CPU, precision, len(prepared.data.label_names), desc="test")
 
 
 def perplexity_forgetting(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -110,7 +122,9 @@ def representation_similarity(records: dict[str, dict[str, Any]], texts: list[st
 
 
 def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> dict[str, Any]:
-    """The chosen LoRA checkpoint as a PEFT adapter and as a merged model, checked to give the same logits."""
+    """The chosen LoRA checkpoint as a PEFT adapter and as a merged model, checked to give the same logits.
+    A quantized base is dequantized (to :data:`MERGED_DTYPE`) before the adapter merges into it: merging into
+    4-bit weights would round the update away, and the shipped model should not need bitsandbytes."""
 
     out_dir = Path(out_dir)
     cfg, prepared, model = load_trained(record)
@@ -137,7 +151,13 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
             "logits_agree": difference < 1e-4,
             "samples_checked": len(sample_texts),
         }
-    merged = model.merge_and_unload()
+    quantization = cfg.model.quantization
+    if quantization != "none":
+        _, _, base = _setup(record)
+        merged = load_adapter(base.dequantize(dtype=MERGED_DTYPE), adapter_dir).merge_and_unload()
+    else:
+        merged = model.merge_and_unload()
+    merged_dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
     merged.save_pretrained(merged_dir, safe_serialization=True)
     prepared.tokenizer.save_pretrained(merged_dir)
 
@@ -152,6 +172,8 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
         "adapter": str(adapter_dir),
         "merged": str(merged_dir),
         "mergeable": True,
+        "dequantized_from": None if quantization == "none" else quantization,
+        "merged_dtype": merged_dtype,
         "max_logit_difference": difference,
         "logits_agree": difference < 1e-4,
         "samples_checked": len(sample_texts),
