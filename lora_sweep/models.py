@@ -327,9 +327,9 @@ def check_attention(cfg: ModelConfig, skeleton_class, config) -> None:
         raise ConfigError("model.attn_implementation", choice, _first_line(err)) from None
 
 
-def _attention_kwargs(cfg: ModelConfig) -> dict:
+def _attention_kwargs(plan: BasePlan) -> dict:
     # sdpa stays transformers' own default, which falls back to eager for models without SDPA
-    return {} if cfg.attn_implementation == "sdpa" else {"attn_implementation": cfg.attn_implementation}
+    return {} if plan.attn_implementation == "sdpa" else {"attn_implementation": plan.attn_implementation}
 
 
 def _quantization_kwargs(plan: BasePlan, skip: list[str]) -> dict:
@@ -367,7 +367,7 @@ def load_base_model(
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
         "dtype": plan.dtype,
-        **_attention_kwargs(cfg),
+        **_attention_kwargs(plan),
         **_quantization_kwargs(plan, list(spec.head_names)),
     }
     if not get_task(spec.task).new_head:  # e.g. a causal LM keeps its own LM head

@@ -28,10 +28,13 @@ MERGED_DTYPE = torch.float32
 
 
 def _plan(cfg: RunConfig):
-    """The base as the run loaded it (dtype, quantization), on CPU where the report works."""
-    from lora_sweep.models import plan_base
+    """The base as the run loaded it (an explicit dtype, the quantization), on CPU where the report works:
+    its 4-bit layers compute in fp32 there, and its attention is PyTorch's own."""
+    from lora_sweep.models import TORCH_DTYPES, BasePlan
 
-    return plan_base(cfg.model, cfg.method.adapter, CPU)
+    quantized = cfg.model.quantization != "none"
+    dtype = TORCH_DTYPES.get(cfg.model.dtype, torch.float32)  # auto: fp32, as on CPU
+    return BasePlan(dtype, cfg.model.quantization, torch.float32, "cpu" if quantized else None)
 
 
 def _setup(record: dict[str, Any]):
@@ -41,9 +44,12 @@ def _setup(record: dict[str, Any]):
     cfg = check_task(RunConfig.from_mapping(record["config"]))
     prepared = prepare(cfg)
     torch.manual_seed(cfg.train.seed)
+    plan = _plan(cfg)
     base = load_base_model(
-        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id, _plan(cfg)
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id, plan
     )
+    if not plan.quantized:  # a bf16 base's values, held in fp32: the report computes in fp32 on CPU
+        base = base.float()
     return cfg, prepared, base
 
 
@@ -62,7 +68,6 @@ def load_trained(record: dict[str, Any], checkpoint: str | Path | None = None):
 
 def test_metrics(record: dict[str, Any]) -> dict[str, float]:
     from lora_sweep.data import make_loader
-    from lora_sweep.models import pick_precision
 
     cfg, prepared, model = load_trained(record)
     loader = make_loader(
@@ -71,8 +76,7 @@ def test_metrics(record: dict[str, Any]) -> dict[str, float]:
         cfg.train.eval_batch_size,
         shuffle=False,
     )
-    precision = pick_precision("auto", CPU, _plan(cfg))  # a bf16 base computes in bf16, as it trained
-    return get_task(cfg).evaluate(model, loader, CPU, precision, len(prepared.data.label_names), desc="test")
+    return get_task(cfg).evaluate(model, loader, CPU, "fp32", len(prepared.data.label_names), desc="test")
 
 
 def perplexity_forgetting(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
