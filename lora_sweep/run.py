@@ -36,6 +36,7 @@ from lora_sweep.models import (
     pick_device,
     pick_precision,
     plan_base,
+    restorable_state,
     set_gradient_checkpointing,
     wants_gradient_checkpointing,
 )
@@ -77,18 +78,18 @@ def base_model(cfg: RunConfig, prepared: Prepared, plan: BasePlan | None = None)
     )
     if key in _MODELS:
         model, pristine = _MODELS[key]
-        if set(model.state_dict()) != set(pristine):
+        if set(restorable_state(model)) != set(pristine):
             raise RuntimeError(
                 "the cached base model still carries adapter layers: the last run did not unload them"
             )
-        model.load_state_dict(pristine)
+        model.load_state_dict(pristine, strict=False)  # strict but for the quantized layers, left out
         return model, True
     _MODELS.clear()  # one base model per process: a new one replaces the old
     set_seed(cfg.train.seed)
     model = load_base_model(
         prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id, plan
     )
-    _MODELS[key] = (model, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+    _MODELS[key] = (model, {k: v.detach().to("cpu", copy=True) for k, v in restorable_state(model).items()})
     return model, False
 
 
