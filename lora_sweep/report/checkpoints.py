@@ -22,8 +22,9 @@ from lora_sweep.weights import require_safetensors
 REFERENCE_SIZE = 256
 CPU = torch.device("cpu")
 # A quantized run's merged model: its base dequantized to this dtype, the adapter merged into it. fp32, not
-# bf16: the dequantized NF4 values are not bf16 numbers, and rounding them (and the merged update) to bf16
-# moves the logits past the export's 1e-4 check; in fp32 the merged model computes what the adapter did.
+# bf16: dequantized NF4 values are not bf16 numbers. On the tiny test BERT the fp32 merge gives the adapter's
+# logits exactly (difference 0.0); a bf16 merge is off by 6.8e-5 on logits of size 0.017, 0.4%, which on
+# the logits of a real model is far past the export's 1e-4 check.
 MERGED_DTYPE = torch.float32
 
 
