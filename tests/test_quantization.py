@@ -161,6 +161,39 @@ def test_quantization_is_a_searchable_parameter_and_part_of_the_base_model_key(c
     assert plan_base(plain.model, True, cpu).key() != plan_base(four.model, True, cpu).key()
 
 
+def test_a_sweep_searches_quantization_and_loads_each_base_once(tmp_path, sweep_in_process):
+    """model.quantization as a searched parameter: each trial trains on the base it chose (the reuse cache
+    is keyed by it), and the records say which."""
+    import json
+
+    from optuna.trial import TrialState
+
+    from tests.helpers import load, write_sweep
+
+    write_sweep(
+        tmp_path,
+        "quant",
+        {
+            "n_trials": 3,
+            "sampler": {"name": "random", "seed": 0},
+            "pruner": {"name": "none"},
+            "params": {"model.quantization": "choice(none, 4bit)"},
+            "enqueue": [{"model.quantization": "4bit"}, {"model.quantization": "none"}],
+        },
+    )
+    sweep_in_process("quant", "train.max_steps=6", "train.eval_every=6")
+    trials = load(tmp_path, "quant").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    for trial in trials:
+        record = json.loads(Path(trial.user_attrs["record"]).read_text())
+        want = {"4bit": "nf4", "none": "float32"}[trial.params["model.quantization"]]
+        assert record["params"]["base_dtype"] == want
+        assert ("uint8" in record["params"]["parameter_dtypes"]["frozen"]) == (want == "nf4")
+    reused = [json.loads(Path(t.user_attrs["record"]).read_text())["params"]["setup_reused"] for t in trials]
+    assert reused[:2] == [False, False]  # another base for another quantization, never the cached one
+    assert reused[2] == (trials[2].params["model.quantization"] == "none")
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
