@@ -20,6 +20,10 @@ LORA_VARIANTS = ("lora", "rslora", "dora")
 # PEFT's init_lora_weights that need no extra data pass or quantization config. "default" stands for
 # PEFT's True: B = 0, so the adapter starts as a no-op. pissa/olora rewrite the base weights at init.
 LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
+# the frozen base's storage; "auto" is decided with the device and method (models.plan_base)
+MODEL_DTYPES = ("auto", "fp32", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+QUANTIZATIONS = ("none", "4bit", "8bit")
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -67,8 +71,14 @@ class ModelConfig:
         None  # a GGUF file in name_or_path: dequantized once into cache_dir, loaded from there
     )
     cache_dir: str = "~/.cache/lora_sweep"
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16: the frozen base weights (trainable ones stay fp32)
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager, as transformers names them
+    quantization: str = "none"  # none | 4bit (NF4, double quantization) | 8bit, through bitsandbytes
 
     def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, MODEL_DTYPES)
+        _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _choice("quantization", self.quantization, QUANTIZATIONS)
         if not self.name_or_path.strip():
             raise ConfigError("name_or_path", self.name_or_path, "must name a model folder or hub id")
         if self.num_labels is not None and self.num_labels < 2:
@@ -268,7 +278,8 @@ class TrainConfig:
     resume: bool = (
         True  # an output folder holding an unfinished run of this config resumes from its last checkpoint
     )
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    # recompute activations in backward: less memory, ~30% more time; auto: on for a quantized base only
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -358,6 +369,23 @@ class RunConfig:
     evaluate_test: bool = True  # sweeps leave the test split to the chosen checkpoint only
     sweep: SweepContext = field(default_factory=SweepContext)
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+
+    def __post_init__(self) -> None:
+        # what no device can change: refused before torch loads (the device-dependent rules: plan_base)
+        if not self.method.adapter and self.model.quantization != "none":
+            raise ConfigError(
+                "model.quantization",
+                self.model.quantization,
+                f"method={self.method.name} trains every weight, and quantized weights cannot train; "
+                "use an adapter method (method=lora) or model.quantization=none",
+            )
+        if not self.method.adapter and self.model.dtype in ("bf16", "fp16"):
+            raise ConfigError(
+                "model.dtype",
+                self.model.dtype,
+                f"method={self.method.name} keeps fp32 master weights (updates to {self.model.dtype} "
+                "weights round away); use model.dtype=auto or fp32 (train.precision=bf16 computes in bf16)",
+            )
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any]) -> RunConfig:

@@ -136,14 +136,20 @@ def apply_method(
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model
+    import torch
     from peft import get_peft_model
 
     if targets is None:
         targets = resolve_targets(method.targets, spec.linear_names)
 
-    return get_peft_model(
+    model = get_peft_model(
         model, peft_config(method, list(targets or []), spec.task, trained_head(spec), total_steps)
     )
+    # over a bf16/fp16 base every trainable weight stays fp32: AdamW's small updates would round away
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return model
 
 
 def trained_head(spec) -> list[str]:

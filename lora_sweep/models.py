@@ -85,6 +85,8 @@ def inspect_model(cfg: ModelConfig, num_labels: int = 2) -> ModelSpec:
         )
     except (OSError, ValueError, KeyError) as err:  # e.g. a model_type this transformers does not know
         raise ConfigError("model.name_or_path", cfg.name_or_path, _first_line(err)) from None
+    check_quantization(cfg)
+    check_attention(cfg, auto_class(task), config)
     with torch.device("meta"), _quiet_transformers():
         skeleton = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
     heads = _head_names(skeleton, config, cfg.trust_remote_code)
@@ -227,31 +229,206 @@ def load_tokenizer(spec: ModelSpec, cfg: ModelConfig):
     return tokenizer
 
 
-def load_base_model(spec: ModelSpec, cfg: ModelConfig, label_names: list[str], pad_token_id: int | None):
-    """The pretrained encoder/decoder with a freshly initialised classification head, in fp32; or, for a
-    causal LM, the pretrained model with its own LM head."""
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANT_PIP = "pip install 'lora_sweep[quant]' (or pip install 'bitsandbytes>=0.45')"
+
+
+@dataclass(frozen=True)
+class BasePlan:
+    """How the base model's weights load: the one decision of dtypes and quantization (:func:`plan_base`)."""
+
+    dtype: torch.dtype  # what from_pretrained loads the unquantized weights in
+    quantization: str = "none"  # none | 4bit | 8bit
+    compute_dtype: torch.dtype = torch.float32  # what a 4-bit layer dequantizes to for its matmul
+    device: str | None = None  # a quantized base is placed by from_pretrained (device_map), never moved
+    attn_implementation: str = "sdpa"
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
+
+    @property
+    def base_dtype(self) -> str:
+        """The frozen weights' storage, as the record and MLflow name it."""
+        if self.quantization == "4bit":
+            return "nf4"
+        if self.quantization == "8bit":
+            return "int8"
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def trainable_dtype(self) -> str:
+        return "float32"  # adapters, the new head and full fine-tuning's master weights
+
+    def key(self) -> tuple:
+        """What tells two loaded base models apart besides the checkpoint: for the reuse cache."""
+        return (self.base_dtype, str(self.compute_dtype), self.device, self.attn_implementation)
+
+
+def plan_base(cfg: ModelConfig, adapter: bool, device: torch.device) -> BasePlan:
+    """The frozen base's dtype and quantization for this method on this device.
+
+    auto: an adapter method on a GPU keeps its frozen base in bf16 (fp16 where the GPU has no bf16), halving
+    its memory; its trainable parameters stay fp32. Full fine-tuning keeps fp32 master weights (bf16 comes
+    from autocast). On CPU fp32: bf16 matmuls are slower there. A 4-bit base computes in bf16 on a GPU and
+    in fp32 on CPU (bitsandbytes' CPU kernels dequantize either way; fp32 is the faster and exact one).
+    """
+    cuda = device.type == "cuda"
+    bf16_ok = not cuda or torch.cuda.is_bf16_supported()
+    if cfg.dtype == "auto":
+        name = ("bf16" if bf16_ok else "fp16") if cuda and (adapter or cfg.quantization != "none") else "fp32"
+    else:
+        name = cfg.dtype
+        if name == "bf16" and not bf16_ok:
+            raise ConfigError("model.dtype", name, "this GPU has no bf16; use model.dtype=fp16 or auto")
+        if name == "fp16" and not cuda:
+            raise ConfigError(
+                "model.dtype", name, "fp16 weights need a GPU; use model.dtype=bf16 or fp32 on CPU"
+            )
+    compute = TORCH_DTYPES[name] if cuda else torch.float32
+    where = None
+    if cfg.quantization != "none":
+        where = str(device) if device.type != "cuda" or device.index is not None else f"cuda:{_cuda_index()}"
+    return BasePlan(TORCH_DTYPES[name], cfg.quantization, compute, where, cfg.attn_implementation)
+
+
+def _cuda_index() -> int:
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def check_quantization(cfg: ModelConfig) -> None:
+    """A quantized base needs bitsandbytes: said before any weight loads."""
+    import importlib.util
+
+    if cfg.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantization", cfg.quantization, f"needs bitsandbytes: {QUANT_PIP}")
+
+
+def check_attention(cfg: ModelConfig, skeleton_class, config) -> None:
+    """The attention implementation against what is installed and what the model supports, on the meta
+    skeleton (transformers runs its own dispatch checks when a model is built)."""
+    choice = cfg.attn_implementation
+    if choice == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ConfigError(
+                "model.attn_implementation",
+                choice,
+                "flash-attn is not installed or has no GPU here (on a CUDA machine: "
+                "pip install flash-attn --no-build-isolation); use sdpa",
+            )
+    if choice == "sdpa":  # the default: transformers falls back to eager where a model has no SDPA
+        return
+    try:
+        with torch.device("meta"), _quiet_transformers():
+            skeleton_class.from_config(config, attn_implementation=choice)
+    except (ValueError, ImportError) as err:
+        raise ConfigError("model.attn_implementation", choice, _first_line(err)) from None
+
+
+def _attention_kwargs(plan: BasePlan) -> dict:
+    # sdpa stays transformers' own default, which falls back to eager for models without SDPA
+    return {} if plan.attn_implementation == "sdpa" else {"attn_implementation": plan.attn_implementation}
+
+
+def _quantization_kwargs(plan: BasePlan, skip: list[str]) -> dict:
+    if not plan.quantized:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if plan.quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=plan.compute_dtype,
+            llm_int8_skip_modules=skip or None,  # also 4-bit's skip list: the head stays a plain Linear
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip or None)
+    return {"quantization_config": config, "device_map": {"": plan.device}}
+
+
+def load_base_model(
+    spec: ModelSpec,
+    cfg: ModelConfig,
+    label_names: list[str],
+    pad_token_id: int | None,
+    plan: BasePlan | None = None,
+):
+    """The pretrained encoder/decoder with a freshly initialised classification head; or, for a causal LM,
+    the pretrained model with its own LM head. In the plan's dtype (fp32 without one), quantized by
+    bitsandbytes when it says so: then prepared for k-bit training (PEFT), its task head left unquantized."""
     from lora_sweep.tasks import get_task
 
+    plan = plan or BasePlan(torch.float32, attn_implementation=cfg.attn_implementation)
+    common = {
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+        "dtype": plan.dtype,
+        **_attention_kwargs(plan),
+        **_quantization_kwargs(plan, list(spec.head_names)),
+    }
     if not get_task(spec.task).new_head:  # e.g. a causal LM keeps its own LM head
-        model = auto_class(spec.task).from_pretrained(
-            spec.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
-        )
+        model = auto_class(spec.task).from_pretrained(spec.source, **common)
         if model.generation_config.pad_token_id is None and pad_token_id is not None:
             model.generation_config.pad_token_id = pad_token_id  # generate() warns on every call otherwise
-        return model
+        return _prepared_for_kbit(model, plan)
     with _quiet_transformers():
         model = auto_class(spec.task).from_pretrained(
             spec.source,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
-            dtype=torch.float32,
+            **common,
         )
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last token by it
-    return model
+    if plan.dtype != torch.float32 and not plan.quantized:
+        # the new head trains: fp32 like every trainable weight (the method's copy of it inherits this)
+        for name in spec.head_names:
+            model.get_submodule(name).float()
+    return _prepared_for_kbit(model, plan)
+
+
+def _prepared_for_kbit(model, plan: BasePlan):
+    """PEFT's k-bit preparation (norms and other unquantized weights to fp32, everything frozen); gradient
+    checkpointing is switched per run by :func:`set_gradient_checkpointing`."""
+    if not plan.quantized:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def restorable_state(model) -> dict[str, torch.Tensor]:
+    """The model's state but its quantized layers (weights and quantization state): only adapter methods
+    run on a quantized base, so those never change, and bitsandbytes' packed state does not load back
+    through load_state_dict."""
+    quantized = tuple(
+        f"{name}."
+        for name, module in model.named_modules()
+        if type(module).__module__.startswith("bitsandbytes")
+    )
+    state = model.state_dict()
+    return state if not quantized else {k: v for k, v in state.items() if not k.startswith(quantized)}
+
+
+def dtypes_of(model) -> dict[str, str]:
+    """The dtypes the frozen and the trainable parameters actually have (a quantized layer's storage is
+    uint8 or int8), for the record."""
+    frozen = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
+    trainable = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+    return {"frozen": ",".join(frozen), "trainable": ",".join(trainable)}
+
+
+def wants_gradient_checkpointing(setting: bool | str, plan: BasePlan, model=None) -> bool:
+    """train.gradient_checkpointing: auto means on for a quantized base (QLoRA's memory is the point) that
+    supports it, off otherwise; true and false are what they say."""
+    if setting != "auto":
+        return bool(setting)
+    return plan.quantized and bool(getattr(model, "supports_gradient_checkpointing", True))
 
 
 def set_gradient_checkpointing(model, enabled: bool) -> None:
@@ -292,12 +469,23 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def pick_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (bf16 autocast is slow there)."""
+def pick_precision(requested: str, device: torch.device, plan: BasePlan | None = None) -> str:
+    """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (bf16 autocast is slow there).
+    A bf16 or fp16 base computes in its own dtype (autocast), whatever the device."""
+    from lora_sweep.errors import ConfigError
+
+    if plan is not None and not plan.quantized and plan.dtype != torch.float32:
+        name = "bf16" if plan.dtype == torch.bfloat16 else "fp16"
+        if requested in ("auto", name):
+            return name
+        raise ConfigError(
+            "train.precision",
+            requested,
+            f"a {name} base (model.dtype) computes in {name}; use train.precision=auto or {name}, "
+            "or model.dtype=fp32",
+        )
     if requested != "auto":
         if requested == "fp16" and device.type == "cpu":
-            from lora_sweep.errors import ConfigError
-
             raise ConfigError("train.precision", requested, "fp16 needs a GPU; use fp32 or bf16 on CPU")
         return requested
     if device.type == "cuda":

@@ -29,11 +29,15 @@ from lora_sweep.methods import apply_method, is_mergeable
 from lora_sweep.methods import derived_params as method_params
 from lora_sweep.methods import run_name as method_run_name
 from lora_sweep.models import (
+    BasePlan,
     count_parameters,
+    dtypes_of,
     load_base_model,
     pick_device,
     pick_precision,
+    plan_base,
     set_gradient_checkpointing,
+    wants_gradient_checkpointing,
 )
 from lora_sweep.oom import evaluation_pass, guard_memory
 
@@ -54,11 +58,19 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def model_key(cfg: RunConfig, prepared: Prepared) -> str:
-    return cache_key(prepared.spec.source, cfg.model.revision, prepared.data.label_names, cfg.train.seed)
+def model_key(cfg: RunConfig, prepared: Prepared, plan: BasePlan | None = None) -> str:
+    """What makes two trials' base models the same: source, revision, labels, seed, and how it is loaded
+    (dtype, quantization, compute dtype, device, attention)."""
+    return cache_key(
+        prepared.spec.source,
+        cfg.model.revision,
+        prepared.data.label_names,
+        cfg.train.seed,
+        plan.key() if plan is not None else None,
+    )
 
 
-def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
+def base_model(cfg: RunConfig, prepared: Prepared, plan: BasePlan | None = None) -> tuple[object, bool]:
     """The pretrained model with a fresh head, exactly as loading it from disk under this seed gives.
 
     The first call loads it; a sweep's later trials take the same object back, as the trial before gave
@@ -67,13 +79,13 @@ def base_model(cfg: RunConfig, prepared: Prepared) -> tuple[object, bool]:
     """
     from transformers import set_seed
 
-    model = reuse.take(model_key(cfg, prepared))
+    model = reuse.take(model_key(cfg, prepared, plan))
     if model is not None:
         return model, True
     reuse.drop_all()  # one base model per process: the old one's memory is free before the new one loads
     set_seed(cfg.train.seed)
     model = load_base_model(
-        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id, plan
     )
     return model, False
 
@@ -82,16 +94,28 @@ def run_name(cfg: RunConfig) -> str:
     return cfg.tracking.run_name or method_run_name(cfg.method, cfg.train.lr)
 
 
-def derived_params(cfg: RunConfig, prepared: Prepared, device: str, precision: str) -> dict[str, object]:
+def derived_params(
+    cfg: RunConfig, prepared: Prepared, device: str, precision: str, plan: BasePlan | None = None
+) -> dict[str, object]:
     params: dict[str, object] = {
         "run.device": device,
         "run.precision": precision,
+        **({f"run.{k}": v for k, v in dtype_params(plan).items()} if plan is not None else {}),
         "model.model_type": prepared.spec.model_type,
         "data.num_labels": len(prepared.data.label_names),
     }
     params.update({f"data.size.{name}": size for name, size in prepared.data.sizes.items()})
     params.update(method_params(cfg.method, prepared.targets))
     return params
+
+
+def dtype_params(plan: BasePlan) -> dict[str, object]:
+    """The frozen and trainable weights' dtypes (record params; MLflow params under run.)."""
+    return {
+        "base_dtype": plan.base_dtype,
+        "trainable_dtype": plan.trainable_dtype,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+    }
 
 
 FINAL_STATES = ("completed", "pruned")
@@ -136,12 +160,13 @@ def run(
     started = time.perf_counter()
     prepared = prepare(cfg)
     device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
+    plan = plan_base(cfg.model, cfg.method.adapter, device)
+    precision = pick_precision(cfg.train.precision, device, plan)
     previous = earlier_attempt(cfg, to_dict(cfg))
     remove_stale_saves(Path(cfg.output_dir) / "checkpoints")  # a folder of this config: ours to tidy
     if previous is not None and previous.get("status") in FINAL_STATES:
         return _nothing_to_do(cfg, previous)
-    recipe = Recipe(cfg, prepared, device, precision, previous)
+    recipe = Recipe(cfg, prepared, device, precision, previous, plan)
     recipe.start_record()
     recipe.start_tracking(tracker, extra_tags or {}, run_name_prefix)
     try:
@@ -170,8 +195,17 @@ def _nothing_to_do(cfg: RunConfig, previous: dict) -> RunRecord:
 class Recipe:
     """One run's steps, in the order :func:`run` calls them; the state they share lives here."""
 
-    def __init__(self, cfg: RunConfig, prepared: Prepared, device, precision: str, previous: dict | None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        prepared: Prepared,
+        device,
+        precision: str,
+        previous: dict | None,
+        plan: BasePlan | None = None,
+    ):
         self.cfg, self.prepared, self.device, self.precision = cfg, prepared, device, precision
+        self.plan = plan or plan_base(cfg.model, cfg.method.adapter, device)
         self.task = get_task(cfg)
         self.output_dir = Path(cfg.output_dir)
         self.previous = previous
@@ -212,7 +246,7 @@ class Recipe:
             "truncated": prepared.data.lengths.get("truncated", {}),
             "dropped": prepared.data.lengths.get("dropped", {}),
         }
-        record.params = {"target_modules": prepared.targets}
+        record.params = {"target_modules": prepared.targets, **dtype_params(self.plan)}
         # the MLflow run's identity, on disk before the run exists: an attempt killed between creating the
         # run and writing its id is continued by the next one (found by this tag), never doubled
         earlier_uid = (previous or {}).get("mlflow", {}).get("run_uid")
@@ -238,7 +272,7 @@ class Recipe:
         }
         params = {
             **flatten(record.config),
-            **derived_params(cfg, self.prepared, str(self.device), self.precision),
+            **derived_params(cfg, self.prepared, str(self.device), self.precision, self.plan),
         }
         earlier_run = (self.previous or {}).get("mlflow", {})
         try:
@@ -264,11 +298,14 @@ class Recipe:
         from transformers import set_seed
 
         cfg, prepared = self.cfg, self.prepared
-        model, reused_model = base_model(cfg, prepared)
+        model, reused_model = base_model(cfg, prepared, self.plan)
         self.model = model
         in_sweep = cfg.sweep.study_name is not None  # a single run keeps no copy of anything
-        self.base = reuse.TrialBase(model_key(cfg, prepared), model, cfg.method, in_sweep, self.device)
-        set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
+        self.base = reuse.TrialBase(
+            model_key(cfg, prepared, self.plan), model, cfg.method, in_sweep, self.device
+        )
+        checkpointing = wants_gradient_checkpointing(cfg.train.gradient_checkpointing, self.plan, model)
+        set_gradient_checkpointing(model, checkpointing)
         self.forgetting = self.task.before_training(
             model, prepared.tokenizer, cfg, prepared.spec.source, self.device, self.precision
         )
@@ -287,6 +324,7 @@ class Recipe:
         counts = count_parameters(model)
         self.record.params.update(
             counts,
+            parameter_dtypes=dtypes_of(model),  # as loaded: what plan_base asked for, checked
             setup_seconds=setup_seconds,
             setup_reused=reused,
             mergeable=is_mergeable(model) if cfg.method.adapter else None,

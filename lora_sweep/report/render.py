@@ -249,6 +249,11 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
             if e.get("merged")
             else "- not mergeable: this method's adapter does not fold into W; ship it with its base model"
         )
+        if e.get("merged") and e.get("dequantized_from"):
+            merged += (
+                f" (the {e['dequantized_from']} base dequantized to {e.get('merged_dtype', 'float32')}, "
+                "the adapter merged into it: loads without bitsandbytes)"
+            )
         lines += [
             "## Export",
             "",

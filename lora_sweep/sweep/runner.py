@@ -119,7 +119,7 @@ class SweepRunner:
     def _validate(self, space: SearchSpace, overrides: list[str], where: str) -> None:
         """Compose the config with every choice of every parameter: a bad value fails now, not in trial 7."""
         from lora_sweep.methods import peft_kwargs, trained_head
-        from lora_sweep.models import inspect_model
+        from lora_sweep.models import inspect_model, pick_device, pick_precision, plan_base
         from lora_sweep.targets import resolve_targets
 
         first = {p.name: _first(p.distribution) for p in space.params}
@@ -138,6 +138,11 @@ class SweepRunner:
             except ConfigError as err:
                 raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
             first_cfg = first_cfg or cfg
+            try:  # the base's dtype on this device (model.dtype=fp16 on CPU, ...), as each trial decides it
+                device = pick_device(cfg.train.device)
+                pick_precision(cfg.train.precision, device, plan_base(cfg.model, cfg.method.adapter, device))
+            except ConfigError as err:
+                raise ConfigError(f"{where} -> {err.key}", err.value, err.problem) from None
             if cfg.method.adapter:
                 spec = spec or inspect_model(cfg.model)
                 targets = resolve_targets(
