@@ -70,7 +70,8 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, **optimizer_kernel([*decay, *no_decay]))
     scheduler = get_scheduler(
         cfg.train.scheduler,
         optimizer,
@@ -78,6 +79,24 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
         num_training_steps=total_steps,
     )
     return optimizer, scheduler
+
+
+# Devices whose fused AdamW kernel we use: one kernel for every parameter instead of a Python loop over
+# them (a full-FT MiniLM step on CPU: see the README). torch has fused kernels on more devices (mps, xpu)
+# that no test here runs on; they get torch's own default (foreach where it has it).
+FUSED_DEVICES = ("cuda", "cpu")
+
+
+def optimizer_kernel(parameters: list[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's implementation for these parameters: fused where the device has the kernel, else foreach.
+
+    Both are the same update as the per-parameter loop (to float rounding), and a state dict saved by any
+    of the three loads into the others, so a checkpoint resumes whichever kernel wrote it.
+    """
+    devices = {p.device.type for p in parameters}
+    if len(devices) == 1 and devices <= set(FUSED_DEVICES) and all(p.is_floating_point() for p in parameters):
+        return {"fused": True}
+    return {"foreach": True} if devices <= {"cuda"} else {}
 
 
 @dataclass
