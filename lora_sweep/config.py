@@ -304,6 +304,10 @@ class TrackingConfig:
     run_name: str | None = None
     log_checkpoints: bool = True
     system_metrics: bool = True
+    system_metrics_interval: float = 10.0  # seconds between MLflow's system-metrics samples
+
+    def __post_init__(self) -> None:
+        _positive("system_metrics_interval", self.system_metrics_interval)
 
 
 @dataclass
