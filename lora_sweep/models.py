@@ -279,6 +279,18 @@ def count_parameters(model) -> dict[str, float]:
     return {"trainable_params": trainable, "total_params": total, "trainable_ratio": trainable / total}
 
 
+def matmul_parameters(model) -> int:
+    """Parameters that take part in a matrix product: all but embedding tables, which are looked up (a
+    table tied to the output head, as causal LMs tie it, multiplies there and counts)."""
+    multiplied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    lookups = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() not in multiplied
+    )
+    return sum(p.numel() for p in model.parameters()) - lookups
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         if torch.cuda.is_available():

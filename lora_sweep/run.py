@@ -31,6 +31,7 @@ from lora_sweep.methods import run_name as method_run_name
 from lora_sweep.models import (
     count_parameters,
     load_base_model,
+    matmul_parameters,
     pick_device,
     pick_precision,
     set_gradient_checkpointing,
@@ -41,7 +42,16 @@ from lora_sweep.oom import evaluation_pass, guard_memory
 from lora_sweep.prepare import _PREPARED, Prepared, cache_key, prepare  # noqa: F401
 from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_record
 from lora_sweep.schema import flatten, to_dict
-from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
+from lora_sweep.system import (
+    device_description,
+    directory_size,
+    git_info,
+    model_flops_utilization,
+    package_versions,
+    peak_flops,
+    training_flops_per_token,
+    weights_size,
+)
 from lora_sweep.tasks import get_task
 from lora_sweep.tracking import Tracker, make_tracker
 from lora_sweep.train import EvaluationHook, FitResult, fit, plan_steps
@@ -283,8 +293,10 @@ class Recipe:
             "reused the loaded model and tokenized data" if reused else "loaded model and data",
         )
         counts = count_parameters(model)
+        flops_per_token = training_flops_per_token(matmul_parameters(model), counts["trainable_params"])
         self.record.params.update(
             counts,
+            model_flops_per_token=flops_per_token,
             setup_seconds=setup_seconds,
             setup_reused=reused,
             mergeable=is_mergeable(model) if cfg.method.adapter else None,
@@ -382,14 +394,28 @@ class Recipe:
             "train_seconds": result.train_seconds,
             "seconds_per_step": result.seconds_per_step,
             "tokens_per_second": result.tokens_per_second,
+            **self.utilization(result.tokens_per_second),
             **result.memory,
             **self.forgetting,
         }
         numbers = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
+        self.tracker.set_tags({"lora_sweep.mfu_peak": record.metrics["mfu_peak_source"]})
         self.tracker.log_metrics(
             numbers
             | {"checkpoint_best_mb": sizes["best"] / 2**20, "checkpoint_weights_mb": weights["best"] / 2**20}
         )
+
+    def utilization(self, tokens_per_second: float) -> dict[str, object]:
+        """MFU: the model's training FLOPs per token times tokens/s, over the device's peak for the
+        precision trained in (None where no peak is known, with the reason in ``mfu_peak_source``)."""
+        peak = peak_flops(self.record.device or "", self.precision)
+        flops_per_token = self.record.params["model_flops_per_token"]
+        return {
+            "mfu": model_flops_utilization(flops_per_token, tokens_per_second, peak["flops"]),
+            "model_flops_per_token": flops_per_token,
+            "mfu_peak_tflops": peak["flops"] / 1e12 if peak["flops"] else None,
+            "mfu_peak_source": peak["source"],
+        }
 
     def save_and_finish(self, result: FitResult) -> None:
         if self.cfg.tracking.log_checkpoints:
