@@ -21,6 +21,7 @@ from lora_sweep.checkpoint import (
     remove_stale_saves,
     restore_weights,
     resume_point,
+    run_tokenizer_dir,
 )
 from lora_sweep.config import RunConfig
 from lora_sweep.data import make_loader
@@ -153,6 +154,7 @@ def run(
     precision = pick_precision(cfg.train.precision, device)
     previous = earlier_attempt(cfg, to_dict(cfg))
     remove_stale_saves(Path(cfg.output_dir) / "checkpoints")  # a folder of this config: ours to tidy
+    remove_stale_saves(Path(cfg.output_dir))  # a killed save of the run's tokenizer
     if previous is not None and previous.get("status") in FINAL_STATES:
         return _nothing_to_do(cfg, previous)
     recipe = Recipe(cfg, prepared, device, precision, previous)
@@ -376,8 +378,11 @@ class Recipe:
         }
         weights = {name: weights_size(Path(path)) for name, path in result.checkpoints.items()}
         record.evaluations = result.evaluations
+        tokenizer_dir = run_tokenizer_dir(self.output_dir / "checkpoints")
         record.checkpoints = {
             **result.checkpoints,
+            "tokenizer": str(tokenizer_dir),  # saved once per run; each checkpoint's manifest names it
+            "tokenizer_bytes": directory_size(tokenizer_dir),
             "best_step": result.best_step,
             "size_bytes": sizes,
             "weights_bytes": weights,
@@ -419,6 +424,9 @@ class Recipe:
 
     def save_and_finish(self, result: FitResult) -> None:
         if self.cfg.tracking.log_checkpoints:
+            # where the checkpoints' manifests expect it (../../tokenizer): a downloaded artifact tree
+            # loads as the run folder does
+            self.tracker.log_artifacts(run_tokenizer_dir(self.output_dir / "checkpoints"), "tokenizer")
             self.tracker.log_artifacts(Path(result.checkpoints["best"]), "checkpoints/best")
             # the resume state (optimizer moments, RNG) is only useful next to the run; keep it local
             self.tracker.log_artifacts(

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from lora_sweep.checkpoint import load_training_state, restore_weights, save_checkpoint, verify
+from lora_sweep.checkpoint import (
+    load_training_state,
+    restore_weights,
+    run_tokenizer_dir,
+    save_checkpoint,
+    save_tokenizer,
+    verify,
+)
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import TrainingDiverged
@@ -114,7 +121,7 @@ class Progress:
 
 def resume(
     model,
-    tokenizer,
+    tokenizer,  # the run's tokenizer folder (or a tokenizer): what a rewritten best checkpoint names
     optimizer,
     scheduler,
     resume_from: Path,
@@ -190,13 +197,15 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     meter = MemoryMeter(device)
     meta = {"method": cfg.method.name, "base_model": cfg.model.name_or_path, "label_names": data.label_names}
+    # once per run; every checkpoint below names this folder instead of holding a copy
+    tokenizer_dir = save_tokenizer(run_tokenizer_dir(checkpoint_dir), tokenizer)
 
     status = "completed"
     where = Progress()
     if resume_from is not None:
         where = resume(
             model,
-            tokenizer,
+            tokenizer_dir,
             optimizer,
             scheduler,
             resume_from,
@@ -319,7 +328,7 @@ def fit(
                 if is_better(metrics):
                     best_step, best_metrics = step, metrics
                     save_checkpoint(
-                        checkpoint_dir / "best", model, tokenizer, dict(meta, step=step, metrics=metrics)
+                        checkpoint_dir / "best", model, tokenizer_dir, dict(meta, step=step, metrics=metrics)
                     )
                 trainer_state = {
                     "step": step,
@@ -334,7 +343,7 @@ def fit(
                 save_checkpoint(
                     checkpoint_dir / "last",
                     model,
-                    tokenizer,
+                    tokenizer_dir,
                     dict(meta, step=step, metrics=metrics),
                     optimizer=optimizer,
                     scheduler=scheduler,
