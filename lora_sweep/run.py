@@ -392,6 +392,15 @@ class Recipe:
         record.metrics = {
             "objective": result.best_metrics[cfg.objective.metric],
             "objective_metric": cfg.objective.metric,
+            # which rows the objective was measured on: with train.eval_subset the passes that chose the
+            # checkpoint saw a subset; a completed run then scores that checkpoint on the whole split
+            "objective_rows": result.best_metrics.get("samples"),
+            "objective_split": (
+                "validation"
+                if result.eval_subset is None or result.subset_metrics
+                else f"validation subset ({result.eval_subset} rows; pruned before the whole-split pass)"
+            ),
+            **{f"subset_val_{k}": v for k, v in result.subset_metrics.items() if k != "samples"},
             **{f"best_val_{k}": v for k, v in result.best_metrics.items() if k != "samples"},
             **{f"test_{k}": v for k, v in self.test.items() if k != "samples"},
             "steps": result.steps,

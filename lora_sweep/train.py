@@ -58,6 +58,20 @@ class FitResult:
     memory: dict[str, float]
     checkpoints: dict[str, str] = field(default_factory=dict)
     resumed_from_step: int | None = None
+    # train.eval_subset: the rows the validation passes used (None: the whole split). best_metrics are
+    # then the chosen checkpoint's on the whole split, and subset_metrics what chose it
+    eval_subset: int | None = None
+    subset_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def validation_subset(split, rows: int | None, seed: int):
+    """The rows of the validation split that every pass of a run evaluates: ``rows`` of them, drawn once
+    from ``seed`` (not from the global RNG, which an exact resume restores), kept in split order; the
+    whole split when ``rows`` is None or not smaller than it."""
+    if rows is None or rows >= len(split):
+        return split
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:rows]
+    return split.select(sorted(chosen.tolist()))
 
 
 def plan_steps(train_size: int, cfg: RunConfig) -> tuple[int, int]:
@@ -189,9 +203,10 @@ def fit(
     task = get_task(cfg)
     collator = task.collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
     pin = device.type == "cuda"
-    val_loader = make_loader(
-        data.splits["validation"], collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin
-    )
+    full_validation = data.splits["validation"]
+    validation = validation_subset(full_validation, train_cfg.eval_subset, train_cfg.seed)
+    subset = len(validation) if len(validation) < len(full_validation) else None
+    val_loader = make_loader(validation, collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
     steps_per_epoch, total_steps = plan_steps(len(data.splits["train"]), cfg)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -362,8 +377,25 @@ def fit(
         if status == "pruned" or step >= total_steps:
             break
     bar.close()
-
     train_seconds = seconds_before + time.perf_counter() - started - overhead
+
+    subset_metrics = {}
+    if subset is not None and status == "completed":
+        # the checkpoint the subset chose, scored on the whole split: the objective a trial reports is
+        # always a whole-split figure, comparable with any other trial's whatever its subset
+        subset_metrics = best_metrics
+        if best_step != step:
+            restore_weights(model, checkpoint_dir / "best")
+        full_loader = make_loader(
+            full_validation, collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin
+        )
+        with evaluation_pass():
+            best_metrics = task.evaluate(
+                model, full_loader, device, precision, num_labels, desc=f"validation (all) @ {best_step}"
+            )
+        full = {f"val_full_{k}": v for k, v in best_metrics.items() if k != "samples"}
+        tracker.log_metrics(full, best_step)
+
     steps_here = step - (resumed_from_step or 0)
     return FitResult(
         status=status,
@@ -378,4 +410,6 @@ def fit(
         memory=meter.figures(),
         checkpoints={"best": str(checkpoint_dir / "best"), "last": str(checkpoint_dir / "last")},
         resumed_from_step=resumed_from_step,
+        eval_subset=subset,
+        subset_metrics=subset_metrics,
     )
