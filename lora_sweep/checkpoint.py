@@ -1,10 +1,14 @@
 """Checkpoints in standard formats, written atomically.
 
 A checkpoint folder holds the model in the format its method's tooling loads (a PEFT adapter that
-``PeftModel.from_pretrained`` reads, with the trained classifier head; or a ``save_pretrained`` model),
-the tokenizer, and ``lora_sweep.json`` (step, metrics). The *last* checkpoint also holds what an exact
-resume needs: ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` (tensors only, read with
-``torch.load(weights_only=True)``) and ``trainer_state.json`` (step, epoch, data position, best so far).
+``PeftModel.from_pretrained`` reads, with the trained classifier head; or a ``save_pretrained`` model)
+and ``lora_sweep.json`` (step, metrics). The tokenizer never changes while a run trains, so a run writes
+it once, into ``<output_dir>/tokenizer`` (it was 70% of a LoRA checkpoint's bytes, written at every
+save); each checkpoint's manifest names it by a relative path (``"tokenizer": "../../tokenizer"``),
+which holds as well in the run's MLflow artifacts, laid out the same way (:func:`tokenizer_folder`).
+The *last* checkpoint also holds what an exact resume needs: ``optimizer.pt``, ``scheduler.pt``,
+``rng_state.pt`` (tensors only, read with ``torch.load(weights_only=True)``) and ``trainer_state.json``
+(step, epoch, data position, best so far).
 Weights are safetensors only; nothing in a checkpoint folder is ever unpickled.
 
 Integrity: ``lora_sweep.json`` is written last and lists every file with its size and SHA-256, so a
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 META_FILE = "lora_sweep.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt", TRAINER_STATE_FILE)
+TOKENIZER_DIR = "tokenizer"  # in the run's output folder, next to checkpoints/
 # the folders save_checkpoint works in before its renames, named after the saving process
 _SAVE_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)(?P<pid>\d+)$")
 
@@ -43,6 +48,42 @@ def is_peft_model(model) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+def run_tokenizer_dir(checkpoint_dir: Path) -> Path:
+    """Where a run whose checkpoints are in ``checkpoint_dir`` keeps its one copy of the tokenizer."""
+    return Path(checkpoint_dir).parent / TOKENIZER_DIR
+
+
+def save_tokenizer(directory: Path, tokenizer) -> Path:
+    """The run's tokenizer, written once (atomically, with a manifest :func:`verify` checks)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save_pretrained(tmp)
+    files = {f.name: _fingerprint(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / META_FILE).write_text(json.dumps({"tokenizer": True, "files": files}, indent=2))
+    _fsync_dir(tmp)
+    _swap_in(tmp, directory)
+    return directory
+
+
+def tokenizer_folder(checkpoint: Path) -> Path:
+    """The folder to load a checkpoint's tokenizer from (``AutoTokenizer.from_pretrained``): the checkpoint
+    itself when it holds one (an export, or a checkpoint written before tokenizers were saved once), else
+    the run's folder its manifest names."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "tokenizer_config.json").is_file():
+        return checkpoint
+    reference = (read_meta(checkpoint) or {}).get("tokenizer")
+    folder = (checkpoint / reference).resolve() if reference else None
+    if folder is None or not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} holds no tokenizer"
+            + (f" and {folder} (its manifest's tokenizer) has none either" if folder else "")
+        )
+    return folder
 
 
 def save_checkpoint(
@@ -58,6 +99,8 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint into a temp folder, then swap it in: a crash never leaves half a checkpoint.
 
+    ``tokenizer`` is a tokenizer, written into the folder, or the folder where the run saved it once
+    (:func:`save_tokenizer`), which the manifest then names by its path relative to this checkpoint.
     With ``keep_previous``, the checkpoint being replaced moves there instead of being deleted.
     """
     directory = Path(directory)
@@ -65,7 +108,10 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    if isinstance(tokenizer, Path):
+        meta = dict(meta, tokenizer=os.path.relpath(tokenizer, directory))
+    else:
+        tokenizer.save_pretrained(tmp)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -75,6 +121,11 @@ def save_checkpoint(
     meta = dict(meta, files={f.name: _fingerprint(f) for f in sorted(tmp.iterdir()) if f.is_file()})
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))  # written last: marks it complete
     _fsync_dir(tmp)
+    _swap_in(tmp, directory, keep_previous)
+    return directory
+
+
+def _swap_in(tmp: Path, directory: Path, keep_previous: Path | None = None) -> None:
     old = directory.with_name(f".{directory.name}.old{os.getpid()}")
     if keep_previous is not None and directory.exists():
         shutil.rmtree(keep_previous, ignore_errors=True)
@@ -83,7 +134,6 @@ def save_checkpoint(
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def remove_stale_saves(checkpoint_dir: Path) -> list[Path]:

@@ -62,7 +62,8 @@ def summary(record) -> str:
         f"({100 * p['trainable_ratio']:.2f}%)",
         f"  time: {m['train_seconds']:.0f} s training, {m['seconds_per_step']:.2f} s/step, "
         f"{m['tokens_per_second']:.0f} tokens/s;"
-        f" peak memory {m['peak_memory_mb']:.0f} MB",
+        f" peak memory {m['peak_memory_mb']:.0f} MB"
+        + (f"; MFU {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else ""),
         f"  best checkpoint: {record.checkpoints['best']} ({record.checkpoints['best_size_mb']:.1f} MB)",
         *(
             [

@@ -269,6 +269,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     eval_every: int = 100  # optimizer steps between validation passes; 0: only at the end
+    eval_subset: int | None = None  # validation rows of the passes that pick and prune; None: all
     log_every: int = 10
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -291,6 +292,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every", "max_length"):
             _positive(name, getattr(self, name))
         _positive("max_steps", self.max_steps, allow_none=True)
+        _positive("eval_subset", self.eval_subset, allow_none=True)
         _positive("max_grad_norm", self.max_grad_norm, allow_none=True)
         if self.eval_every < 0:
             raise ConfigError("eval_every", self.eval_every, "must be >= 0 (0: evaluate only at the end)")
@@ -315,6 +317,10 @@ class TrackingConfig:
     run_name: str | None = None
     log_checkpoints: bool = True
     system_metrics: bool = True
+    system_metrics_interval: float = 10.0  # seconds between MLflow's system-metrics samples
+
+    def __post_init__(self) -> None:
+        _positive("system_metrics_interval", self.system_metrics_interval)
 
 
 @dataclass

@@ -450,10 +450,30 @@ def set_gradient_checkpointing(model, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def parameter_count(parameter) -> int:
+    """The weights a parameter stands for: a 4-bit tensor packs two into each stored byte, so its own
+    numel() is half the layer's (bitsandbytes keeps the real shape in its quant_state)."""
+    quant_state = getattr(parameter, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
+
+
 def count_parameters(model) -> dict[str, float]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total, "trainable_ratio": trainable / total}
+
+
+def matmul_parameters(model) -> int:
+    """Parameters that take part in a matrix product: all but embedding tables, which are looked up (a
+    table tied to the output head, as causal LMs tie it, multiplies there and counts)."""
+    multiplied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    lookups = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() not in multiplied
+    )
+    return sum(parameter_count(p) for p in model.parameters()) - lookups
 
 
 def pick_device(requested: str) -> torch.device:

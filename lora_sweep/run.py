@@ -21,6 +21,7 @@ from lora_sweep.checkpoint import (
     remove_stale_saves,
     restore_weights,
     resume_point,
+    run_tokenizer_dir,
 )
 from lora_sweep.config import RunConfig
 from lora_sweep.data import make_loader
@@ -33,6 +34,7 @@ from lora_sweep.models import (
     count_parameters,
     dtypes_of,
     load_base_model,
+    matmul_parameters,
     pick_device,
     pick_precision,
     plan_base,
@@ -48,7 +50,16 @@ from lora_sweep.record import RECORD_FILE, RunRecord, load_run_record, read_reco
 # _MODELS: tests clear the per-process caches through this module
 from lora_sweep.reuse import _MODELS  # noqa: F401
 from lora_sweep.schema import flatten, to_dict
-from lora_sweep.system import device_description, directory_size, git_info, package_versions, weights_size
+from lora_sweep.system import (
+    device_description,
+    directory_size,
+    git_info,
+    model_flops_utilization,
+    package_versions,
+    peak_flops,
+    training_flops_per_token,
+    weights_size,
+)
 from lora_sweep.tasks import get_task
 from lora_sweep.tracking import Tracker, make_tracker
 from lora_sweep.train import EvaluationHook, FitResult, fit, plan_steps
@@ -164,6 +175,7 @@ def run(
     precision = pick_precision(cfg.train.precision, device, plan)
     previous = earlier_attempt(cfg, to_dict(cfg))
     remove_stale_saves(Path(cfg.output_dir) / "checkpoints")  # a folder of this config: ours to tidy
+    remove_stale_saves(Path(cfg.output_dir))  # a killed save of the run's tokenizer
     if previous is not None and previous.get("status") in FINAL_STATES:
         return _nothing_to_do(cfg, previous)
     recipe = Recipe(cfg, prepared, device, precision, previous, plan)
@@ -322,9 +334,11 @@ class Recipe:
             "reused the loaded model and tokenized data" if reused else "loaded model and data",
         )
         counts = count_parameters(model)
+        flops_per_token = training_flops_per_token(matmul_parameters(model), counts["trainable_params"])
         self.record.params.update(
             counts,
             parameter_dtypes=dtypes_of(model),  # as loaded: what plan_base asked for, checked
+            model_flops_per_token=flops_per_token,
             setup_seconds=setup_seconds,
             setup_reused=reused,
             mergeable=is_mergeable(model) if cfg.method.adapter else None,
@@ -404,8 +418,11 @@ class Recipe:
         }
         weights = {name: weights_size(Path(path)) for name, path in result.checkpoints.items()}
         record.evaluations = result.evaluations
+        tokenizer_dir = run_tokenizer_dir(self.output_dir / "checkpoints")
         record.checkpoints = {
             **result.checkpoints,
+            "tokenizer": str(tokenizer_dir),  # saved once per run; each checkpoint's manifest names it
+            "tokenizer_bytes": directory_size(tokenizer_dir),
             "best_step": result.best_step,
             "size_bytes": sizes,
             "weights_bytes": weights,
@@ -415,6 +432,15 @@ class Recipe:
         record.metrics = {
             "objective": result.best_metrics[cfg.objective.metric],
             "objective_metric": cfg.objective.metric,
+            # which rows the objective was measured on: with train.eval_subset the passes that chose the
+            # checkpoint saw a subset; a completed run then scores that checkpoint on the whole split
+            "objective_rows": result.best_metrics.get("samples"),
+            "objective_split": (
+                "validation"
+                if result.eval_subset is None or result.subset_metrics
+                else f"validation subset ({result.eval_subset} rows; pruned before the whole-split pass)"
+            ),
+            **{f"subset_val_{k}": v for k, v in result.subset_metrics.items() if k != "samples"},
             **{f"best_val_{k}": v for k, v in result.best_metrics.items() if k != "samples"},
             **{f"test_{k}": v for k, v in self.test.items() if k != "samples"},
             "steps": result.steps,
@@ -422,17 +448,34 @@ class Recipe:
             "train_seconds": result.train_seconds,
             "seconds_per_step": result.seconds_per_step,
             "tokens_per_second": result.tokens_per_second,
+            **self.utilization(result.tokens_per_second),
             **result.memory,
             **self.forgetting,
         }
         numbers = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
+        self.tracker.set_tags({"lora_sweep.mfu_peak": record.metrics["mfu_peak_source"]})
         self.tracker.log_metrics(
             numbers
             | {"checkpoint_best_mb": sizes["best"] / 2**20, "checkpoint_weights_mb": weights["best"] / 2**20}
         )
 
+    def utilization(self, tokens_per_second: float) -> dict[str, object]:
+        """MFU: the model's training FLOPs per token times tokens/s, over the device's peak for the
+        precision trained in (None where no peak is known, with the reason in ``mfu_peak_source``)."""
+        peak = peak_flops(self.record.device or "", self.precision)
+        flops_per_token = self.record.params["model_flops_per_token"]
+        return {
+            "mfu": model_flops_utilization(flops_per_token, tokens_per_second, peak["flops"]),
+            "model_flops_per_token": flops_per_token,
+            "mfu_peak_tflops": peak["flops"] / 1e12 if peak["flops"] else None,
+            "mfu_peak_source": peak["source"],
+        }
+
     def save_and_finish(self, result: FitResult) -> None:
         if self.cfg.tracking.log_checkpoints:
+            # where the checkpoints' manifests expect it (../../tokenizer): a downloaded artifact tree
+            # loads as the run folder does
+            self.tracker.log_artifacts(run_tokenizer_dir(self.output_dir / "checkpoints"), "tokenizer")
             self.tracker.log_artifacts(Path(result.checkpoints["best"]), "checkpoints/best")
             # the resume state (optimizer moments, RNG) is only useful next to the run; keep it local
             self.tracker.log_artifacts(

@@ -125,7 +125,8 @@ class MLflowTracker(Tracker):
                 mlflow.MlflowClient(), experiment.experiment_id, {key: tags[key] for key in identity}
             )
         if self.cfg.system_metrics:
-            mlflow.set_system_metrics_sampling_interval(5)
+            # each sample costs the training process CPU (~2.6% of a CPU step at 5 s): the key sets how often
+            mlflow.set_system_metrics_sampling_interval(self.cfg.system_metrics_interval)
         logged: dict[str, str] = {}
         self._logged_through = {}
         if resume_run_id:

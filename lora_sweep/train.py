@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from lora_sweep.checkpoint import load_training_state, restore_weights, save_checkpoint, verify
+from lora_sweep.checkpoint import (
+    load_training_state,
+    restore_weights,
+    run_tokenizer_dir,
+    save_checkpoint,
+    save_tokenizer,
+    verify,
+)
 from lora_sweep.config import RunConfig
 from lora_sweep.data import TaskData, make_loader
 from lora_sweep.errors import TrainingDiverged
@@ -51,6 +58,20 @@ class FitResult:
     memory: dict[str, float]
     checkpoints: dict[str, str] = field(default_factory=dict)
     resumed_from_step: int | None = None
+    # train.eval_subset: the rows the validation passes used (None: the whole split). best_metrics are
+    # then the chosen checkpoint's on the whole split, and subset_metrics what chose it
+    eval_subset: int | None = None
+    subset_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def validation_subset(split, rows: int | None, seed: int):
+    """The rows of the validation split that every pass of a run evaluates: ``rows`` of them, drawn once
+    from ``seed`` (not from the global RNG, which an exact resume restores), kept in split order; the
+    whole split when ``rows`` is None or not smaller than it."""
+    if rows is None or rows >= len(split):
+        return split
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:rows]
+    return split.select(sorted(chosen.tolist()))
 
 
 def plan_steps(train_size: int, cfg: RunConfig) -> tuple[int, int]:
@@ -70,7 +91,8 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, **optimizer_kernel([*decay, *no_decay]))
     scheduler = get_scheduler(
         cfg.train.scheduler,
         optimizer,
@@ -78,6 +100,24 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
         num_training_steps=total_steps,
     )
     return optimizer, scheduler
+
+
+# Devices whose fused AdamW kernel we use: one kernel for every parameter instead of a Python loop over
+# them (a full-FT MiniLM step on CPU: see the README). torch has fused kernels on more devices (mps, xpu)
+# that no test here runs on; they get torch's own default (foreach where it has it).
+FUSED_DEVICES = ("cuda", "cpu")
+
+
+def optimizer_kernel(parameters: list[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's implementation for these parameters: fused where the device has the kernel, else foreach.
+
+    Both are the same update as the per-parameter loop (to float rounding), and a state dict saved by any
+    of the three loads into the others, so a checkpoint resumes whichever kernel wrote it.
+    """
+    devices = {p.device.type for p in parameters}
+    if len(devices) == 1 and devices <= set(FUSED_DEVICES) and all(p.is_floating_point() for p in parameters):
+        return {"fused": True}
+    return {"foreach": True} if devices <= {"cuda"} else {}
 
 
 @dataclass
@@ -95,7 +135,7 @@ class Progress:
 
 def resume(
     model,
-    tokenizer,
+    tokenizer,  # the run's tokenizer folder (or a tokenizer): what a rewritten best checkpoint names
     optimizer,
     scheduler,
     resume_from: Path,
@@ -163,21 +203,24 @@ def fit(
     task = get_task(cfg)
     collator = task.collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
     pin = device.type == "cuda"
-    val_loader = make_loader(
-        data.splits["validation"], collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin
-    )
+    full_validation = data.splits["validation"]
+    validation = validation_subset(full_validation, train_cfg.eval_subset, train_cfg.seed)
+    subset = len(validation) if len(validation) < len(full_validation) else None
+    val_loader = make_loader(validation, collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
     steps_per_epoch, total_steps = plan_steps(len(data.splits["train"]), cfg)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     meter = MemoryMeter(device)
     meta = {"method": cfg.method.name, "base_model": cfg.model.name_or_path, "label_names": data.label_names}
+    # once per run; every checkpoint below names this folder instead of holding a copy
+    tokenizer_dir = save_tokenizer(run_tokenizer_dir(checkpoint_dir), tokenizer)
 
     status = "completed"
     where = Progress()
     if resume_from is not None:
         where = resume(
             model,
-            tokenizer,
+            tokenizer_dir,
             optimizer,
             scheduler,
             resume_from,
@@ -300,7 +343,7 @@ def fit(
                 if is_better(metrics):
                     best_step, best_metrics = step, metrics
                     save_checkpoint(
-                        checkpoint_dir / "best", model, tokenizer, dict(meta, step=step, metrics=metrics)
+                        checkpoint_dir / "best", model, tokenizer_dir, dict(meta, step=step, metrics=metrics)
                     )
                 trainer_state = {
                     "step": step,
@@ -315,7 +358,7 @@ def fit(
                 save_checkpoint(
                     checkpoint_dir / "last",
                     model,
-                    tokenizer,
+                    tokenizer_dir,
                     dict(meta, step=step, metrics=metrics),
                     optimizer=optimizer,
                     scheduler=scheduler,
@@ -334,8 +377,25 @@ def fit(
         if status == "pruned" or step >= total_steps:
             break
     bar.close()
-
     train_seconds = seconds_before + time.perf_counter() - started - overhead
+
+    subset_metrics = {}
+    if subset is not None and status == "completed":
+        # the checkpoint the subset chose, scored on the whole split: the objective a trial reports is
+        # always a whole-split figure, comparable with any other trial's whatever its subset
+        subset_metrics = best_metrics
+        if best_step != step:
+            restore_weights(model, checkpoint_dir / "best")
+        full_loader = make_loader(
+            full_validation, collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin
+        )
+        with evaluation_pass():
+            best_metrics = task.evaluate(
+                model, full_loader, device, precision, num_labels, desc=f"validation (all) @ {best_step}"
+            )
+        full = {f"val_full_{k}": v for k, v in best_metrics.items() if k != "samples"}
+        tracker.log_metrics(full, best_step)
+
     steps_here = step - (resumed_from_step or 0)
     return FitResult(
         status=status,
@@ -350,4 +410,6 @@ def fit(
         memory=meter.figures(),
         checkpoints={"best": str(checkpoint_dir / "best"), "last": str(checkpoint_dir / "last")},
         resumed_from_step=resumed_from_step,
+        eval_subset=subset,
+        subset_metrics=subset_metrics,
     )

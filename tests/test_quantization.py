@@ -360,3 +360,20 @@ def test_bad_dtype_attention_and_quantization_inputs_exit_2_and_change_nothing(t
         assert lines[0].startswith(expected), (name, lines)
     assert mlflow_snapshot(tmp_path) == before
     assert records(tmp_path) == before_records
+
+
+def test_a_4bit_base_counts_the_weights_it_stands_for(tiny_llama_dir):
+    """bitsandbytes stores two 4-bit weights per byte: the counts (and the FLOPs per token from them) must
+    not halve with quantization."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_sweep.models import count_parameters, matmul_parameters
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        device_map={"": "cpu"},
+    )
+    assert count_parameters(quantized)["total_params"] == count_parameters(plain)["total_params"]
+    assert matmul_parameters(quantized) == matmul_parameters(plain)

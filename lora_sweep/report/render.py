@@ -34,8 +34,10 @@ COLUMNS = [  # (column, header, format)
     ("trainable_pct", "trainable %", "{:.2f}"),
     ("metric_per_m_params", "{metric} / M params", "{:.3g}"),
     ("peak_memory_mb", "peak MB", "{:.0f}"),
+    ("peak_cuda_reserved_mb", "CUDA reserved MB", "{:.0f}"),
     ("train_seconds", "train s", "{:.0f}"),
     ("tokens_per_second", "tokens/s", "{:.0f}"),
+    ("mfu_pct", "MFU %", "{:.1f}"),
     ("checkpoint_mb", "checkpoint MB", "{:.2f}"),
 ]
 

@@ -107,6 +107,8 @@ def _row(role: str, trial: optuna.trial.FrozenTrial, record: dict | None, direct
         "total_params": params.get("total_params"),
         "trainable_pct": 100 * params["trainable_ratio"] if "trainable_ratio" in params else None,
         "peak_memory_mb": metrics.get("peak_memory_mb"),
+        "peak_cuda_reserved_mb": metrics.get("peak_cuda_reserved_mb"),
+        "mfu_pct": 100 * metrics["mfu"] if metrics.get("mfu") is not None else None,
         "train_seconds": metrics.get("train_seconds"),
         "tokens_per_second": metrics.get("tokens_per_second"),
         "steps": metrics.get("steps"),
