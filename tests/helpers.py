@@ -50,6 +50,18 @@ def qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def varied_qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Like :func:`qa_rows`, with 0 to 6 neutral words: rows of different lengths (what padding wastes)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        cue = rng.sample(POSITIVE if rng.random() < 0.5 else NEGATIVE, 2)
+        words = rng.sample(NEUTRAL, rng.randint(0, 6)) + cue
+        rng.shuffle(words)
+        rows.append({"prompt": "what is " + " ".join(words) + " ?", "response": " ".join(sorted(cue)) + " ."})
+    return rows
+
+
 def write_csv(path: Path, rows, header=("text", "label")) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
