@@ -73,7 +73,9 @@ def test_packing_keeps_the_rows_prompt_masks_and_restarts_positions(chat_tokeniz
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_a_packed_batch_gives_the_padded_batchs_loss(tiny_chat_llama_dir, chat_tokenizer, instruction_rows, attention):
+def test_a_packed_batch_gives_the_padded_batchs_loss(
+    tiny_chat_llama_dir, chat_tokenizer, instruction_rows, attention
+):
     """The model's loss over a padded batch is the mean over every trained token of the batch (not a mean
     of per-row means); the packed batch's loss is the same token mean over the same tokens: they must agree.
     Also true with every row in one sequence (flash attention's layout), whose mask sdpa/eager build from
@@ -106,7 +108,9 @@ def test_length_sorted_evaluation_gives_the_same_metrics_and_rows_in_order(
     model = _model(tiny_chat_llama_dir)
     cpu = torch.device("cpu")
     natural = make_loader(instruction_rows, lm_collator(chat_tokenizer), 8, shuffle=False)
-    ordered = make_loader(instruction_rows, lm_collator(chat_tokenizer), 8, shuffle=False, sort_by_length=True)
+    ordered = make_loader(
+        instruction_rows, lm_collator(chat_tokenizer), 8, shuffle=False, sort_by_length=True
+    )
     lengths = [len(instruction_rows[i]["input_ids"]) for i in ordered.sampler]
     assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 1
     assert list(ordered.sampler) != list(natural.sampler)  # the test data is not sorted already
