@@ -124,3 +124,29 @@ def test_length_sorted_evaluation_gives_the_same_metrics_and_rows_in_order(
     single = make_loader([instruction_rows[3]], lm_collator(chat_tokenizer), 1, shuffle=False)
     alone = evaluate_lm(model, single, cpu, "fp32")["loss"]
     assert b["row_losses"][3] == pytest.approx(alone, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
+def test_packed_loss_equals_padded_loss_on_gpu(
+    tiny_chat_llama_dir, chat_tokenizer, instruction_rows, attention
+):
+    """On a GPU in bf16: sdpa with rows of at most max_length tokens, flash attention (varlen, from the
+    position ids) with every row in one sequence, as the causal-LM task packs for each."""
+    if attention == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_chat_llama_dir, attn_implementation=attention, dtype=torch.bfloat16
+    ).cuda()
+    model.eval().config.use_cache = False
+    assert packs_separately(model, torch.device("cuda"))
+    rows = [instruction_rows[i] for i in range(12)]
+    padded = {k: v.cuda() for k, v in lm_collator(chat_tokenizer)(rows).items()}
+    budget = None if attention.startswith("flash") else 48
+    packed = {k: v.cuda() for k, v in PackingCollator(chat_tokenizer.pad_token_id, budget, 8)(rows).items()}
+    packed.pop(PACKED_TOKENS)
+    with torch.no_grad():
+        assert model(**packed).loss.item() == pytest.approx(model(**padded).loss.item(), rel=2e-2)
