@@ -131,7 +131,9 @@ class DataConfig:
     response_column: str = "response"
     messages_column: str = "messages"  # used instead of prompt/response when the data has it
     system_prompt: str | None = None  # null: the chat template's own default
-    packing: bool = False  # text: concatenate documents and cut blocks of train.max_length tokens
+    # text: concatenate documents and cut blocks of train.max_length tokens; instruction: padding-free
+    # training batches (the same rows, concatenated, no attention across them)
+    packing: bool = False
     prompts: list[str] = field(
         default_factory=list
     )  # generated greedily at the end; empty: the first test prompts
@@ -139,9 +141,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("path", self.path, f"data.source={self.source} needs a path")
-        if self.packing and self.kind != "text":
+        if self.packing and self.kind not in ("text", "instruction"):
             raise ConfigError(
-                "packing", self.packing, f"packing applies to data.kind=text (this is {self.kind})"
+                "packing",
+                self.packing,
+                f"packing applies to data.kind=text or instruction (this is {self.kind})",
             )
         _positive("max_train_samples", self.max_train_samples, allow_none=True)
         _positive("max_eval_samples", self.max_eval_samples, allow_none=True)
@@ -281,6 +285,7 @@ class TrainConfig:
     )
     # recompute activations in backward: less memory, ~30% more time; auto: on for a quantized base only
     gradient_checkpointing: bool | Literal["auto"] = "auto"
+    group_by_length: bool = False  # training batches of rows of similar length (changes batch composition)
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)

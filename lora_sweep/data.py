@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # bump when the prepared format changes (2: truncation counts in the meta file)
 LENGTH_COLUMN = "_tokens"  # each row's token count before truncation, counted then dropped before caching
+PACKED_TOKENS = "packed_tokens"  # a packed batch's real token count: the loop pops it before the forward
 CUT_WARNING_SHARE = 0.10  # a larger share of training rows cut (or dropped) at train.max_length warns
 SPLIT_NAMES = {
     "train": "train",
@@ -505,6 +506,12 @@ def save_to_cache(splits, cache_path: Path, meta: dict):
     return datasets.load_from_disk(str(cache_path / "splits"))
 
 
+def row_lengths(dataset) -> list[int]:
+    """Each row's token count (its ``input_ids``), read from the column without decoding the other fields."""
+    column = dataset["input_ids"] if hasattr(dataset, "column_names") else [r["input_ids"] for r in dataset]
+    return [len(ids) for ids in column]
+
+
 def make_loader(
     dataset,
     collator,
@@ -516,19 +523,36 @@ def make_loader(
     pin_memory: bool = False,
     num_workers: int = 0,
     skip_batches: int = 0,
+    sort_by_length: bool = False,
+    group_by_length: bool = False,
 ):
     """Batches in a deterministic order: epoch ``e`` of seed ``s`` always shuffles the same way.
 
     The loader draws nothing from the global RNG (DataLoader would, for its worker seed, unless given a
     generator), so the dropout masks of a run do not depend on when its loaders were made: what an exact
     resume needs. ``skip_batches`` starts the epoch that many batches in (a resumed run's data position).
+
+    ``sort_by_length`` (evaluation): rows longest first, so each batch pads to a length close to its rows'
+    own; ``loader.sampler`` is the order, for putting per-row outputs back in the dataset's order.
+    ``group_by_length`` (training, with ``shuffle``): transformers' length-grouped order (megabatches of 50
+    batches, each sorted by length), drawn from the same seeded generator, so a resume is as exact.
     """
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
     epoch_seed = seed * 100_003 + epoch
-    if shuffle:
+    if shuffle and group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(
+            batch_size, lengths=row_lengths(dataset), generator=torch.Generator().manual_seed(epoch_seed)
+        )
+        order = list(sampler)
+    elif shuffle:
         order = list(RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed)))
+    elif sort_by_length:
+        lengths = row_lengths(dataset)
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
     else:
         order = list(range(len(dataset)))
     return DataLoader(
@@ -540,3 +564,11 @@ def make_loader(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(epoch_seed),
     )
+
+
+def in_dataset_order(values, loader) -> list:
+    """Per-row outputs of a pass over ``loader`` (in its sampler's order) back in the dataset's order."""
+    restored = [None] * len(values)
+    for position, index in enumerate(loader.sampler):
+        restored[index] = values[position]
+    return restored

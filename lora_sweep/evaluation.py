@@ -45,8 +45,16 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(
-    model, loader, device: torch.device, precision: str, num_labels: int, desc: str = "eval"
-) -> dict[str, float]:
+    model,
+    loader,
+    device: torch.device,
+    precision: str,
+    num_labels: int,
+    desc: str = "eval",
+    per_row: bool = False,
+) -> dict:
+    """Loss, accuracy and macro-F1 over ``loader``; ``per_row``: also each row's predicted class
+    (``predictions``), in the dataset's order whatever order the loader batched the rows in."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -63,9 +71,14 @@ def evaluate(
     model.train(was_training)
     predicted = torch.cat(predictions).cpu().numpy()
     truth = torch.cat(labels).cpu().numpy()
-    return {
+    metrics = {
         "loss": float(loss_sum.item() / len(truth)),
         "accuracy": float(np.mean(predicted == truth)),
         "macro_f1": macro_f1(predicted, truth, num_labels),
         "samples": int(len(truth)),
     }
+    if per_row:
+        from lora_sweep.data import in_dataset_order
+
+        metrics["predictions"] = in_dataset_order(predicted.tolist(), loader)
+    return metrics

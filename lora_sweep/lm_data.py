@@ -119,7 +119,7 @@ def cache_key(cfg: DataConfig, files: list[Path], tokenizer, max_length: int) ->
         "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         "columns": [cfg.prompt_column, cfg.response_column, cfg.messages_column, cfg.text_column],
         "system_prompt": cfg.system_prompt,
-        "packing": cfg.packing,
+        "packing": cfg.packing and cfg.kind == "text",  # instruction rows are packed per batch, not here
         "split": [cfg.split.validation, cfg.split.test, cfg.split.seed],
         "limits": [cfg.max_train_samples, cfg.max_eval_samples],
         "tokenizer": _tokenizer_fingerprint(tokenizer),

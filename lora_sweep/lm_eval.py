@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from lora_sweep.data import PACKED_TOKENS
 from lora_sweep.evaluation import autocast, progress
 from lora_sweep.lm_data import IGNORE
 
@@ -28,6 +29,79 @@ def lm_collator(tokenizer, pad_to_multiple_of: int | None = None):
     )
 
 
+class PackingCollator:
+    """Padding-free batches of instruction rows: the same rows as a padded batch, concatenated into as few
+    rows as fit ``budget`` tokens each (first fit, longest first; ``None``: all into one row, what flash
+    attention's varlen path needs). Position ids restart at 0 for every sequence; with no attention mask,
+    transformers builds the causal mask from them so that no token attends to another sequence (sdpa, eager;
+    flash attention takes the sequence boundaries from them). The first label of every sequence is -100, so
+    no sequence is predicted from the one before. Shorter rows are filled with pad tokens that form a
+    sequence of their own (labels -100). The loss is the same token mean as over the padded batch."""
+
+    def __init__(self, pad_token_id: int, budget: int | None, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.budget = budget
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def bins(self, lengths: list[int]) -> list[list[int]]:
+        if self.budget is None:
+            return [list(range(len(lengths)))]
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            fit = next((b for b, free in enumerate(room) if free >= lengths[index]), None)
+            if fit is None:  # a row longer than the budget gets a row of its own
+                bins.append([index])
+                room.append(self.budget - lengths[index])
+            else:
+                bins[fit].append(index)
+                room[fit] -= lengths[index]
+        return bins
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [list(f["input_ids"]) for f in features]
+        labels = [list(f["labels"]) for f in features]
+        rows = []
+        for members in self.bins([len(i) for i in ids]):
+            row_ids, row_labels, positions = [], [], []
+            for index in members:
+                row_ids += ids[index]
+                row_labels += [IGNORE, *labels[index][1:]]
+                positions += range(len(ids[index]))
+            rows.append((row_ids, row_labels, positions))
+        width = max(len(r[0]) for r in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        for row_ids, row_labels, positions in rows:
+            fill = width - len(row_ids)
+            batch["input_ids"].append(row_ids + [self.pad_token_id] * fill)
+            batch["labels"].append(row_labels + [IGNORE] * fill)
+            batch["position_ids"].append(list(positions) + list(range(fill)))
+        tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        tensors[PACKED_TOKENS] = torch.tensor(sum(len(i) for i in ids))
+        return tensors
+
+
+def packs_separately(model, device) -> bool:
+    """Whether ``model`` keeps packed sequences apart: the logits of a sequence packed after another must
+    equal its logits alone (a model whose attention ignores packed position ids would mix them, and so
+    does transformers' masking whenever the forward pass makes a KV cache: ``config.use_cache``)."""
+    first, second = [3, 4, 5, 6], [7, 8, 9]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        packed = model(
+            input_ids=torch.tensor([first + second], device=device),
+            position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device),
+        ).logits[0, len(first) :]
+        alone = model(input_ids=torch.tensor([second], device=device)).logits[0]
+    model.train(was_training)
+    scale = float(alone.float().abs().max().clamp(min=1.0))
+    tolerance = 1e-4 if alone.dtype == torch.float32 else 3e-2  # bf16/fp16 kernels round differently
+    return float((packed.float() - alone.float()).abs().max()) <= tolerance * scale
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of negative log-likelihoods, number of predicted tokens): position t predicts label t+1."""
     shifted_logits = logits[:, :-1, :].float()
@@ -43,15 +117,23 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def evaluate_lm(
-    model, loader, device: torch.device, precision: str, num_labels: int = 0, desc: str = "eval"
-) -> dict[str, float]:
+    model,
+    loader,
+    device: torch.device,
+    precision: str,
+    num_labels: int = 0,
+    desc: str = "eval",
+    per_row: bool = False,
+) -> dict:
     """Loss (mean NLL per predicted token) and perplexity over every batch of ``loader``.
-    ``num_labels`` is unused: the signature matches the classifier's evaluate."""
+    ``num_labels`` is unused: the signature matches the classifier's evaluate. ``per_row``: also each row's
+    mean NLL (``row_losses``), in the dataset's order whatever order the loader batched the rows in."""
     was_training = model.training
     model.eval()
     nll_sum = torch.zeros((), device=device, dtype=torch.float64)
     tokens = torch.zeros((), device=device, dtype=torch.int64)
     rows = 0
+    row_losses = []
     with progress(len(loader), desc, leave=False) as bar:
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -62,10 +144,26 @@ def evaluate_lm(
             nll_sum += nll.double()
             tokens += count
             rows += labels.shape[0]
+            if per_row:
+                row_losses += [float(n / max(int(c), 1)) for n, c in zip(*row_nll(logits, labels))]
             bar.update()
     model.train(was_training)
     loss = float(nll_sum.item() / max(int(tokens.item()), 1))
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "samples": rows}
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "samples": rows}
+    if per_row:
+        from lora_sweep.data import in_dataset_order
+
+        metrics["row_losses"] = in_dataset_order(row_losses, loader)
+    return metrics
+
+
+def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of negative log-likelihoods, number of predicted tokens)."""
+    shifted_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1, :].float().transpose(1, 2), shifted_labels, ignore_index=IGNORE, reduction="none"
+    )
+    return nll.double().sum(dim=1), (shifted_labels != IGNORE).sum(dim=1)
 
 
 def reference_perplexity(
@@ -84,7 +182,7 @@ def reference_perplexity(
                 "labels": list(encoded["input_ids"]),
             }
         )
-    loader = make_loader(rows, lm_collator(tokenizer), batch_size, shuffle=False)
+    loader = make_loader(rows, lm_collator(tokenizer), batch_size, shuffle=False, sort_by_length=True)
     return evaluate_lm(model, loader, device, precision, desc="reference text")["perplexity"]
 
 

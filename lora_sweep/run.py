@@ -382,6 +382,7 @@ class Recipe:
                 task.collator(prepared.tokenizer),
                 cfg.train.eval_batch_size,
                 shuffle=False,
+                sort_by_length=True,
             )
 
             def test_pass() -> dict[str, float]:

@@ -28,7 +28,7 @@ from lora_sweep.checkpoint import (
     verify,
 )
 from lora_sweep.config import RunConfig
-from lora_sweep.data import TaskData, make_loader
+from lora_sweep.data import PACKED_TOKENS, TaskData, make_loader
 from lora_sweep.errors import TrainingDiverged
 from lora_sweep.evaluation import autocast, progress
 from lora_sweep.methods import after_optimizer_step
@@ -201,12 +201,16 @@ def fit(
     torch.manual_seed(train_cfg.seed)
     model.to(device).train()
     task = get_task(cfg)
-    collator = task.collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    multiple = 8 if device.type == "cuda" else None
+    collator = task.collator(tokenizer, pad_to_multiple_of=multiple)
+    train_collator = task.train_collator(tokenizer, cfg, model, pad_to_multiple_of=multiple)
     pin = device.type == "cuda"
     full_validation = data.splits["validation"]
     validation = validation_subset(full_validation, train_cfg.eval_subset, train_cfg.seed)
     subset = len(validation) if len(validation) < len(full_validation) else None
-    val_loader = make_loader(validation, collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
+    val_loader = make_loader(
+        validation, collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin, sort_by_length=True
+    )
     steps_per_epoch, total_steps = plan_steps(len(data.splits["train"]), cfg)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -270,7 +274,7 @@ def fit(
         skip = skip_batches if epoch == start_epoch else 0
         loader = make_loader(
             data.splits["train"],
-            collator,
+            train_collator,
             train_cfg.batch_size,
             shuffle=True,
             seed=train_cfg.seed,
@@ -278,15 +282,17 @@ def fit(
             pin_memory=pin,
             num_workers=train_cfg.num_workers,
             skip_batches=skip,
+            group_by_length=train_cfg.group_by_length,
         )
         for batch_index, batch in enumerate(loader, start=skip):
             # forward/backward on one micro-batch; the loss is averaged over the accumulation window
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            packed_tokens = batch.pop(PACKED_TOKENS, None)  # a packed batch has no attention mask
             with autocast(device, precision):
                 loss = model(**batch).loss / train_cfg.grad_accum
             scaler.scale(loss).backward()
             loss_since_log += loss.detach().float()
-            tokens += batch["attention_mask"].sum()
+            tokens += batch["attention_mask"].sum() if packed_tokens is None else packed_tokens
             end_of_epoch = batch_index + 1 == batches_per_epoch
             if (batch_index + 1) % train_cfg.grad_accum and not end_of_epoch:
                 continue
@@ -387,7 +393,12 @@ def fit(
         if best_step != step:
             restore_weights(model, checkpoint_dir / "best")
         full_loader = make_loader(
-            full_validation, collator, train_cfg.eval_batch_size, shuffle=False, pin_memory=pin
+            full_validation,
+            collator,
+            train_cfg.eval_batch_size,
+            shuffle=False,
+            pin_memory=pin,
+            sort_by_length=True,
         )
         with evaluation_pass():
             best_metrics = task.evaluate(

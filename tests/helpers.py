@@ -38,6 +38,19 @@ def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
+def varied_sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Like :func:`sentiment_rows`, with 0 to 10 neutral words: sentences of different lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        cue = POSITIVE if label == "positive" else NEGATIVE
+        words = [rng.choice(NEUTRAL) for _ in range(rng.randint(0, 10))] + rng.sample(cue, 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
 def qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Questions whose answer is the sentiment words they contain: learnable by a tiny model."""
     rng = random.Random(seed)
@@ -45,6 +58,18 @@ def qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     for _ in range(n):
         cue = rng.sample(POSITIVE if rng.random() < 0.5 else NEGATIVE, 2)
         words = rng.sample(NEUTRAL, 3) + cue
+        rng.shuffle(words)
+        rows.append({"prompt": "what is " + " ".join(words) + " ?", "response": " ".join(sorted(cue)) + " ."})
+    return rows
+
+
+def varied_qa_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Like :func:`qa_rows`, with 0 to 6 neutral words: rows of different lengths (what padding wastes)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        cue = rng.sample(POSITIVE if rng.random() < 0.5 else NEGATIVE, 2)
+        words = rng.sample(NEUTRAL, rng.randint(0, 6)) + cue
         rng.shuffle(words)
         rows.append({"prompt": "what is " + " ".join(words) + " ?", "response": " ".join(sorted(cue)) + " ."})
     return rows

@@ -275,7 +275,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_chat_llama_dir, ch
             ["objective.metric=accuracy"],
             "objective.metric='accuracy': a causal_lm run reports loss, perplexity",
         ),
-        (["+data.packing=true"], "data.packing=True: packing applies to data.kind=text"),
         (["lm_eval.max_new_tokens=0"], "lm_eval.max_new_tokens=0: must be > 0"),
     ],
 )

@@ -53,6 +53,10 @@ class Task:
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         raise NotImplementedError
 
+    def train_collator(self, tokenizer, cfg: RunConfig, model, pad_to_multiple_of: int | None = None):
+        """What batches the training rows (``model``: on its device); evaluation uses :meth:`collator`."""
+        return self.collator(tokenizer, pad_to_multiple_of)
+
     def evaluate(
         self, model, loader, device, precision: str, num_labels: int, desc: str = "eval"
     ) -> dict[str, float]:

@@ -54,6 +54,32 @@ class CausalLMTask(Task):
 
         return lm_collator(tokenizer, pad_to_multiple_of)
 
+    def train_collator(self, tokenizer, cfg: RunConfig, model, pad_to_multiple_of: int | None = None):
+        """Instruction rows with ``data.packing``: padding-free batches of the same rows (text data is
+        packed into blocks when it is prepared, and padded like any other)."""
+        if not (cfg.data.packing and cfg.data.kind == "instruction"):
+            return self.collator(tokenizer, pad_to_multiple_of)
+        from lora_sweep.errors import ConfigError
+        from lora_sweep.lm_eval import PackingCollator, packs_separately
+
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        # a forward that makes a KV cache skips transformers' packed-sequence mask (masking_utils builds it
+        # only without a cache): rows would attend to each other. Training needs no cache; generate()
+        # asks for one itself
+        model.config.use_cache = False
+        if not packs_separately(model, next(model.parameters()).device):
+            raise ConfigError(
+                "data.packing",
+                True,
+                f"{model.config.model_type} with {attention} attention lets packed sequences attend to each "
+                "other; use data.packing=false",
+            )
+        # flash attention reads the sequences from the position ids of one row only (transformers'
+        # _is_packed_sequence); sdpa and eager build a mask per row: rows of at most train.max_length
+        # tokens keep that mask no larger than a padded batch's
+        budget = None if attention.startswith("flash") else cfg.train.max_length
+        return PackingCollator(tokenizer.pad_token_id, budget, pad_to_multiple_of)
+
     def evaluate(
         self, model, loader, device, precision: str, num_labels: int = 0, desc: str = "eval"
     ) -> dict[str, float]:
