@@ -114,6 +114,7 @@ class Window:
         self.digests: list[str] = []
         self.count, self.started, self.ended = 0, None, None
         self.memory: dict[str, float] = {}
+        self.parameters = self.trainable = 0
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.handle = register_optimizer_step_post_hook(self._after_step)
@@ -151,6 +152,8 @@ class Window:
             self.shapes.append(tuple(ids.shape))
 
         model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def reset_memory(self) -> None:
         if self.device.type == "cuda":
@@ -163,7 +166,13 @@ class Window:
             )
         if self.shapes != self.expected_shapes or self.digests != self.expected_digests:
             raise RuntimeError("the batches this side trained on are not the ones the others got")
-        return {"seconds": self.ended - self.started, "optimizer_steps": self.count, **self.memory}
+        return {
+            "seconds": self.ended - self.started,
+            "optimizer_steps": self.count,
+            "parameters": self.parameters,
+            "trainable": self.trainable,
+            **self.memory,
+        }
 
 
 def fresh_peft_model(cfg, prepared, total_steps: int):
@@ -328,8 +337,13 @@ def spread(values: list[float]) -> str:
 
 def overrides_for(args, packing: bool) -> list[str]:
     total = args.warmup + args.steps
+    preset = MODELS[args.model]
+    if args.model_path:  # the preset's data and method on another model folder (a random-init one, say)
+        preset = ["model=local", f"model.name_or_path={args.model_path}"] + [
+            o for o in preset if not o.startswith("model=")
+        ]
     overrides = [
-        *MODELS[args.model],
+        *preset,
         "tracking=none",
         f"train.max_steps={total}",
         "train.eval_every=0",  # one validation pass, after the last step (outside the window)
@@ -350,6 +364,9 @@ def overrides_for(args, packing: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="minilm")
+    parser.add_argument(
+        "--model-path", default=None, help="a model folder to use instead of the preset's model (model=local)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before the timed window")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of a, b, c")
@@ -368,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak for the run's dtype: prints model FLOP utilisation (6N FLOPs/token for "
+        "full fine-tuning, 4N for adapters: no weight gradients of the frozen base)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every side")
@@ -454,6 +478,15 @@ def report(args, rows: list[dict]) -> None:
             f"{spread([r['step_s'] * 1000 for r in side_rows]):>26}  "
             f"{side_rows[0]['tokens']} / {side_rows[0]['positions']}"
         )
+    if args.peak_tflops:
+        for side, side_rows in by_side.items():
+            row = side_rows[0]
+            per_token = (6 if row["trainable"] > 0.5 * row["parameters"] else 4) * row["parameters"]
+            mfu = [r["tokens_per_s"] * per_token / (args.peak_tflops * 1e12) for r in side_rows]
+            print(
+                f"{side:>10}  MFU {spread(mfu)} of {args.peak_tflops:g} TFLOP/s "
+                f"({per_token / 1e9:.2f} GFLOP/token)"
+            )
     memory_key = "peak_cuda_allocated_mb" if "peak_cuda_allocated_mb" in first else "peak_rss_mb"
     ours = by_side.get("lora_sweep", [])
     for other in ("trainer", "bare"):
