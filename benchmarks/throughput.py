@@ -307,12 +307,15 @@ def worker(spec: dict) -> dict:
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in timed
     )
     positions = sum(b["input_ids"].numel() for b in timed)
-    if side == "a":
-        run_lora_sweep(cfg, prepared, device, precision, window)
-    elif side == "b":
-        run_trainer(cfg, prepared, device, precision, window, batches, workdir)
-    else:
-        run_bare(cfg, prepared, device, precision, window, batches)
+    try:
+        if side == "a":
+            run_lora_sweep(cfg, prepared, device, precision, window)
+        elif side == "b":
+            run_trainer(cfg, prepared, device, precision, window, batches, workdir)
+        else:
+            run_bare(cfg, prepared, device, precision, window, batches)
+    finally:
+        window.handle.remove()  # the hook is global: an in-process caller (the smoke test) runs on
     result = window.result()
     seconds = result["seconds"]
     return {
