@@ -3,7 +3,7 @@
 #
 #   here, first:      bash benchmarks/gpu/prepare.sh          # wheels + SmolLM2 tokenizer -> benchmarks/gpu/carry
 #   on the GPU:       bash benchmarks/gpu/run.sh              # device run: carry=["benchmarks/gpu/carry"],
-#                                                              #   timeout_s >= TOTAL + 60 (default TOTAL 480 s)
+#                                                              #   timeout_s >= TOTAL + 60 (default TOTAL 500 s)
 #   here, no GPU:     bash benchmarks/gpu/run.sh --dry-run    # the same steps on CPU, tiny models and budgets
 #
 # Steps, each under its own `timeout` and skipped when the time left (TOTAL) is under its budget, so the
@@ -24,20 +24,23 @@ OUT=${OUT:-$(mktemp -d /tmp/lora_sweep-gpu-out-XXXX)}
 WORK=$(mktemp -d /tmp/lora_sweep-gpu-XXXX)
 SUMMARY=$OUT/summary.txt
 LOG=$OUT/steps.log
-TOTAL=${TOTAL:-480}
-# the keys of items 1-2 (model.dtype, model.quantization); override if they are named otherwise when merged
-BF16=${BF16:-model.dtype=bf16}
-Q4=${Q4:-model.quantization=4bit}
+TOTAL=${TOTAL:-500}
+# the keys of items 1-2 (model.dtype, model.quantization): set BF16=/Q4= to other overrides (space-separated)
+# if they are named otherwise when merged, or to nothing (BF16= Q4=) on a checkout that lacks them
+read -r -a BF16 <<<"${BF16-model.dtype=bf16}"
+read -r -a Q4 <<<"${Q4-model.quantization=4bit}"
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}   # H100/H200 SXM dense bf16, datasheet; the measured ceiling here is ~790
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 LORA_SWEEP_CACHE=$WORK/cache
 if ((DRY)); then
   PY=${PYTHON:-python}
+  SCALE=${SCALE:-4}   # a shared CPU runs even the tiny steps slower than the GPU runs the real ones
   DEVICE=cpu
   BENCH=(--steps 2 --warmup 1 --repeats 1 --batch-size 4 --max-length 32)
   SMOL_LAYERS=2 BIG=(64 2 4 2 128)   # hidden, layers, heads, kv heads, MLP
   TESTS=(tests/test_train.py tests/test_causal.py)
 else
   PY=${PYTHON:-python3}
+  SCALE=${SCALE:-1}
   DEVICE=cuda
   BENCH=(--steps 40 --warmup 8 --repeats 2)
   SMOL_LAYERS=0 BIG=(2048 16 32 8 8192)
@@ -47,9 +50,9 @@ fi
 started=$SECONDS
 
 step() {  # step NAME BUDGET_SECONDS COMMAND...: runs it under timeout, logs it, one summary line
-  local name=$1 budget=$2 t0=$SECONDS rc
+  local name=$1 budget=$(($2 * SCALE)) t0=$SECONDS rc
   shift 2
-  local left=$((TOTAL - (SECONDS - started)))
+  local left=$((TOTAL * SCALE - (SECONDS - started)))
   if ((left < budget)); then
     echo "$name: skipped (${left} s left, budget ${budget} s)" | tee -a "$SUMMARY"
     return 99
@@ -64,9 +67,9 @@ step() {  # step NAME BUDGET_SECONDS COMMAND...: runs it under timeout, logs it,
 if ((DRY)); then
   export PYTHONPATH=$REPO
 else
-  step install 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  step install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" "$CARRY"/wheels/*.whl
-  export PYTHONPATH=$REPO:$WORK/site
+  export PYTHONPATH=$REPO:$WORK/site:$REPO/$CARRY/bnb
 fi
 
 {
@@ -88,10 +91,10 @@ PY
 head -c 4000 "$OUT/env.txt" | grep -E "^(python|gpu|NVIDIA-SMI)|MISSING" | tee -a "$SUMMARY"
 
 # gpu-marked tests (they skip without CUDA); -rs lists what skipped and why
-step tests 150 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS[@]}"
+step tests 120 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS[@]}"
 cp "$LOG" "$OUT/tests.txt"
 
-step models 90 "$PY" - "$CARRY/smollm2" "$WORK" "$SMOL_LAYERS" "${BIG[@]}" <<'PY'
+step models 60 "$PY" - "$CARRY/smollm2" "$WORK" "$SMOL_LAYERS" "${BIG[@]}" <<'PY'
 import shutil, sys
 from pathlib import Path
 
@@ -132,9 +135,9 @@ bench() {  # bench NAME BUDGET ARGS...: one throughput comparison, its table int
     sed -n '/ timed steps after /,$p' >>"$SUMMARY"
   return $rc
 }
-bench smollm2 110 --model smollm2 --model-path "$WORK/smollm2" "$BF16"
-bench smollm2_packed 80 --model smollm2 --model-path "$WORK/smollm2" --packing --repeats 1 "$BF16"
-bench llama1b_bf16 90 --model smollm2 --model-path "$WORK/llama1b" --repeats 1 "$BF16"
-bench llama1b_4bit 90 --model smollm2 --model-path "$WORK/llama1b" --repeats 1 "$Q4"
+bench smollm2 110 --model smollm2 --model-path "$WORK/smollm2" "${BF16[@]}"
+bench smollm2_packed 70 --model smollm2 --model-path "$WORK/smollm2" --packing --repeats 1 "${BF16[@]}"
+bench llama1b_bf16 80 --model smollm2 --model-path "$WORK/llama1b" --repeats 1 "${BF16[@]}"
+bench llama1b_4bit 80 --model smollm2 --model-path "$WORK/llama1b" --repeats 1 "${Q4[@]}"
 
 echo "total $((SECONDS - started)) s of $TOTAL; figures in $OUT" | tee -a "$SUMMARY"
