@@ -86,7 +86,7 @@ def measure(tree: Path, case: str, args, workdir: Path, cache: Path) -> dict:
         seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed in {workdir} (exit {done.returncode}): see log.txt")
-    records = sorted(workdir.rglob("record.json"))
+    records = sorted((workdir / "outputs").rglob("record.json"))  # mlruns/ holds a copy as an artifact
     if len(records) != 1:
         raise RuntimeError(f"{workdir}: expected one run record, found {len(records)}")
     record = json.loads(records[0].read_text())
