@@ -485,9 +485,9 @@ def report(args, rows: list[dict]) -> None:
         for side, side_rows in by_side.items():
             row = side_rows[0]
             per_token = (6 if row["trainable"] > 0.5 * row["parameters"] else 4) * row["parameters"]
-            mfu = [r["tokens_per_s"] * per_token / (args.peak_tflops * 1e12) for r in side_rows]
+            mfu = [100 * r["tokens_per_s"] * per_token / (args.peak_tflops * 1e12) for r in side_rows]
             print(
-                f"{side:>10}  MFU {spread(mfu)} of {args.peak_tflops:g} TFLOP/s "
+                f"{side:>10}  MFU % {spread(mfu)} of {args.peak_tflops:g} TFLOP/s "
                 f"({per_token / 1e9:.2f} GFLOP/token)"
             )
     memory_key = "peak_cuda_allocated_mb" if "peak_cuda_allocated_mb" in first else "peak_rss_mb"
