@@ -13,11 +13,12 @@ Three sides train the same model, data, method, batch, sequence length and steps
 
 The PEFT model of every side is built by lora_sweep's building blocks (``models.load_base_model`` and
 ``methods.apply_method``: the same weights, adapters, head and dtype), so what differs is the loop alone.
-The batches are identical: every side takes them from the loader ``train.fit`` uses (same seed, order and
-padding); each worker checks the shapes of every batch its model sees, and the bytes of the warm-up ones,
-against that list. The timed window runs from the end of optimizer step ``--warmup`` to the end of step
-``--warmup + --steps`` (a global optimizer step hook, identical for all sides, synchronises CUDA only at
-these two points); lora_sweep's validation and checkpoint after its last step fall outside it.
+The batches are identical: every side draws them from the loader ``train.fit`` uses (same seed, order and
+padding), collating them inside its own loop as ``train.fit`` does; each worker checks the shapes of
+every batch its model sees, and the bytes of the warm-up ones, against that list. The timed window runs
+from the end of optimizer step ``--warmup`` to the end of step ``--warmup + --steps`` (a global optimizer
+step hook, identical for all sides, synchronises CUDA only at these two points); lora_sweep's validation
+and checkpoint after its last step fall outside it.
 
 Each measurement runs in a fresh subprocess, in the order a, b, c, a, b, c, ...: peak memory is then a
 process's own (ru_maxrss, CUDA's max allocated), no side inherits another's warm allocator, caches or
@@ -69,17 +70,17 @@ def compose(overrides: list[str]):
     return cli.to_run_config(cfg)
 
 
-def train_batches(cfg, prepared, device, count: int) -> list[dict]:
-    """The first ``count`` training batches exactly as ``train.fit`` draws them (epoch after epoch)."""
+def draw_batches(cfg, prepared, device, count: int):
+    """The first ``count`` training batches exactly as ``train.fit`` draws them (epoch after epoch), collated
+    as they are drawn: each loop pays for its own collation inside the window, as lora_sweep's does."""
     from lora_sweep.data import make_loader
     from lora_sweep.tasks import get_task
 
     collator = get_task(cfg).collator(
         prepared.tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None
     )
-    batches: list[dict] = []
-    epoch = 0
-    while len(batches) < count:
+    drawn, epoch = 0, 0
+    while drawn < count:
         loader = make_loader(
             prepared.data.splits["train"],
             collator,
@@ -90,11 +91,11 @@ def train_batches(cfg, prepared, device, count: int) -> list[dict]:
             pin_memory=device.type == "cuda",
         )
         for batch in loader:
-            batches.append(dict(batch))
-            if len(batches) == count:
-                break
+            yield dict(batch)
+            drawn += 1
+            if drawn == count:
+                return
         epoch += 1
-    return batches
 
 
 def digest(tensor) -> str:
@@ -206,11 +207,10 @@ def run_lora_sweep(cfg, prepared, device, precision, window: Window) -> None:
         recipe.release_model()
 
 
-def run_bare(cfg, prepared, device, precision, window: Window, batches: list[dict]) -> None:
+def run_bare(cfg, prepared, device, precision, window: Window, total: int) -> None:
     import torch
     from transformers import get_scheduler
 
-    total = len(batches)
     model = fresh_peft_model(cfg, prepared, total).to(device).train()
     window.watch(model)
     window.reset_memory()
@@ -228,7 +228,7 @@ def run_bare(cfg, prepared, device, precision, window: Window, batches: list[dic
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    for batch in batches:
+    for batch in draw_batches(cfg, prepared, device, total):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = model(**batch).loss
@@ -242,18 +242,21 @@ def run_bare(cfg, prepared, device, precision, window: Window, batches: list[dic
         optimizer.zero_grad(set_to_none=True)
 
 
-def run_trainer(cfg, prepared, device, precision, window: Window, batches: list[dict], workdir: Path) -> None:
-    from torch.utils.data import DataLoader
+def run_trainer(cfg, prepared, device, precision, window: Window, total: int, workdir: Path) -> None:
+    from torch.utils.data import DataLoader, IterableDataset
     from transformers import Trainer, TrainingArguments
 
-    total = len(batches)
+    class SameOrder(IterableDataset):
+        def __iter__(self):
+            return draw_batches(cfg, prepared, device, total)
+
     model = fresh_peft_model(cfg, prepared, total)
     window.watch(model)
 
     class SameBatches(Trainer):
         # Trainer's own sampler would shuffle with its own RNG: hand it the very batches the others get
         def get_train_dataloader(self):
-            return self.accelerator.prepare(DataLoader(batches, batch_size=None, shuffle=False))
+            return self.accelerator.prepare(DataLoader(SameOrder(), batch_size=None))
 
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"),
@@ -300,7 +303,7 @@ def worker(spec: dict) -> dict:
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
     total = spec["warmup"] + spec["steps"]
-    batches = train_batches(cfg, prepared, device, total)
+    batches = list(draw_batches(cfg, prepared, device, total))  # what every side must train on
     window = Window(device, spec["warmup"], spec["steps"], batches)
     timed = batches[spec["warmup"] :]
     real = sum(
@@ -311,9 +314,9 @@ def worker(spec: dict) -> dict:
         if side == "a":
             run_lora_sweep(cfg, prepared, device, precision, window)
         elif side == "b":
-            run_trainer(cfg, prepared, device, precision, window, batches, workdir)
+            run_trainer(cfg, prepared, device, precision, window, total, workdir)
         else:
-            run_bare(cfg, prepared, device, precision, window, batches)
+            run_bare(cfg, prepared, device, precision, window, total)
     finally:
         window.handle.remove()  # the hook is global: an in-process caller (the smoke test) runs on
     result = window.result()
