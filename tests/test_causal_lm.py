@@ -70,8 +70,8 @@ def test_packing_is_refused_for_a_model_that_mixes_packed_sequences(
     with pytest.raises(ConfigError) as raised:
         get_task(cfg).train_collator(tokenizer, cfg, bloom)
     assert str(raised.value) == (
-        "data.packing=True: bloom with eager attention lets packed sequences attend to each other; "
-        "use data.packing=false"
+        "data.packing=True: bloom lets packed sequences attend to each other "
+        "(model.attn_implementation=sdpa); use data.packing=false"
     )
     llama = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir)
     collator = get_task(cfg).train_collator(tokenizer, cfg, llama)

@@ -62,7 +62,7 @@ class CausalLMTask(Task):
         from lora_sweep.errors import ConfigError
         from lora_sweep.lm_eval import PackingCollator, packs_separately
 
-        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        attention = cfg.model.attn_implementation  # as asked: transformers falls back to eager without sdpa
         # a forward that makes a KV cache skips transformers' packed-sequence mask (masking_utils builds it
         # only without a cache): rows would attend to each other. Training needs no cache; generate()
         # asks for one itself
@@ -71,8 +71,8 @@ class CausalLMTask(Task):
             raise ConfigError(
                 "data.packing",
                 True,
-                f"{model.config.model_type} with {attention} attention lets packed sequences attend to each "
-                "other; use data.packing=false",
+                f"{model.config.model_type} lets packed sequences attend to each other "
+                f"(model.attn_implementation={attention}); use data.packing=false",
             )
         # flash attention reads the sequences from the position ids of one row only (transformers'
         # _is_packed_sequence); sdpa and eager build a mask per row: rows of at most train.max_length
