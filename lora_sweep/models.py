@@ -402,19 +402,6 @@ def _prepared_for_kbit(model, plan: BasePlan):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def restorable_state(model) -> dict[str, torch.Tensor]:
-    """The model's state but its quantized layers (weights and quantization state): only adapter methods
-    run on a quantized base, so those never change, and bitsandbytes' packed state does not load back
-    through load_state_dict."""
-    quantized = tuple(
-        f"{name}."
-        for name, module in model.named_modules()
-        if type(module).__module__.startswith("bitsandbytes")
-    )
-    state = model.state_dict()
-    return state if not quantized else {k: v for k, v in state.items() if not k.startswith(quantized)}
-
-
 def dtypes_of(model) -> dict[str, str]:
     """The dtypes the frozen and the trainable parameters actually have (a quantized layer's storage is
     uint8 or int8), for the record."""

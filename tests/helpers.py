@@ -348,3 +348,35 @@ def die_after_step(tracker, at_step: int):
 
     tracker.log_metrics = log_then_die
     return tracker
+
+
+def fit_on_cpu(cfg, on_evaluation=None, resume_from: Path | None = None):
+    """A fresh base with the method applied, trained in-process by the loop itself on CPU (no run, no
+    record, no tracking). Returns (prepared, model, result)."""
+    import torch
+
+    from lora_sweep.methods import apply_method
+    from lora_sweep.models import load_base_model
+    from lora_sweep.prepare import prepare
+    from lora_sweep.tracking import Tracker
+    from lora_sweep.train import fit
+
+    prepared = prepare(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = load_base_model(
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+    )
+    model = apply_method(model, cfg.method, prepared.spec)
+    result = fit(
+        model,
+        prepared.tokenizer,
+        prepared.data,
+        cfg,
+        Tracker(),
+        device=torch.device("cpu"),
+        precision="fp32",
+        checkpoint_dir=Path(cfg.output_dir) / "checkpoints",
+        on_evaluation=on_evaluation,
+        resume_from=resume_from,
+    )
+    return prepared, model, result

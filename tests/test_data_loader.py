@@ -10,12 +10,7 @@ import torch
 
 from lora_sweep.data import in_dataset_order, make_loader, row_lengths
 from lora_sweep.errors import ConfigError
-from lora_sweep.methods import apply_method
-from lora_sweep.models import load_base_model
-from lora_sweep.run import prepare
-from lora_sweep.tracking import Tracker
-from lora_sweep.train import fit
-from tests.helpers import varied_sentiment_rows, write_csv
+from tests.helpers import fit_on_cpu, varied_sentiment_rows, write_csv
 
 
 def _rows(n: int = 400) -> list[dict]:
@@ -66,30 +61,12 @@ class _Killed(Exception):
 
 
 def _fit(cfg, resume_from: Path | None = None, kill_at: int | None = None):
-    prepared = prepare(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model = load_base_model(
-        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
-    )
-    model = apply_method(model, cfg.method, prepared.spec)
-
     def on_evaluation(step, metrics):
         if kill_at is not None and step >= kill_at:
             raise _Killed  # as a kill after the checkpoint of this step was written
         return False
 
-    return fit(
-        model,
-        prepared.tokenizer,
-        prepared.data,
-        cfg,
-        Tracker(),
-        device=torch.device("cpu"),
-        precision="fp32",
-        checkpoint_dir=Path(cfg.output_dir) / "checkpoints",
-        on_evaluation=on_evaluation,
-        resume_from=resume_from,
-    )
+    return fit_on_cpu(cfg, on_evaluation, resume_from)[2]
 
 
 @pytest.fixture(scope="module")

@@ -13,32 +13,14 @@ from safetensors.torch import load_file
 from lora_sweep.checkpoint import RESUME_FILES, load_training_state
 from lora_sweep.data import make_loader
 from lora_sweep.evaluation import evaluate
-from lora_sweep.methods import apply_method
-from lora_sweep.models import load_base_model
 from lora_sweep.record import read_record
-from lora_sweep.run import prepare, run
-from lora_sweep.tracking import Tracker
-from lora_sweep.train import build_optimizer, fit
+from lora_sweep.run import run
+from lora_sweep.train import build_optimizer
+from tests.helpers import fit_on_cpu
 
 
 def _fit(cfg):
-    prepared = prepare(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model = load_base_model(
-        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
-    )
-    model = apply_method(model, cfg.method, prepared.spec)
-    result = fit(
-        model,
-        prepared.tokenizer,
-        prepared.data,
-        cfg,
-        Tracker(),
-        device=torch.device("cpu"),
-        precision="fp32",
-        checkpoint_dir=Path(cfg.output_dir) / "checkpoints",
-    )
-    return prepared, model, result
+    return fit_on_cpu(cfg)
 
 
 def _val_accuracy(model, prepared, cfg):
