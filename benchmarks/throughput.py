@@ -116,6 +116,7 @@ class Window:
         self.count, self.started, self.ended = 0, None, None
         self.memory: dict[str, float] = {}
         self.parameters = self.trainable = 0
+        self.setup: dict[str, object] = {}  # what a side's model trains with, seen at its first forward
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.handle = register_optimizer_step_post_hook(self._after_step)
@@ -147,6 +148,11 @@ class Window:
         def pre_hook(module, args, kwargs):
             if not module.training or len(self.shapes) >= len(self.expected_shapes):
                 return
+            if not self.setup:  # Trainer switches checkpointing on inside train(): look at the first step
+                self.setup = {
+                    "gradient_checkpointing": bool(getattr(module, "is_gradient_checkpointing", False)),
+                    "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()}),
+                }
             ids = kwargs.get("input_ids", args[0] if args else None)
             if len(self.shapes) < self.warmup:
                 self.digests.append(digest(ids))
@@ -172,24 +178,37 @@ class Window:
             "optimizer_steps": self.count,
             "parameters": self.parameters,
             "trainable": self.trainable,
+            **self.setup,
             **self.memory,
         }
 
 
-def fresh_peft_model(cfg, prepared, total_steps: int):
-    """The model lora_sweep trains, built from its building blocks (no run-level caching or copies)."""
+def fresh_peft_model(cfg, prepared, device, total_steps: int):
+    """The model lora_sweep trains, built from its building blocks (no run-level caching or copies): the
+    same base dtype and quantization (plan_base) and the same resolved gradient checkpointing."""
     from transformers import set_seed
 
     from lora_sweep.methods import apply_method
-    from lora_sweep.models import load_base_model, set_gradient_checkpointing
+    from lora_sweep.models import load_base_model, plan_base, set_gradient_checkpointing
 
+    plan = plan_base(cfg.model, cfg.method.adapter, device)
     set_seed(cfg.train.seed)
     model = load_base_model(
-        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id
+        prepared.spec, cfg.model, prepared.data.label_names, prepared.tokenizer.pad_token_id, plan
     )
-    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
+    set_gradient_checkpointing(model, checkpointing(cfg, device))
     set_seed(cfg.train.seed)
     return apply_method(model, cfg.method, prepared.spec, prepared.targets, total_steps)
+
+
+def checkpointing(cfg, device) -> bool:
+    """train.gradient_checkpointing resolved as the run resolves it ("auto" is a truthy string: passed on
+    as is, it once switched checkpointing on for Trainer and the bare loop alone, 1.7x their step time)."""
+    from lora_sweep.models import plan_base, wants_gradient_checkpointing
+
+    return wants_gradient_checkpointing(
+        cfg.train.gradient_checkpointing, plan_base(cfg.model, cfg.method.adapter, device)
+    )
 
 
 def run_lora_sweep(cfg, prepared, device, precision, window: Window) -> None:
@@ -211,7 +230,7 @@ def run_bare(cfg, prepared, device, precision, window: Window, total: int) -> No
     import torch
     from transformers import get_scheduler
 
-    model = fresh_peft_model(cfg, prepared, total).to(device).train()
+    model = fresh_peft_model(cfg, prepared, device, total).to(device).train()
     window.watch(model)
     window.reset_memory()
     decay, no_decay = [], []
@@ -250,7 +269,7 @@ def run_trainer(cfg, prepared, device, precision, window: Window, total: int, wo
         def __iter__(self):
             return draw_batches(cfg, prepared, device, total)
 
-    model = fresh_peft_model(cfg, prepared, total)
+    model = fresh_peft_model(cfg, prepared, device, total)
     window.watch(model)
 
     class SameBatches(Trainer):
@@ -279,7 +298,7 @@ def run_trainer(cfg, prepared, device, precision, window: Window, total: int, wo
         seed=cfg.train.seed,
         remove_unused_columns=False,
         dataloader_pin_memory=device.type == "cuda",
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing=checkpointing(cfg, device),
     )
     trainer = SameBatches(model=model, args=args)
     window.reset_memory()

@@ -50,6 +50,9 @@ def test_every_loop_times_the_same_steps_on_the_same_batches(throughput, tiny_ov
     assert len({r["tokens"] for r in results.values()}) == 1
     assert len({r["positions"] for r in results.values()}) == 1
     assert len({(r["parameters"], r["trainable"]) for r in results.values()}) == 1
+    # and trained them alike: train.gradient_checkpointing=auto resolved once, the same dtypes
+    assert {r["gradient_checkpointing"] for r in results.values()} == {False}
+    assert len({tuple(r["dtypes"]) for r in results.values()}) == 1
 
 
 def test_a_loop_that_trains_on_other_batches_is_caught(throughput):
