@@ -1,5 +1,5 @@
-"""Intruder dimensions (lora_sweep/report/intruders.py): on matrices built with a known spectrum, and on a real
-PEFT LoRA checkpoint of the tiny BERT against a full fine-tuning one, checked against a merge by hand."""
+"""Intruder dimensions (lora_sweep/report/intruders.py): on matrices built with a known spectrum, and on a
+real PEFT LoRA checkpoint of the tiny BERT against a full fine-tuning one, checked against a merge by hand."""
 
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ def test_counts_are_summed_by_module_kind():
 
 @pytest.fixture
 def tiny_checkpoints(compose, tiny_overrides, tmp_path):
-    """Records of a LoRA (all_linear, r=8, B drawn at random: far from its no-op start) and a full fine-tuning
-    checkpoint (every weight nudged by 1e-6 noise) of the tiny BERT, saved with the project's checkpoint code."""
+    """Records of a LoRA (all_linear, r=8, B drawn at random: far from its no-op start) and a full
+    fine-tuning checkpoint (every weight nudged by 1e-6 noise) of the tiny BERT, saved with the project's
+    checkpoint code."""
     from lora_sweep.checkpoint import save_checkpoint
     from lora_sweep.methods import apply_method
     from lora_sweep.report import checkpoints as ck
@@ -106,7 +107,7 @@ def test_a_merged_lora_checkpoint_against_full_fine_tuning_on_the_same_matrices(
     lora, full = tiny_checkpoints
     found = intr.checkpoint_intruders(lora, full)
     assert found["k"] == intr.DEFAULT_K and found["eps"] == intr.DEFAULT_EPS and found["note"]
-    # all_linear on the tiny BERT: 6 linear layers in each of 2 blocks, and the pooler; the head is not adapted
+    # all_linear on the tiny BERT: 6 linear layers in each of 2 blocks and the pooler; never the head
     assert found["lora"]["matrices"] == found["full"]["matrices"] == 13
     assert found["lora"]["per_matrix"].keys() == found["full"]["per_matrix"].keys()
     assert not any("classifier" in name for name in found["lora"]["per_matrix"])

@@ -199,9 +199,9 @@ def checkpoint_intruders(
         "k": k,
         "eps": eps,
         "note": (
-            f"Intruder dimensions (Shuttleworth et al. 2024): of the top {k} left singular vectors of each of "
-            f"the {len(names)} weight matrices the chosen adapter changes, those whose largest |cosine| with "
-            f"every singular vector of the pre-trained matrix is below {eps:g}; full fine-tuning on the same "
-            "matrices."
+            f"Intruder dimensions (Shuttleworth et al. 2024): of the top {k} left singular vectors of each "
+            f"of the {len(names)} weight matrices the chosen adapter changes, those whose largest |cosine| "
+            f"with every singular vector of the pre-trained matrix is below {eps:g}; full fine-tuning on the "
+            "same matrices."
         ),
     }
