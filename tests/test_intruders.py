@@ -3,6 +3,7 @@ real PEFT LoRA checkpoint of the tiny BERT against a full fine-tuning one, check
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -81,6 +82,7 @@ def tiny_checkpoints(compose, tiny_overrides, tmp_path):
     lora = record(compose(*tiny_overrides, "tracking=none", "method.targets=all_linear"), "lora")
     full = record(compose(*tiny_overrides, "tracking=none", "method=full"), "full")
     cfg, prepared, base = ck._setup(lora)
+    full_model = copy.deepcopy(base)
     model = apply_method(base, cfg.method, prepared.spec, prepared.targets)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -88,7 +90,6 @@ def tiny_checkpoints(compose, tiny_overrides, tmp_path):
             if "lora_B" in name:
                 parameter.normal_()
     save_checkpoint(lora["checkpoints"]["best"], model, prepared.tokenizer, {"step": 1})
-    _, _, full_model = ck._setup(full)
     with torch.no_grad():
         for parameter in full_model.parameters():
             parameter += 1e-6 * torch.randn_like(parameter)
@@ -149,6 +150,7 @@ def test_intruder_lines_render_the_counts_and_nothing_without_them():
         }
     }
     text = "\n".join(intruder_lines(summary))
+    assert "| model | intruders of top-10 slots | q | v |" in text
     assert "| chosen LoRA | 7 of 120 | 4 | 3 |" in text and "| full fine-tuning | 0 of 120 | 0 | 0 |" in text
     assert "what it is." in text
     assert "not measured: x" in "\n".join(intruder_lines({"intruders_note": "not measured: x"}))

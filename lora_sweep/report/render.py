@@ -284,7 +284,7 @@ def intruder_lines(summary: dict[str, Any]) -> list[str]:
     found = summary.get("intruders")
     if not found:
         return []
-    kinds = sorted(set(found["lora"]["by_module"]) | set(found["full"]["by_module"]))
+    kinds = list(dict.fromkeys([*found["lora"]["by_module"], *found["full"]["by_module"]]))  # model order
     lines = [
         "## Intruder dimensions",
         "",
