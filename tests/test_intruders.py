@@ -62,6 +62,7 @@ def test_counts_are_summed_by_module_kind():
     assert found["total"] == 2 and found["matrices"] == 5
     assert found["by_module"] == {"q": 1, "v": 0, "down": 1}
     assert found["per_matrix"][names[0]] == 1 and found["per_matrix"][names[1]] == 0
+    assert intr.module_kind("model.layers.3.mlp.odd_proj") == "mlp.odd_proj"
     with pytest.raises(ValueError, match="eps"):
         intr.intruder_dimensions(base, base, names, eps=0)
 
@@ -130,7 +131,7 @@ def test_a_merged_lora_checkpoint_against_full_fine_tuning_on_the_same_matrices(
     by_hand = intr.intruder_dimensions(base, tuned)
     assert by_hand["per_matrix"] == found["lora"]["per_matrix"]
     assert found["lora"]["by_module"] == by_hand["by_module"]
-    assert set(by_hand["by_module"]) == {"q", "k", "v", "o", "up", "down", "dense"}  # dense: the pooler
+    assert set(by_hand["by_module"]) == {"q", "k", "v", "o", "up", "down", "pooler.dense"}
 
     # a full fine-tuning run is not an adapter: nothing to measure on its own
     assert intr.checkpoint_intruders(full, full) == "not measured: the chosen run is not an adapter"

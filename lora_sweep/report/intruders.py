@@ -74,10 +74,15 @@ def _similarities(base: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
 
 def module_kind(name: str) -> str:
     """What a module is, the same in every layer: its role (q, k, v, o, up, down, ...,
-    :func:`lora_sweep.targets.module_role`), else its own name without the layer's path."""
+    :func:`lora_sweep.targets.module_role`), else its path inside the layer (``pooler.dense`` outside any)."""
     from lora_sweep.targets import module_role
 
-    return module_role(name) or name.rsplit(".", 1)[-1]
+    role = module_role(name)
+    if role:
+        return role
+    parts = name.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[numbered[-1] + 1 :] if numbered else parts[-2:])
 
 
 def intruder_dimensions(
