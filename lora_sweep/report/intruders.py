@@ -5,8 +5,8 @@ For a pre-trained matrix W0 and its fine-tuned W (an adapter's: merged, W0 + ΔW
 singular vectors of W (by singular value) and, for each, its largest absolute cosine similarity with *every*
 left singular vector of W0 (absolute: a singular vector's sign is arbitrary). It is an intruder dimension
 when that largest similarity is below ``eps``. The paper finds LoRA makes such high-ranking new directions and
-full fine-tuning does not, and ties them to forgetting. Our defaults, ``k`` = 10 and ``eps`` = 0.5, are ours
-(the paper sweeps the threshold); both are arguments.
+full fine-tuning does not, and ties them to forgetting. The defaults, ``k`` = 10 and ``eps`` = 0.5, are our
+choice, not a setting taken from the paper; both are arguments.
 
 What a count means: W0's left singular vectors span its whole column space, so no direction lies outside
 them; an intruder is a direction aligned with no *single* pre-trained singular vector. A random unit vector
@@ -36,8 +36,8 @@ DEFAULT_EPS = 0.5
 
 @contextmanager
 def _one_thread():
-    """LAPACK on one thread: on 2 busy cores a 384 x 384 SVD took 2.5 s on torch's 2 threads, 0.11 s on one
-    (the threads wait for each other); at this size a second thread gains nothing on quiet cores either."""
+    """LAPACK on one thread: on 2 busy cores a 384 x 384 float32 SVD took 2.5 s on torch's 2 threads and
+    0.11 s on one (the threads wait for each other); matrices this small gain little from a second one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
