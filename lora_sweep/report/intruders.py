@@ -128,6 +128,11 @@ def _intruders(
     }
 
 
+def _is_linear(module) -> bool:
+    """A layer the measure applies to (an adapted embedding or convolution is left out)."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def _linear_weight(module) -> torch.Tensor:
     """The layer's weight as (out, in): transformers' Conv1D (GPT-2) stores it transposed."""
     weight = module.weight
@@ -161,8 +166,10 @@ def _merged_adapter(record: dict[str, Any]):
     names = [
         name
         for name, module in model.get_base_model().named_modules()
-        if isinstance(module, BaseTunerLayer) and hasattr(module.get_base_layer(), "weight")
+        if isinstance(module, BaseTunerLayer) and _is_linear(module.get_base_layer())
     ]
+    if not names:
+        return "the adapter adapts no linear layer"
     base = {
         name: _linear_weight(model.get_base_model().get_submodule(name).get_base_layer()) for name in names
     }
