@@ -177,6 +177,11 @@ def checkpoint_sections(
         figures["forgetting: drift from the base model on out-of-task text"] = fig.forgetting(
             similarity, roles, out_dir
         )[0]
+    if len(picks) == 2:  # the chosen adapter and full FT, both checkpoints just scored on test
+        from lora_sweep.report.intruders import checkpoint_intruders
+
+        found = checkpoint_intruders(records[picks["chosen LoRA"]], records[picks["full fine-tuning"]])
+        extra["intruders" if isinstance(found, dict) else "intruders_note"] = found
     generations = {
         label: records[key].get("generations")
         for label, key in picks.items()

@@ -233,6 +233,7 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
         lines.append("")
     elif summary.get("forgetting_note"):
         lines += ["## Forgetting", "", summary["forgetting_note"], ""]
+    lines += intruder_lines(summary)
     if summary.get("generations"):
         lines += [
             "## What the models say",
@@ -274,6 +275,30 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def intruder_lines(summary: dict[str, Any]) -> list[str]:
+    """The intruder-dimension counts of the chosen adapter and of full fine-tuning (none: no lines)."""
+    if summary.get("intruders_note"):
+        return ["## Intruder dimensions", "", summary["intruders_note"], ""]
+    found = summary.get("intruders")
+    if not found:
+        return []
+    kinds = list(dict.fromkeys([*found["lora"]["by_module"], *found["full"]["by_module"]]))  # model order
+    lines = [
+        "## Intruder dimensions",
+        "",
+        found["note"],
+        "",
+        f"| model | intruders of top-{found['k']} slots | " + " | ".join(kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+    ]
+    for label, key in (("chosen LoRA", "lora"), ("full fine-tuning", "full")):
+        side = found[key]
+        slots = side["matrices"] * found["k"]
+        counts = " | ".join(str(side["by_module"].get(kind, 0)) for kind in kinds)
+        lines.append(f"| {label} | {side['total']} of {slots} | {counts} |")
+    return [*lines, ""]
 
 
 def _inline(text: str) -> str:
