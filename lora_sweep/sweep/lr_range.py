@@ -53,10 +53,8 @@ def derive(
     ]
     if not done:
         trials = baseline.get_trials(deepcopy=False)
-        states = ", ".join(
-            f"{sum(t.state == s for t in trials)} {s.name.lower()}"
-            for s in (TrialState.PRUNED, TrialState.FAIL)
-        )
+        pruned, failed = (sum(t.state == s for t in trials) for s in (TrialState.PRUNED, TrialState.FAIL))
+        states = f"{pruned} pruned, {failed} failed"
         raise ConfigError(
             WHERE,
             given(conf),
