@@ -49,10 +49,11 @@ def trained_lr(trial: optuna.trial.FrozenTrial) -> float:
 
 
 def test_the_range_is_derived_from_the_best_baseline_trial_recorded_and_reused_on_resume(
-    tmp_path, sweep_in_process
+    tmp_path, sweep_in_process, capsys
 ):
     write_sweep(tmp_path, "lrb", SWEEP)
     sweep_in_process("lrb", *FAST)
+    assert "LoRA lr searched over [" in capsys.readouterr().out
 
     baseline, search = load(tmp_path, "lrb-baseline", "lrb"), load(tmp_path, "lrb")
     best = best_baseline(baseline)
@@ -65,6 +66,8 @@ def test_the_range_is_derived_from_the_best_baseline_trial_recorded_and_reused_o
     assert [t.state for t in trials] == [TrialState.COMPLETE]
     assert trials[0].params == {"method.r": 2, "train.lr": lr * 10}  # the enqueued trial, at the centre
     assert trained_lr(trials[0]) == lr * 10
+    summary = json.loads((tmp_path / "outputs" / "sweeps" / "lrb" / "sweep_summary.json").read_text())
+    assert summary["lr_range"] == recorded
     (parent,) = parents(tmp_path, "lrb")
     assert float(parent.data.tags["lora_sweep.lr_range.low"]) == recorded["low"]
     assert float(parent.data.tags["lora_sweep.lr_range.high"]) == recorded["high"]
