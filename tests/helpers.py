@@ -162,8 +162,9 @@ def children(root: Path, parent_id: str):
 # --- snapshots of everything a bad input (or a kill) must not touch -----------------------------------
 
 
-def optuna_snapshot(root: Path, study: str) -> dict:
-    """Every trial of ``study`` (in its sweep folder's journal): state, values, params, attributes, times."""
+def optuna_snapshot(root: Path, study: str, folder: str | None = None) -> dict:
+    """Every trial of ``study`` (in its sweep folder's journal, ``folder`` as :func:`load` takes it): state,
+    values, params, attributes, times."""
     return {
         t.number: (
             t.state,
@@ -175,7 +176,7 @@ def optuna_snapshot(root: Path, study: str) -> dict:
             t.datetime_start,
             t.datetime_complete,
         )
-        for t in load(root, study).get_trials()
+        for t in load(root, study, folder).get_trials()
     }
 
 

@@ -59,6 +59,7 @@ LAYERS: dict[str, int] = {
             "sweep.trials",
             "sweep.optuna_api",
             "sweep.devices",
+            "sweep.lr_range",
         )
     },
     # foundations

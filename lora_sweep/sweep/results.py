@@ -126,5 +126,9 @@ def summarize(phases, parent) -> dict[str, Any]:
     if len(phases) > 1 and best_trials(phases[0].study):
         summary["baseline_best_value"] = best_trials(phases[0].study)[0].values[0]
         parent.log_metrics({"baseline_best_value": summary["baseline_best_value"]})
+    from lora_sweep.sweep.lr_range import ATTR
+
+    if ATTR in main.study.user_attrs:  # hydra.sweeper.lr_from_baseline: the range every LoRA trial searched
+        summary["lr_range"] = main.study.user_attrs[ATTR]
     parent.log_dict(summary, "sweep_summary.json")
     return summary

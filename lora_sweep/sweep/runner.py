@@ -223,7 +223,8 @@ class SweepRunner:
                     "params": dict(block.get("params") or {}),
                 },
             )
-            for entry in block.get("enqueue") or []:
+            deferred = role == "search" and self.conf.lr_from_baseline is not None  # queued with its lr
+            for entry in [] if deferred else block.get("enqueue") or []:
                 study.enqueue_trial(dict(entry), user_attrs={"enqueued": True})
         phase = Phase(role, study, space, overrides, n_trials, objectives, self._arguments_for(overrides))
         phase.samplers = samplers
@@ -445,6 +446,8 @@ class SweepRunner:
         self.replicates = None
         try:
             for phase in phases:
+                if phase.role == "search" and self.conf.lr_from_baseline is not None:
+                    self._lr_from_baseline(phase)
                 self._run_phase(phase)
             setup = study_lock(storage, spec, f"{study_name}/setup")
             with FileLock(str(self.sweep_dir / ".setup.lock")), setup:
@@ -456,6 +459,23 @@ class SweepRunner:
             raise
         self._finish(phases)
         return phases
+
+    def _lr_from_baseline(self, search: Phase) -> None:
+        """The search's train.lr range from the finished baseline, recorded once in the search study."""
+        from lora_sweep.sweep import lr_range
+
+        baseline, storage = self.phases[0], storage_of(search.study)
+        recorded = lr_range.apply(
+            search.study,
+            search.space,
+            baseline.study,
+            self.conf.lr_from_baseline,
+            lock=lambda: study_lock(storage, self.storage_spec, search.study.study_name),
+            config_lr=lambda: self._task_config([*baseline.arguments, *baseline.overrides]).train.lr,
+            run_baseline=lambda: self._run_phase(baseline),
+            enqueue=list(self.settings.get("enqueue") or []),
+        )
+        self.parent.set_tags(lr_range.tags(recorded))
 
     def _run_phase(self, phase: Phase) -> None:
         workers = len(self.devices)
@@ -696,6 +716,8 @@ class SweepRunner:
         params.update({f"space.{k}": v for k, v in (s.get("params") or {}).items()})
         if s.get("alpha"):
             params["space.alpha"] = s["alpha"]
+        if s.get("lr_from_baseline"):  # the derived range itself: the parent's lora_sweep.lr_range.* tags
+            params["space.lr_from_baseline"] = s["lr_from_baseline"]
         return params
 
     def _condition_values(self, space: SearchSpace) -> dict[str, Any]:

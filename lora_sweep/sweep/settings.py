@@ -88,6 +88,29 @@ class BaselineConf:
 
 
 @dataclass
+class LrFromBaselineConf:
+    """The LoRA search's learning rate, derived from the full fine-tuning baseline's best one: searched on a
+    log scale over [best baseline lr * span[0], best baseline lr * span[1]], enqueued trials at
+    best baseline lr * ratio (LoRA's best rate is ~10x full fine-tuning's; see lora_sweep.sweep.lr_range)."""
+
+    ratio: float = 10.0
+    span: List[float] = field(default_factory=lambda: [3.0, 30.0])
+
+    def __post_init__(self) -> None:
+        if not (self.ratio > 0 and math.isfinite(self.ratio)):
+            raise ConfigError("ratio", self.ratio, "must be a finite number > 0")
+        if len(self.span) != 2:
+            raise ConfigError(
+                "span", self.span, "must be two numbers [low, high] (multiples of the baseline lr)"
+            )
+        low, high = self.span
+        if not (0 < low <= self.ratio <= high and math.isfinite(high)):
+            raise ConfigError(
+                "span", self.span, f"must hold 0 < low <= ratio ({self.ratio:g}) <= high, both finite"
+            )
+
+
+@dataclass
 class ReportConf:
     """The comparison report written when the sweep ends (python -m lora_sweep.report writes it on demand)."""
 
@@ -118,11 +141,14 @@ class LoraOptunaSweeperConf:
     params: Dict[str, str] = field(
         default_factory=dict
     )  # key: choice(...) | range(...) | interval(...) | tag(log, ...)
-    alpha: Optional[Dict[str, Any]] = None  # {ratio: [0.5, 1, 2, 4], free: tag(log, interval(4, 512))}
+    # {ratio: [0.5, 1, 2, 4], free: tag(log, interval(4, 512))}, or {fixed: 32} / {fixed: [16, 32]}
+    alpha: Optional[Dict[str, Any]] = None
     conditions: Dict[str, Dict[str, List[Any]]] = field(default_factory=dict)
     target_sets: Dict[str, List[str]] = field(default_factory=dict)
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
     baseline: BaselineConf = field(default_factory=BaselineConf)
+    # the LoRA lr range from the baseline's best lr ({ratio: 10, span: [3, 30]}); None: train.lr in params
+    lr_from_baseline: Optional[LrFromBaselineConf] = None
     max_failure_rate: float = 0.5  # abort once more than this share of n_trials has failed
     keep_checkpoints: Optional[int] = (
         None  # keep the checkpoints of the k best trials (+ the report's pick); None: all
@@ -150,6 +176,40 @@ class LoraOptunaSweeperConf:
             raise ConfigError("heartbeat_interval", self.heartbeat_interval, "must be > 0 (or null: none)")
         if not self.trials_per_device >= 1:
             raise ConfigError("trials_per_device", self.trials_per_device, "must be a positive integer")
+        if self.lr_from_baseline is not None:
+            self._check_lr_from_baseline()
+
+    def _check_lr_from_baseline(self) -> None:
+        given = {"ratio": self.lr_from_baseline.ratio, "span": self.lr_from_baseline.span}
+        if self.baseline.n_trials < 1:
+            raise ConfigError(
+                "lr_from_baseline",
+                given,
+                "derives the LoRA learning rate from the full fine-tuning baseline, which this sweep "
+                "does not run: set hydra.sweeper.baseline.n_trials >= 1",
+            )
+        if "train.lr" in self.params:
+            raise ConfigError(
+                "params.train.lr",
+                self.params["train.lr"],
+                "hydra.sweeper.lr_from_baseline derives the LoRA learning rate from the baseline: "
+                "remove train.lr from params (or lr_from_baseline)",
+            )
+        for i, entry in enumerate(self.enqueue):
+            if "train.lr" in entry:
+                raise ConfigError(
+                    f"enqueue[{i}].train.lr",
+                    entry["train.lr"],
+                    "the learning rate comes from the baseline (hydra.sweeper.lr_from_baseline): an enqueued "
+                    "trial gets best baseline lr * ratio; leave train.lr out",
+                )
+        if self.sampler.name == "grid":
+            raise ConfigError(
+                "sampler.name",
+                self.sampler.name,
+                "the grid cannot search the continuous learning-rate range hydra.sweeper.lr_from_baseline "
+                "derives; use another sampler",
+            )
 
 
 def sweeper_conf(settings: Mapping[str, Any]) -> "LoraOptunaSweeperConf":

@@ -5,7 +5,9 @@
 
 - ``alpha``: tie ``method.alpha`` to the sampled rank by a ratio (``ratio: [0.5, 1, 2, 4]``), or let it
   be sampled on its own (``free: tag(log, interval(4, 512))``); Optuna sees a categorical
-  ``method.alpha_ratio`` whose value ``free`` switches on a conditional ``method.alpha``.
+  ``method.alpha_ratio`` whose value ``free`` switches on a conditional ``method.alpha``. Or hold it
+  constant across ranks (``fixed: 32``, or ``fixed: [16, 32]``, a categorical of constants): with a fixed
+  alpha (or rsLoRA) the best learning rate hardly moves with the rank, so the lr search is not chasing r.
 - ``target_sets``: named lists of module names usable as ``method.targets`` choices next to the presets;
   a raw list is never a choice (Optuna's categoricals must be plain values, and names read better).
 - ``conditions``: a parameter is sampled only when earlier values match, e.g. ``method.init`` only for
@@ -27,6 +29,7 @@ from lora_sweep.sweep.settings import LoraOptunaSweeperConf
 
 FREE = "free"
 ALPHA_RATIO, ALPHA = "method.alpha_ratio", "method.alpha"
+ALPHA_POLICIES = ("ratio", "free", "fixed")
 
 
 @dataclass
@@ -103,7 +106,18 @@ class SearchSpace:
             self.params.append(
                 Param(key, _parse(key, str(text), where), conditions.pop(key, None), where, str(text))
             )
+        self.fixed_alpha = bool(alpha) and alpha.get("fixed") is not None
         if alpha:
+            unknown = sorted(set(alpha) - set(ALPHA_POLICIES))
+            if unknown:
+                raise ConfigError(
+                    f"{prefix}.alpha.{unknown[0]}",
+                    alpha[unknown[0]],
+                    f"not an alpha policy (one of {', '.join(ALPHA_POLICIES)})",
+                )
+        if self.fixed_alpha:
+            self.params.append(_fixed_alpha(alpha, conditions.pop(ALPHA, None), prefix))
+        elif alpha:
             ratios = [float(r) for r in alpha.get("ratio") or []]
             if any(r <= 0 for r in ratios):
                 raise ConfigError(f"{prefix}.alpha.ratio", ratios, "ratios must be > 0")
@@ -189,6 +203,8 @@ class SearchSpace:
                     out += [f"{ALPHA_RATIO}={value}", f"{ALPHA}=null"]
             elif name == "method.targets" and value in self.target_sets:
                 out.append(f"method.targets=[{','.join(self.target_sets[value])}]")
+            elif name == ALPHA and self.fixed_alpha:  # the constant, whatever r and the method file's ratio
+                out += [f"{ALPHA}={format_value(value)}", f"{ALPHA_RATIO}=null"]
             else:
                 out.append(f"{name}={format_value(value)}")
         return out
@@ -244,6 +260,8 @@ class SearchSpace:
             return {ALPHA_RATIO: None} if value == FREE else {ALPHA_RATIO: value, ALPHA: None}
         if name == "method.targets" and value in self.target_sets:
             return {name: list(self.target_sets[value])}
+        if name == ALPHA and self.fixed_alpha:
+            return {ALPHA: value, ALPHA_RATIO: None}
         return {name: value}
 
     def grid(self, where: str) -> dict[str, list]:
@@ -267,6 +285,25 @@ class SearchSpace:
                     f"{where}.{param.name}", "interval", "the grid sampler needs choice() or range() values"
                 )
         return grid
+
+
+def _fixed_alpha(alpha: dict, when: dict | None, prefix: str) -> Param:
+    """``fixed: 32`` or ``fixed: [16, 32]``: method.alpha a categorical of constants, alpha_ratio null."""
+    where, fixed = f"{prefix}.alpha", alpha["fixed"]
+    others = [k for k in ("ratio", "free") if alpha.get(k) is not None]
+    if others:
+        raise ConfigError(
+            f"{where}.{others[0]}",
+            alpha[others[0]],
+            "alpha.fixed is set: one alpha policy per study (ratio, free or fixed), not both",
+        )
+    values = list(fixed) if isinstance(fixed, (list, tuple)) else [fixed]
+    if not values or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
+    ):
+        raise ConfigError(f"{where}.fixed", fixed, "must be a number > 0 or a list of numbers > 0")
+    choices = list(dict.fromkeys(float(v) for v in values))
+    return Param(ALPHA, CategoricalDistribution(choices), when, f"{where}.fixed", str(fixed))
 
 
 def check_search(conf: LoraOptunaSweeperConf, config: Any) -> None:

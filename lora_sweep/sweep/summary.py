@@ -72,6 +72,14 @@ def print_summary(phases, parent, metric: str) -> None:
             )
         table.add_section()
     console.print(table)
+    from lora_sweep.sweep.lr_range import ATTR
+
+    lr = main.study.user_attrs.get(ATTR)
+    if lr:
+        console.print(
+            f"LoRA lr searched over [{lr['low']:.2e}, {lr['high']:.2e}] (log): baseline trial "
+            f"{lr['baseline_trial']}'s lr {lr['baseline_lr']:.2e} x {lr['span'][0]:g}..{lr['span'][1]:g}"
+        )
     best = best_trials(main.study)
     if best:
         top = best[0]
