@@ -424,7 +424,7 @@ def own_records(root: Path):
             yield path, record
 
 
-def open_sweep_storage(sweep_cwd: Path):
+def open_sweep_storage(sweep_cwd: Path, key: str = "--reuse"):
     """The sweep's Optuna storage and main study name, from a trial record (any storage), else from the
     one journal file under the sweep folder."""
     import optuna
@@ -439,7 +439,7 @@ def open_sweep_storage(sweep_cwd: Path):
     if spec is None:
         journals = sorted(p for p in sweep_cwd.rglob("*.journal") if p.is_file())
         if len(journals) != 1:
-            raise BadInput("--reuse", sweep_cwd.parent, f"found {len(journals)} Optuna journals in sweep/")
+            raise BadInput(key, sweep_cwd.parent, f"found {len(journals)} Optuna journals in sweep/")
         spec = f"journal:{journals[0]}"
     if spec.startswith("journal:"):
         storage = optuna.storages.JournalStorage(JournalFileBackend(spec[len("journal:") :]))
@@ -448,18 +448,18 @@ def open_sweep_storage(sweep_cwd: Path):
     names = optuna.get_all_study_names(storage)
     mains = [n for n in names if not n.endswith(tuple(MAIN_SUFFIXES.values()))]
     if len(mains) != 1:
-        raise BadInput(
-            "--reuse", sweep_cwd.parent, f"the sweep's storage holds studies {names}: expected one"
-        )
+        raise BadInput(key, sweep_cwd.parent, f"its sweep storage holds studies {names}: expected one main")
     return storage, mains[0], names
 
 
-def sweep_side(workdir: Path, timings: dict[str, Any] | None = None) -> tuple[Side, str | None, str]:
+def sweep_side(
+    workdir: Path, timings: dict[str, Any] | None = None, key: str = "--reuse"
+) -> tuple[Side, str | None, str]:
     """The sweep's trials (baseline, search, replicates), in trial order, with their records."""
     import optuna
 
     timings = timings if timings is not None else read_timings(workdir).get("sweep") or {}
-    storage, main, names = open_sweep_storage(workdir / "sweep")
+    storage, main, names = open_sweep_storage(workdir / "sweep", key)
     studies = [
         (role, main + MAIN_SUFFIXES.get(role, ""))
         for role in ("baseline", "search", "replicate")
@@ -807,6 +807,13 @@ def parse(argv: list[str] | None):
         default=None,
         help="sweep LoRA trials count up to this trainable share (default 2; 100 with --tiny)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="a Hydra override for both sides (repeatable): data.max_train_samples=2000, tracking=none",
+    )
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per command")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
@@ -858,14 +865,15 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as err:
         print(err, file=sys.stderr)
         return 2
-    cap = args.max_trainable_pct if args.max_trainable_pct is not None else 100.0 if args.tiny else 2.0
-
     if args.reuse is not None:
         workdir = args.reuse.resolve()
+        cap = args.max_trainable_pct or read_timings(workdir).get("options", {}).get("max_trainable_pct")
     else:
         workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="lora_sweep-ttq-"))).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        common: list[str] = []
+        common: list[str] = list(args.set)
+        cap = args.max_trainable_pct
+        write_timings(workdir, "options", {"max_trainable_pct": cap or (100.0 if args.tiny else 2.0)})
         sweep_name = args.sweep or "default"
         extra = list(args.extra)
         model_path, data = args.model_path, args.data
@@ -891,9 +899,9 @@ def main(argv: list[str] | None = None) -> int:
             if code:
                 return code
         sides = [s for s in SIDES if (workdir / s).is_dir()]  # with a side an earlier call left here
-
+    cap = cap or (100.0 if args.tiny else 2.0)
     try:
-        figures = collect(workdir, sides, cap)
+        figures = collect(workdir, sides, cap, "--reuse" if args.reuse else "--workdir")
     except BadInput as err:
         print(err, file=sys.stderr)
         return 2
@@ -903,13 +911,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def collect(workdir: Path, sides: list[str], cap: float) -> dict[str, Any]:
+def collect(workdir: Path, sides: list[str], cap: float, key: str = "--reuse") -> dict[str, Any]:
     grid = sweep = None
     direction, metric_name, sweep_name = None, None, None
     if "grid" in sides:
         grid, metric_name = grid_side(workdir)
     if "sweep" in sides:
-        sweep, direction, sweep_name = sweep_side(workdir)
+        sweep, direction, sweep_name = sweep_side(workdir, key=key)
     if direction is None:
         from lora_sweep.tasks import metric_direction
 
