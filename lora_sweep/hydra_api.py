@@ -169,6 +169,16 @@ def _compose(overrides: list[str], parsed: list, config_dir: str, config_name: s
             return compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise _one_line(err, overrides, parsed, config_dir, config_name) from None
+    except AttributeError as err:  # OmegaConf cannot merge a mapping into a typed setting that is null
+        culprit = next((o for o in parsed if f"full_key: {o.key_or_group}\n" in f"{err}\n"), None)
+        if culprit is None or "'NoneType'" not in str(err):
+            raise
+        raise ConfigError(
+            culprit.key_or_group,
+            _typed_value(culprit),
+            "this setting is null in the composed config, and Hydra cannot merge a mapping into a null "
+            "setting from the command line: give it in a sweep file (hydra: sweeper: ...), where it merges",
+        ) from None
 
 
 def _one_line(err: Exception, overrides: list[str], parsed: list, config_dir: str, config_name: str):

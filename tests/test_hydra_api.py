@@ -50,7 +50,15 @@ def error(*argv: str) -> str | None:
         (["-m", "method=lora,nope"], "method='nope': no such method option"),  # the basic sweeper's 2nd job
         (["-m", "method.r=8,16", "train.lrr=1,2"], "train.lrr=1: no such config key"),
         (["hydra/launcher=nope"], "hydra/launcher='nope': no such hydra/launcher option; options: basic"),
-        (["sweeps=nope"], "sweeps='nope': no such sweeps option; options: causal_gpu, causal_quick, methods"),
+        (
+            ["sweeps=nope"],
+            "sweeps='nope': no such sweeps option; options: causal_gpu, causal_quick, default, methods",
+        ),
+        (  # OmegaConf cannot merge a mapping into a null typed node: said in one line, not a traceback
+            ["-m", "sweeps=quick", "hydra.sweeper.lr_from_baseline={ratio:8,span:[2,20]}"],
+            "hydra.sweeper.lr_from_baseline={'ratio': 8, 'span': [2, 20]}: this setting is null in the "
+            "composed config",
+        ),
         (
             ["-m", "sweeps=quick", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_trials=abc"],
             "hydra.sweeper.n_trials='abc': expected an integer",
