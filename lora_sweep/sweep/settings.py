@@ -88,6 +88,33 @@ class BaselineConf:
 
 
 @dataclass
+class LadderConf:
+    """A budget ladder for the LoRA search: cheap rungs (each a study of its own) whose trials train a
+    fraction of a full trial's optimizer steps, the best ``keep`` share of each rung promoted to the next
+    rung and then to the full-budget search (:mod:`lora_sweep.sweep.ladder`)."""
+
+    fractions: List[float] = field(default_factory=lambda: [0.25, 0.5])  # of a full trial's steps
+    keep: float = 0.5  # share of a rung promoted to the next one
+
+    def __post_init__(self) -> None:
+        if not self.fractions:
+            raise ConfigError("fractions", self.fractions, "must list at least one fraction of the budget")
+        for i, fraction in enumerate(self.fractions):
+            if not 0 < fraction < 1:  # NaN fails too
+                raise ConfigError(
+                    f"fractions[{i}]", fraction, "must be in (0, 1): a share of a full trial's steps"
+                )
+        if any(b <= a for a, b in zip(self.fractions, self.fractions[1:])):
+            raise ConfigError(
+                "fractions", self.fractions, "must be strictly increasing (cheapest rung first)"
+            )
+        if not 0 < self.keep < 1:
+            raise ConfigError(
+                "keep", self.keep, "must be in (0, 1): the share of a rung promoted to the next"
+            )
+
+
+@dataclass
 class ReportConf:
     """The comparison report written when the sweep ends (python -m lora_sweep.report writes it on demand)."""
 
@@ -131,6 +158,7 @@ class LoraOptunaSweeperConf:
     # >1: this many trials at once on each visible GPU (or on the CPU), each in its own joblib process
     trials_per_device: int = 1
     report: ReportConf = field(default_factory=ReportConf)
+    ladder: Optional[LadderConf] = None  # None: every LoRA trial trains the full budget
 
     def __post_init__(self) -> None:
         if not self.study_name.strip():
@@ -150,6 +178,13 @@ class LoraOptunaSweeperConf:
             raise ConfigError("heartbeat_interval", self.heartbeat_interval, "must be > 0 (or null: none)")
         if not self.trials_per_device >= 1:
             raise ConfigError("trials_per_device", self.trials_per_device, "must be a positive integer")
+        if self.ladder is not None and self.sampler.name == "grid":
+            raise ConfigError(
+                "sampler.name",
+                "grid",
+                "a grid trains every point at the full budget and the budget ladder (hydra.sweeper.ladder) "
+                "promotes only a rung's best: use tpe, random, gp or cmaes with the ladder, or drop it",
+            )
 
 
 def sweeper_conf(settings: Mapping[str, Any]) -> "LoraOptunaSweeperConf":
