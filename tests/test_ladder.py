@@ -114,9 +114,80 @@ def test_a_two_rung_ladder_promotes_each_rungs_best_and_resumes_without_promotin
     assert {k: v["tags"].get("lora_sweep.role") for k, v in mlflow_snapshot(tmp_path).items()} == {
         k: v["tags"].get("lora_sweep.role") for k, v in runs.items()
     }
+    # a bad ladder on the finished sweep: one line, and every study, run and record as it was
+    runs = mlflow_snapshot(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        sweep_in_process("climb", *SMALL, "hydra.sweeper.ladder.fractions=[0.05,0.5]")
+    assert stopped.value.code == 2
+    assert (
+        "error: hydra.sweeper.ladder.fractions[0]=0.05: a rung trial would train" in capsys.readouterr().err
+    )
+    assert {name: optuna_snapshot_of(tmp_path, name) for name in STUDIES} == before
+    assert (mlflow_snapshot(tmp_path), records(tmp_path)) == (runs, disk)
 
 
 def optuna_snapshot_of(root: Path, study: str) -> dict:
     """``optuna_snapshot`` of a study kept in the ``climb`` sweep's journal."""
     trials = load(root, study, "climb").get_trials()
     return {t.number: (t.state, t.values, t.params, t.user_attrs) for t in trials}
+
+
+BAD = [
+    ({"ladder": {"fractions": []}}, "hydra.sweeper.ladder.fractions=[]: must list at least one fraction"),
+    ({"ladder": {"fractions": [0.5, 0.25]}}, "hydra.sweeper.ladder.fractions=[0.5, 0.25]: must be strictly"),
+    ({"ladder": {"fractions": [0.25, 1.0]}}, "hydra.sweeper.ladder.fractions[1]=1.0: must be in (0, 1)"),
+    ({"ladder": {"keep": 1.0}}, "hydra.sweeper.ladder.keep=1.0: must be in (0, 1)"),
+    ({"ladder": {}, "sampler": {"name": "grid"}}, "hydra.sweeper.sampler.name='grid': a grid trains every"),
+    (  # S = 8 steps: 0.05 of it rounds to 0
+        {"ladder": {"fractions": [0.05, 0.5]}},
+        "hydra.sweeper.ladder.fractions[0]=0.05: a rung trial would train round(0.05 x 8) = 0 ",
+    ),
+    (  # 0.2 and 0.25 of 8 steps are both 2
+        {"ladder": {"fractions": [0.2, 0.25]}},
+        "hydra.sweeper.ladder.fractions[1]=0.25: 2 steps, as many as the rung before it",
+    ),
+    (
+        {"ladder": {}, "params": {"train.batch_size": "choice(8, 16)"}},
+        "hydra.sweeper.params.train.batch_size='choice(8, 16)': sets a trial's budget",
+    ),
+]
+
+
+@pytest.mark.parametrize("sweeper, line", BAD, ids=[line.split(":")[0] for _, line in BAD])
+def test_a_bad_ladder_is_one_line_and_exit_2_before_anything_is_made(
+    tmp_path, sweep_in_process, capsys, sweeper, line
+):
+    write_sweep(tmp_path, "bad", {**SWEEP, **sweeper})
+    with pytest.raises(SystemExit) as stopped:
+        sweep_in_process("bad", *SMALL)
+    errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith(("error:", "Traceback"))]
+    assert stopped.value.code == 2 and len(errors) == 1 and errors[0].startswith(f"error: {line}"), errors
+    assert not (tmp_path / "outputs" / "sweeps" / "bad").exists() or not any(
+        (tmp_path / "outputs" / "sweeps" / "bad").iterdir()
+    )  # no journal, no trial folder
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_rung_sizes_keep_the_share_of_the_rung_before():
+    assert ladder.sizes(2, 0.5, 2) == [
+        8,
+        4,
+    ]  # the README's example: 8 at 1/4, 4 at 1/2, then 2 at full budget
+    assert ladder.sizes(40, 1 / 3, 2) == [360, 120]  # 40 / (1/3)^2 is 360.00000000000006 in floats
+    assert ladder.sizes(2, 0.3, 2) == [23, 7]
+
+
+def test_the_best_complete_trials_promote_by_the_first_objective_pruned_and_failed_never():
+    import optuna
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for loss, size in ((0.4, 9), (0.2, 1), (0.3, 5), (0.2, 0)):  # 1 and 3 tie on the loss: the earlier first
+        study.add_trial(optuna.trial.create_trial(values=[loss, size]))
+    for state in (TrialState.PRUNED, TrialState.FAIL):  # no value to rank by, whatever the pruner saw
+        study.add_trial(optuna.trial.create_trial(state=state, intermediate_values={1: 0.01}))
+    assert ladder.best(study, 3) == [1, 3, 2]
+    assert ladder.best(study, 9) == [1, 3, 2, 0]
+    higher = optuna.create_study(direction="maximize")
+    for accuracy in (0.5, 0.9, 0.7):
+        higher.add_trial(optuna.trial.create_trial(value=accuracy))
+    assert ladder.best(higher, 2) == [1, 2]

@@ -120,11 +120,15 @@ def plan(runner: SweepRunner) -> Ladder | None:
             raise ConfigError(
                 key, fraction, f"{steps} steps, as many as the rung before it: a full trial has only {full}"
             )
-        # 1e-9: 2 / 0.5**2 is 8, not 8.000000001
-        size = math.ceil(runner.conf.n_trials / conf.keep ** (top - k) - 1e-9)
-        rungs.append(Rung(k, fraction, steps, size))
+        rungs.append(Rung(k, fraction, steps, sizes(runner.conf.n_trials, conf.keep, top)[k]))
         previous = steps
     return Ladder(full, rungs)
+
+
+def sizes(n_trials: int, keep: float, rungs: int) -> list[int]:
+    """Trials of each rung: ``ceil(n_trials / keep^(K-k))``, so each keeps ``keep`` of the one before."""
+    # 1e-9: 2 / 0.5**2 must be 8, whatever the last bit of the float division says
+    return [math.ceil(n_trials / keep ** (rungs - k) - 1e-9) for k in range(rungs)]
 
 
 def rung_phases(runner: SweepRunner, storage, search: Phase) -> list[Phase]:

@@ -627,6 +627,8 @@ class SweepRunner:
         studies = [phase.study for phase in phases]
         if self.replicates is not None:
             studies.insert(-1, self.replicates.study)  # the main study stays last
+        if self.ladder is not None:  # a worker may have trained rung trials only
+            studies[:0] = [phase.study for phase in self.ladder.phases]
         if not closes_the_sweep(studies, self.storage_spec, worker_identity()):
             log.info(
                 "other workers of this study are still at work: the last one out writes the report and "
