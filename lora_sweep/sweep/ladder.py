@@ -220,8 +220,8 @@ def finish(runner: SweepRunner, phase: Phase) -> None:
 
 
 def promote(runner: SweepRunner, source: Phase, target: Phase) -> list[int]:
-    """Enqueue ``source``'s best complete trials (as many as ``target`` has places) into ``target``, once:
-    the choice is recorded first, and a rerun enqueues only the recorded trials not yet in ``target``."""
+    """Enqueue ``source``'s best complete trials (as many as ``target`` has open places) into ``target``,
+    once: the choice is recorded first, and a rerun enqueues only recorded trials not yet in ``target``."""
     from filelock import FileLock
 
     from lora_sweep.sweep.locks import study_lock
@@ -231,7 +231,10 @@ def promote(runner: SweepRunner, source: Phase, target: Phase) -> list[int]:
     with FileLock(str(runner.sweep_dir / ".setup.lock")), lock:
         recorded = target.study.user_attrs.get(PROMOTED)
         if recorded is None:
-            recorded = {"from": source.study.study_name, "trials": best(source.study, target.n_trials)}
+            # places still open: all of them, unless the ladder came to a search that already has trials
+            taken = counts(target.study)
+            places = target.n_trials - sum(taken[s] for s in ("complete", "pruned", "running", "waiting"))
+            recorded = {"from": source.study.study_name, "trials": best(source.study, max(places, 0))}
             target.study.set_user_attr(PROMOTED, recorded)
         trials = source.study.get_trials(deepcopy=False)
         held = {t.user_attrs.get("promoted_from") for t in target.study.get_trials(deepcopy=False)}
