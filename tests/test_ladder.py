@@ -25,8 +25,8 @@ SWEEP = {
     "pruner": {"name": "none"},
     "params": {"method.r": "choice(2, 4, 8)", "train.lr": "tag(log, interval(1e-4, 3e-1))"},
     "enqueue": [{"method.r": 4, "train.lr": 1e-2}],
-    "ladder": LADDER,
 }
+ON = "hydra.sweeper.ladder={fractions:[0.25,0.5],keep:0.5}"  # the ladder, from the command line
 # only the end of each trial is evaluated; the validation loss ranks (lower is better, and it has no ties)
 SMALL = (
     "objective.metric=loss",
@@ -64,14 +64,14 @@ def test_a_two_rung_ladder_promotes_each_rungs_best_and_resumes_without_promotin
 
     monkeypatch.setattr(ladder, "enqueue", enqueue_then_die)
     with pytest.raises(Killed):
-        sweep_in_process("climb", *SMALL)
+        sweep_in_process("climb", *SMALL, ON)
     monkeypatch.setattr(ladder, "enqueue", real)
     rung0 = load(tmp_path, "climb-rung0", "climb").get_trials()
     assert [t.state for t in rung0] == [TrialState.COMPLETE] * 4  # ceil(1 / 0.5^2) trials at 1/4
     first_choice = load(tmp_path, "climb-rung1", "climb").user_attrs[ladder.PROMOTED]["trials"]
     assert enqueued == first_choice[:1] and len(first_choice) == 2
 
-    sweep_in_process("climb", *SMALL)  # the rerun finishes the promotion the kill cut short
+    sweep_in_process("climb", *SMALL, ON)  # the rerun finishes the promotion the kill cut short
     out = capsys.readouterr().out
     studies = {name: load(tmp_path, name, "climb") for name in STUDIES}
     rung0, rung1, main = (studies[name].get_trials() for name in STUDIES)
@@ -108,7 +108,7 @@ def test_a_two_rung_ladder_promotes_each_rungs_best_and_resumes_without_promotin
     # the same command once more: nothing trains, nothing is promoted again, every study as it was
     before = {name: optuna_snapshot_of(tmp_path, name) for name in STUDIES}
     runs, disk = mlflow_snapshot(tmp_path), records(tmp_path)
-    sweep_in_process("climb", *SMALL)
+    sweep_in_process("climb", *SMALL, ON)
     assert {name: optuna_snapshot_of(tmp_path, name) for name in STUDIES} == before
     assert records(tmp_path) == disk
     assert {k: v["tags"].get("lora_sweep.role") for k, v in mlflow_snapshot(tmp_path).items()} == {
@@ -117,7 +117,7 @@ def test_a_two_rung_ladder_promotes_each_rungs_best_and_resumes_without_promotin
     # a bad ladder on the finished sweep: one line, and every study, run and record as it was
     runs = mlflow_snapshot(tmp_path)
     with pytest.raises(SystemExit) as stopped:
-        sweep_in_process("climb", *SMALL, "hydra.sweeper.ladder.fractions=[0.05,0.5]")
+        sweep_in_process("climb", *SMALL, "hydra.sweeper.ladder={fractions:[0.05,0.5]}")
     assert stopped.value.code == 2
     assert (
         "error: hydra.sweeper.ladder.fractions[0]=0.05: a rung trial would train" in capsys.readouterr().err
@@ -157,7 +157,7 @@ BAD = [
 def test_a_bad_ladder_is_one_line_and_exit_2_before_anything_is_made(
     tmp_path, sweep_in_process, capsys, sweeper, line
 ):
-    write_sweep(tmp_path, "bad", {**SWEEP, **sweeper})
+    write_sweep(tmp_path, "bad", {**SWEEP, "ladder": LADDER, **sweeper})
     with pytest.raises(SystemExit) as stopped:
         sweep_in_process("bad", *SMALL)
     errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith(("error:", "Traceback"))]

@@ -158,7 +158,9 @@ class LoraOptunaSweeperConf:
     # >1: this many trials at once on each visible GPU (or on the CPU), each in its own joblib process
     trials_per_device: int = 1
     report: ReportConf = field(default_factory=ReportConf)
-    ladder: Optional[LadderConf] = None  # None: every LoRA trial trains the full budget
+    # None: every LoRA trial trains the full budget; else LadderConf's fields. Typed Any so that the command
+    # line can set it (hydra.sweeper.ladder={}): OmegaConf cannot assign to an Optional dataclass left None
+    ladder: Any = None
 
     def __post_init__(self) -> None:
         if not self.study_name.strip():
@@ -178,6 +180,8 @@ class LoraOptunaSweeperConf:
             raise ConfigError("heartbeat_interval", self.heartbeat_interval, "must be > 0 (or null: none)")
         if not self.trials_per_device >= 1:
             raise ConfigError("trials_per_device", self.trials_per_device, "must be a positive integer")
+        if self.ladder is not None and not isinstance(self.ladder, LadderConf):
+            self.ladder = build(LadderConf, self.ladder, "ladder")
         if self.ladder is not None and self.sampler.name == "grid":
             raise ConfigError(
                 "sampler.name",
