@@ -146,6 +146,11 @@ BAD = [
         {"ladder": {"fractions": [0.2, 0.25]}},
         "hydra.sweeper.ladder.fractions[1]=0.25: 2 steps, as many as the rung before it",
     ),
+    (  # 0.95 of 8 steps rounds to 8
+        {"ladder": {"fractions": [0.25, 0.95]}},
+        "hydra.sweeper.ladder.fractions[1]=0.95: round(0.95 x 8) = 8 steps: no cheaper than a full trial",
+    ),
+    ({"ladder": True}, "hydra.sweeper.ladder=True: expected a mapping of LadderConf fields"),
     (
         {"ladder": {}, "params": {"train.batch_size": "choice(8, 16)"}},
         "hydra.sweeper.params.train.batch_size='choice(8, 16)': sets a trial's budget",
