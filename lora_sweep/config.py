@@ -7,6 +7,7 @@ turns a composed Hydra config into this tree or raises one :class:`ConfigError` 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -360,7 +361,11 @@ class SweepContext:
     trial_number: int | None = None
     trial_id: int | None = None
     parent_run_id: str | None = None
-    role: Literal["search", "baseline", "replicate"] = "search"
+    role: str = "search"  # search | baseline | replicate | rung<k> (the budget ladder's rung k)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("search", "baseline", "replicate") and not re.fullmatch(r"rung\d+", self.role):
+            raise ConfigError("role", self.role, "must be search, baseline, replicate or rung<k>")
 
     @property
     def active(self) -> bool:

@@ -55,9 +55,8 @@ def error(*argv: str) -> str | None:
             "sweeps='nope': no such sweeps option; options: causal_gpu, causal_quick, default, methods",
         ),
         (  # OmegaConf cannot merge a mapping into a null typed node: said in one line, not a traceback
-            ["-m", "sweeps=quick", "hydra.sweeper.lr_from_baseline={ratio:8,span:[2,20]}"],
-            "hydra.sweeper.lr_from_baseline={'ratio': 8, 'span': [2, 20]}: this setting is null in the "
-            "composed config",
+            ["-m", "sweeps=quick", "hydra.sweeper.baseline.sampler={name:random}"],
+            "hydra.sweeper.baseline.sampler={'name': 'random'}: this setting is null in the composed config",
         ),
         (
             ["-m", "sweeps=quick", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_trials=abc"],
@@ -101,6 +100,8 @@ def test_what_hydra_cannot_compose_is_one_line_naming_the_key(argv, expected):
         ["-m", "method=lora,ia3", "train.lr=range(1,3)"],
         ["--multirun", "sweeps=quick", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
         ["-m", "sweeps=quick", "hydra.sweeper.study_name='a,b'"],
+        ["-m", "sweeps=quick", "hydra.sweeper.lr_from_baseline={ratio:8,span:[2,20]}"],
+        ["-m", "sweeps=quick", "hydra.sweeper.ladder={fractions:[0.25],keep:0.5}"],
         ["+method.options.lora_bias=true", "~lm_eval.num_prompts"],
         ["model=local"],  # a missing value (model.name_or_path=???) is the run config's to report
         ["--cfg", "job", "train.lrr=1"],  # Hydra's own output: handed over as it is

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     # orchestration: a run, a sweep, a report
     "lora_sweep.run": ORCHESTRATION,
     "lora_sweep.sweep": ORCHESTRATION,
+    "lora_sweep.sweep.ladder": ORCHESTRATION,  # the budget ladder's rungs: phases of the sweep's runner
     "lora_sweep.report": ORCHESTRATION,
     # building blocks
     **{

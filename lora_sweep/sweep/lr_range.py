@@ -130,9 +130,11 @@ def apply(
     config_lr: Callable[[], float],
     run_baseline: Callable[[], None],
     enqueue: list[dict[str, Any]],
+    queue: optuna.Study | None = None,
 ) -> dict[str, Any]:
     """The recorded range (derived now if this is the first worker to get here), the search's enqueued
-    trials queued with its centre, and ``train.lr`` added to ``space``, before the search's first ask."""
+    trials queued with its centre (into ``queue``, the budget ladder's first rung, when there is one), and
+    ``train.lr`` added to ``space``, before the search's first ask."""
     recorded = search.user_attrs.get(ATTR)
     if recorded is None:
         wait_for_baseline(baseline, run_baseline)
@@ -162,7 +164,7 @@ def apply(
             recorded["baseline_lr"],
         )
     with lock():
-        enqueue_missing(search, enqueue, recorded)
+        enqueue_missing(queue or search, enqueue, recorded)
     searched(space, recorded)
     return recorded
 

@@ -26,7 +26,7 @@ def objective_value(record: dict, objective: str) -> float:
     return float(record[section][objective])
 
 
-TRIAL_FOLDER = re.compile(r"(search|baseline|replicate)-\d{3,}")
+TRIAL_FOLDER = re.compile(r"(search|baseline|replicate|rung\d+)-\d{3,}")
 
 
 def read_record_in(output_dir: Path | None, trial: tuple[str, int, str] | None = None) -> dict | None:
@@ -95,8 +95,9 @@ def trial_attrs(record: dict | None) -> dict[str, Any]:
     return attrs
 
 
-def summarize(phases, parent) -> dict[str, Any]:
-    """The sweep's outcome, also stored on the MLflow parent run: best trial (or Pareto front), baseline."""
+def summarize(phases, parent, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sweep's outcome, also stored on the MLflow parent run: best trial (or Pareto front), baseline;
+    ``extra``: more of it (the budget ladder's rungs)."""
     from lora_sweep.sweep.summary import best_trials
 
     main = phases[-1]
@@ -130,5 +131,6 @@ def summarize(phases, parent) -> dict[str, Any]:
 
     if ATTR in main.study.user_attrs:  # hydra.sweeper.lr_from_baseline: the range every LoRA trial searched
         summary["lr_range"] = main.study.user_attrs[ATTR]
+    summary.update(extra or {})
     parent.log_dict(summary, "sweep_summary.json")
     return summary

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from lora_sweep.config import RunConfig
 from lora_sweep.errors import ConfigError, LoraSweepError
 from lora_sweep.schema import to_dict
+from lora_sweep.sweep import ladder
 from lora_sweep.sweep.locks import closes_the_sweep, study_lock
 from lora_sweep.sweep.optuna_api import heartbeat_enabled, storage_of
 from lora_sweep.sweep.optuna_api import trial_id as trial_id_of
@@ -81,6 +82,7 @@ class Phase:
     )  # the command line's overrides that apply to this phase
     wanted: list[dict[str, Any]] = field(default_factory=list)  # replicates: which source trial, which seed
     samplers: Callable[[int], optuna.samplers.BaseSampler] | None = None  # trial number -> seeded sampler
+    attrs: dict[str, Any] = field(default_factory=dict)  # set on each of its trials (a rung's budget)
 
 
 class SweepRunner:
@@ -95,6 +97,7 @@ class SweepRunner:
         self.arguments = list(arguments)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self._lock = threading.Lock()
+        self.ladder: ladder.Ladder | None = None  # the budget ladder's rungs (run() plans them)
         # before anything opens: a trials_per_device the launcher cannot serve is a one-line error
         self.devices, self.pool = self._worker_plan()
 
@@ -348,6 +351,7 @@ class SweepRunner:
         """A trial folder of this sweep folder that holds another study's trial (the storage was moved, or
         another study shares the folder) would be relaunched into, and its record read as this trial's."""
         names = (study_name, f"{study_name}-baseline", f"{study_name}-replicates")
+        names += tuple(f"{study_name}-{rung.role}" for rung in (self.ladder.rungs if self.ladder else []))
         foreign = foreign_trial_folder(self.sweep_dir, names, spec)
         if foreign is not None:
             folder, theirs = foreign
@@ -401,6 +405,7 @@ class SweepRunner:
             raise ConfigError(
                 "hydra.sweeper.report.replicates", replicates, "must be an integer >= 0 (0: no replicates)"
             )
+        self.ladder = ladder.plan(self)  # its rungs' step counts are checked before anything opens
         spec = storage_spec(self.conf.storage, self.sweep_dir)
         study_name = settings["study_name"]
         if spec.startswith(JOURNAL_PREFIX):  # opening a journal creates it: refuse a foreign folder first
@@ -427,7 +432,10 @@ class SweepRunner:
                     )
                 )
             objectives = list(self.conf.objectives or LoraOptunaSweeperConf().objectives)
-            phases.append(self._phase("search", storage, study_name, settings, [], objectives))
+            block = settings if self.ladder is None else {**settings, "enqueue": []}  # enqueued: to rung 0
+            phases.append(self._phase("search", storage, study_name, block, [], objectives))
+            if self.ladder is not None:
+                self.ladder.phases = ladder.rung_phases(self, storage, phases[-1])
             self.phases = phases
             self.parent = self._open_parent(phases[-1].study, study_name)
         for phase in phases:
@@ -448,6 +456,8 @@ class SweepRunner:
             for phase in phases:
                 if phase.role == "search" and self.conf.lr_from_baseline is not None:
                     self._lr_from_baseline(phase)
+                if phase is phases[-1] and self.ladder is not None:  # the rungs first, their best into it
+                    ladder.climb(self, phase)
                 self._run_phase(phase)
             setup = study_lock(storage, spec, f"{study_name}/setup")
             with FileLock(str(self.sweep_dir / ".setup.lock")), setup:
@@ -474,6 +484,7 @@ class SweepRunner:
             config_lr=lambda: self._task_config([*baseline.arguments, *baseline.overrides]).train.lr,
             run_baseline=lambda: self._run_phase(baseline),
             enqueue=list(self.settings.get("enqueue") or []),
+            queue=self.ladder.phases[0].study if self.ladder is not None else None,  # entries run in rung 0
         )
         self.parent.set_tags(lr_range.tags(recorded))
 
@@ -524,6 +535,8 @@ class SweepRunner:
                 trial.set_user_attr(
                     "sweeper", worker_identity()
                 )  # "worker" becomes the training process's (joblib)
+                for key, value in phase.attrs.items():
+                    trial.set_user_attr(key, value)
                 if phase.role == "replicate":
                     values = self._replicate_values(phase, trial)
                 else:
@@ -624,14 +637,19 @@ class SweepRunner:
     def _finish(self, phases: list[Phase]) -> None:
         from lora_sweep.sweep.summary import print_summary
 
-        summary = summarize(phases, self.parent)
+        rungs = ladder.summary(self.ladder, phases[-1]) if self.ladder is not None else None
+        summary = summarize(phases, self.parent, {"ladder": rungs} if rungs else None)
         from lora_sweep.secrets import redact
 
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(redact(summary), indent=2, default=str))
         print_summary(phases, self.parent, OmegaConf.select(self.config, "objective.metric"))
+        for line in ladder.lines(rungs or []):
+            print(line)
         studies = [phase.study for phase in phases]
         if self.replicates is not None:
             studies.insert(-1, self.replicates.study)  # the main study stays last
+        if self.ladder is not None:  # a worker may have trained rung trials only
+            studies[:0] = [phase.study for phase in self.ladder.phases]
         if not closes_the_sweep(studies, self.storage_spec, worker_identity()):
             log.info(
                 "other workers of this study are still at work: the last one out writes the report and "
@@ -711,6 +729,7 @@ class SweepRunner:
             "objectives": c.objectives,
             "storage": redact_url(self.storage_spec),
             "baseline.n_trials": c.baseline.n_trials,
+            **({"ladder": s["ladder"]} if s.get("ladder") else {}),
             "command": " ".join(["python -m lora_sweep --multirun", *self.arguments]),
         }
         params.update({f"space.{k}": v for k, v in (s.get("params") or {}).items()})

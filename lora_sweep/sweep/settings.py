@@ -111,6 +111,33 @@ class LrFromBaselineConf:
 
 
 @dataclass
+class LadderConf:
+    """A budget ladder for the LoRA search: cheap rungs (each a study of its own) whose trials train a
+    fraction of a full trial's optimizer steps, the best ``keep`` share of each rung promoted to the next
+    rung and then to the full-budget search (:mod:`lora_sweep.sweep.ladder`)."""
+
+    fractions: List[float] = field(default_factory=lambda: [0.25, 0.5])  # of a full trial's steps
+    keep: float = 0.5  # share of a rung promoted to the next one
+
+    def __post_init__(self) -> None:
+        if not self.fractions:
+            raise ConfigError("fractions", self.fractions, "must list at least one fraction of the budget")
+        for i, fraction in enumerate(self.fractions):
+            if not 0 < fraction < 1:  # NaN fails too
+                raise ConfigError(
+                    f"fractions[{i}]", fraction, "must be in (0, 1): a share of a full trial's steps"
+                )
+        if any(b <= a for a, b in zip(self.fractions, self.fractions[1:])):
+            raise ConfigError(
+                "fractions", self.fractions, "must be strictly increasing (cheapest rung first)"
+            )
+        if not 0 < self.keep < 1:
+            raise ConfigError(
+                "keep", self.keep, "must be in (0, 1): the share of a rung promoted to the next"
+            )
+
+
+@dataclass
 class ReportConf:
     """The comparison report written when the sweep ends (python -m lora_sweep.report writes it on demand)."""
 
@@ -147,8 +174,9 @@ class LoraOptunaSweeperConf:
     target_sets: Dict[str, List[str]] = field(default_factory=dict)
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
     baseline: BaselineConf = field(default_factory=BaselineConf)
-    # the LoRA lr range from the baseline's best lr ({ratio: 10, span: [3, 30]}); None: train.lr in params
-    lr_from_baseline: Optional[LrFromBaselineConf] = None
+    # the LoRA lr range from the baseline's best lr ({ratio: 10, span: [3, 30]}); None: train.lr in params.
+    # LrFromBaselineConf's fields, typed Any as ladder is: so that the command line can set it
+    lr_from_baseline: Any = None
     max_failure_rate: float = 0.5  # abort once more than this share of n_trials has failed
     keep_checkpoints: Optional[int] = (
         None  # keep the checkpoints of the k best trials (+ the report's pick); None: all
@@ -157,6 +185,9 @@ class LoraOptunaSweeperConf:
     # >1: this many trials at once on each visible GPU (or on the CPU), each in its own joblib process
     trials_per_device: int = 1
     report: ReportConf = field(default_factory=ReportConf)
+    # None: every LoRA trial trains the full budget; else LadderConf's fields. Typed Any so that the command
+    # line can set it (hydra.sweeper.ladder={}): OmegaConf cannot assign to an Optional dataclass left None
+    ladder: Any = None
 
     def __post_init__(self) -> None:
         if not self.study_name.strip():
@@ -176,6 +207,17 @@ class LoraOptunaSweeperConf:
             raise ConfigError("heartbeat_interval", self.heartbeat_interval, "must be > 0 (or null: none)")
         if not self.trials_per_device >= 1:
             raise ConfigError("trials_per_device", self.trials_per_device, "must be a positive integer")
+        if self.ladder is not None and not isinstance(self.ladder, LadderConf):
+            self.ladder = build(LadderConf, self.ladder, "ladder")
+        if self.ladder is not None and self.sampler.name == "grid":
+            raise ConfigError(
+                "sampler.name",
+                "grid",
+                "a grid trains every point at the full budget and the budget ladder (hydra.sweeper.ladder) "
+                "promotes only a rung's best: use tpe, random, gp or cmaes with the ladder, or drop it",
+            )
+        if self.lr_from_baseline is not None and not isinstance(self.lr_from_baseline, LrFromBaselineConf):
+            self.lr_from_baseline = build(LrFromBaselineConf, self.lr_from_baseline, "lr_from_baseline")
         if self.lr_from_baseline is not None:
             self._check_lr_from_baseline()
 

@@ -70,6 +70,10 @@ class TrialBridge:
                     "lora_sweep.source_trial": source,
                 }
             )
+        if "ladder_steps" in self.trial.user_attrs:  # the budget ladder: this trial's share of a full budget
+            attrs = self.trial.user_attrs
+            tags["lora_sweep.ladder_fraction"] = str(attrs["ladder_fraction"])
+            tags["lora_sweep.ladder_steps"] = str(attrs["ladder_steps"])
         if sweep.parent_run_id:
             tags["mlflow.parentRunId"] = (
                 sweep.parent_run_id
