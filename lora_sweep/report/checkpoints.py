@@ -9,6 +9,7 @@ its perplexity on that text before and after training (``lora_sweep.tasks``): th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +132,16 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     A quantized base is dequantized (to :data:`MERGED_DTYPE`) before the adapter merges into it: merging into
     4-bit weights would round the update away, and the shipped model should not need bitsandbytes."""
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # absolute: the report states it relative to its own folder
     cfg, prepared, model = load_trained(record)
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
+    # what the adapter's config and model card name as the base: a local folder relative to the report's
+    # folder (out_dir's parent), so the export names no path of this machine; a hub id as it is
+    source = prepared.spec.source
+    base_name = os.path.relpath(Path(source).resolve(), out_dir.parent) if Path(source).is_dir() else source
+    for adapter_config in model.peft_config.values():
+        adapter_config.base_model_name_or_path = base_name
+    model.get_base_model().config.name_or_path = base_name
     model.save_pretrained(adapter_dir, safe_serialization=True)
     prepared.tokenizer.save_pretrained(adapter_dir)
     batch = prepared.tokenizer(

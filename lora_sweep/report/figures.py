@@ -86,7 +86,9 @@ def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lora = table[(table["role"] == "search") & (table["state"] == "complete") & table["r"].notna()]
     several_methods = lora["method"].nunique() > 1
-    for (method, targets), group in lora.groupby(["method", "targets"]):
+    # one line per target set: the name the sweep sampled (a preset or a target_sets name) when known
+    column = "target_set" if "target_set" in lora else "targets"
+    for (method, targets), group in lora.groupby(["method", column]):
         best = group.groupby("r")["val_metric"].max().sort_index()
         ax.plot(
             best.index,
@@ -101,7 +103,7 @@ def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]
     ax.set_xlabel("adapter rank r (log2)")
     ax.set_ylabel(f"best validation {metric}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="targets")
+    ax.legend(fontsize=8, title="target set")
     return _save(fig, folder, "metric_vs_rank")
 
 
