@@ -24,14 +24,16 @@ QUICK = [
     "train.eval_batch_size=32",
     "train.max_length=16",
     "train.log_every=2",
-    "train.max_steps=6",
-    "train.eval_every=0",
+    "train.max_steps=14",
+    "train.eval_every=7",
     "tracking=none",
     "tracking.system_metrics=false",
 ]
-SEARCH = [(2, "all_linear", 5e-3), (16, "all_linear", 5e-3)]  # (rank, targets, lr): both sides of r = 8
+SEARCH = [(2, "all_linear", 1e-2), (16, "all_linear", 1e-2)]  # (rank, targets, lr): both sides of r = 8
 FULL_LR = 1e-3
 SEEDS = (1, 2)
+# out-of-task text for the forgetting measure (the report's default, 256 NYT snippets, is for real models)
+REFERENCE = ["the story is flat and the cast is dull", "a lovely warm film", "quite a boring movie"] * 4
 LR_RANGE = {"low": 1e-3, "high": 1e-2, "centre": 1e-2 / 3**0.5, "baseline_lr": FULL_LR, "baseline_trial": 0}
 
 
@@ -146,13 +148,7 @@ def written(small_sweep, tmp_path_factory):
 
     root, sweep = small_sweep
     out = root / "reports" / STUDY
-    reference = [
-        "the story is flat and the cast is dull",
-        "a lovely warm film",
-        "the plot was very smart",
-        "quite a boring movie",
-    ] * 4
-    summary = build_report(sweep, out, checkpoints=True, reference=reference)
+    summary = build_report(sweep, out, checkpoints=True, reference=REFERENCE)
     return root, out, summary, json.loads((out / "report.json").read_text())
 
 
@@ -192,17 +188,19 @@ def test_the_learning_rate_ratio_of_the_best_lora_trial_to_the_best_full_ft_tria
     lr = report["learning_rate"]
     search = [r for r in report["trials"] if r["role"] == "search" and r["state"] == "complete"]
     best = sorted(search, key=lambda r: (-r["val_metric"], r["trial"]))[0]
-    assert lr["lora"] == {"trial": best["trial"], "lr": pytest.approx(5e-3)}
+    assert lr["lora"] == {"trial": best["trial"], "lr": pytest.approx(1e-2)}
     assert lr["full"] == {"trial": 0, "lr": pytest.approx(FULL_LR)}
-    assert lr["ratio"] == pytest.approx(5.0)
+    assert lr["ratio"] == pytest.approx(10.0)
     assert lr["range"] == pytest.approx(LR_RANGE)
     markdown = (out / "report.md").read_text()
-    assert "LoRA's best learning rate is 5x full fine-tuning's" in markdown
+    assert "LoRA's best learning rate is 10x full fine-tuning's" in markdown
     assert "the literature expects about 10x" in markdown
     assert "full fine-tuning trial #0's lr 1.00e-03" in markdown
     assert "searched 1.00e-03 to 1.00e-02" in markdown
     # one full-FT learning rate: the ratio is against that one value, and the report says so
     assert "only one full fine-tuning learning rate was tried" in markdown
+    # 1e-2 is the top of the derived range: the report says the best may lie beyond it
+    assert lr["at_edge"] == "high" and "sits at the high end of that range" in markdown
 
 
 def test_forgetting_over_the_replicates_has_intervals_and_the_paired_difference(written, small_sweep):
@@ -216,9 +214,9 @@ def test_forgetting_over_the_replicates_has_intervals_and_the_paired_difference(
     chosen = report["chosen"]["trial"]
     lora = [found[("lora", chosen)][s] for s in SEEDS]
     full = [found[("full", 0)][s] for s in SEEDS]
-    texts = ["the story is flat and the cast is dull", "a lovely warm film", "the plot was very smart",
-             "quite a boring movie"] * 4  # fmt: skip
-    by_hand = ck.representation_similarity({"a": lora[0], "b": full[1]}, texts)  # two of them, measured anew
+    by_hand = ck.representation_similarity(
+        {"a": lora[0], "b": full[1]}, REFERENCE
+    )  # two of them, measured anew
     assert forgetting["lora"]["values"][0] == pytest.approx(by_hand["a"], abs=1e-6)
     assert forgetting["full"]["values"][1] == pytest.approx(by_hand["b"], abs=1e-6)
     a, b = forgetting["lora"]["values"], forgetting["full"]["values"]

@@ -286,7 +286,7 @@ def build_report(
     # paths as seen from the report's own folder, so a committed or copied report names no machine's layout
     shown, shown_table = relative_paths(summary, out_dir), table.copy()
     for column in shown_table.columns:  # paths, and paths inside text (a failure reason)
-        if shown_table[column].dtype == object:
+        if shown_table[column].dtype.kind not in "biufcmM":  # object or str columns (pandas 3: str)
             shown_table[column] = [relative_paths(value, out_dir) for value in shown_table[column]]
     (out_dir / "report.json").write_text(redact(to_json(shown, shown_table)))
     (out_dir / "report.md").write_text(redact(to_markdown(shown, shown_table, figures)))

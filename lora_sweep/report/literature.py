@@ -57,7 +57,7 @@ def rank_noise(replicates: dict[str, Any] | None, tolerance: float) -> dict[str,
     lora = ((replicates or {}).get("validation") or {}).get("lora") or {}
     width = lora.get("ci95")
     if isinstance(width, (int, float)) and math.isfinite(width):
-        source = f"the chosen LoRA's replicate 95% interval ({lora['n']} seeds)"
+        source = f"the chosen LoRA's replicate 95% interval over {lora['n']} seeds"
         return {"value": float(width), "source": source}
     return {"value": float(tolerance), "source": "the report's tolerance"}
 
