@@ -377,3 +377,32 @@ def test_the_intruder_counts_are_rendered_when_the_summary_has_them():
     assert "| all 4 matrices (top 10 of each: 40) | 3 | 1 |" in text
     assert intruders["note"] in text
     assert "## Intruder dimensions" not in "\n".join(checkpoint_lines({"metric": "accuracy"}))
+
+
+def test_forgetting_over_replicates_of_causal_lms_reads_each_runs_perplexity_ratio(tmp_path):
+    """A causal LM's forgetting is its own before/after perplexity on reference text, in its record: the
+    report reads it for each replicate (nothing loaded), pairs the seeds and says which side forgets less."""
+    import optuna
+
+    from lora_sweep.report.literature import replicate_forgetting
+    from lora_sweep.report.render import replicate_forgetting_lines
+
+    study = optuna.create_study(study_name="lm-replicates")
+    after = {("lora", 1): 11.0, ("lora", 2): 11.5, ("lora", 3): 11.2, ("full", 1): 15.0, ("full", 2): 16.0}
+    for (side, seed), perplexity in after.items():
+        path = tmp_path / f"{side}-{seed}.json"
+        metrics = {"reference_perplexity_before": 10.0, "reference_perplexity_after": perplexity}
+        record = {"status": "completed", "config": {"model": {"task": "causal_lm"}}, "metrics": metrics}
+        path.write_text(json.dumps({**record, "checkpoints": {}}))
+        attrs = {"replicate_of": side, "source_trial": 4 if side == "lora" else 0, "seed": seed}
+        study.add_trial(optuna.trial.create_trial(value=0.0, user_attrs={"record": str(path), **attrs}))
+    found = replicate_forgetting(study, 4, 0, None, "perplexity", None)
+    assert found["seeds"] == [1, 2]  # seed 3 has no full fine-tuning twin
+    assert found["lora"]["values"] == [1.1, 1.15] and found["full"]["values"] == [1.5, 1.6]
+    assert found["paired"]["difference"]["mean"] == pytest.approx(-0.425)
+    (line, _) = replicate_forgetting_lines({"forgetting_replicates": found})
+    assert line.startswith("Perplexity after / before over the replicate seeds [1, 2] (paired by seed)")
+    assert line.endswith("LoRA forgets less than full FT on out-of-task text.")
+    assert replicate_forgetting(study, 9, 0, None, "perplexity", None).startswith(
+        "no replicates of LoRA trial #9"
+    )

@@ -209,7 +209,7 @@ def intruder_lines(summary: dict[str, Any]) -> list[str]:
     found = summary.get("intruders")
     if not found:
         return []
-    k, eps = found.get("k"), found.get("eps")
+    k, eps = found.get("k", found.get("top_k")), found.get("eps", found.get("epsilon"))
     sides = [(label, found.get(key)) for label, key in (("chosen LoRA", "lora"), ("full FT", "full"))]
     lines = [
         "## Intruder dimensions",
