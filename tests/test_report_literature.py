@@ -24,8 +24,8 @@ QUICK = [
     "train.eval_batch_size=32",
     "train.max_length=16",
     "train.log_every=2",
-    "train.max_steps=14",
-    "train.eval_every=7",
+    "train.max_steps=6",
+    "train.eval_every=0",
     "tracking=none",
     "tracking.system_metrics=false",
 ]
@@ -181,6 +181,8 @@ def test_the_rank_table_holds_the_best_metric_per_target_set_and_rank(written):
     word = "within" if abs(high - low) <= noise["value"] else "beyond"
     assert f"{word} {noise['source']}" in verdicts["all_linear"]
     assert verdicts["all_linear"] in markdown
+    page = (out / "report.html").read_text()  # the same lines, as HTML
+    assert "<h2>Rank: is r &gt; 8 flat?</h2>" in page and "<th>r=16</th>" in page
 
 
 def test_the_learning_rate_ratio_of_the_best_lora_trial_to_the_best_full_ft_trial(written):
