@@ -226,7 +226,7 @@ def build_report(
             table, sweep.metric, sweep.direction, out_dir
         )[0],
         f"validation {sweep.metric} vs rank, per target set": fig.metric_vs_rank(
-            with_target_sets(table, sweep.search), sweep.metric, out_dir
+            with_target_sets(table, sweep.search), sweep.metric, out_dir, sweep.direction
         )[0],
         "learning curves: top LoRA trials and full fine-tuning": fig.learning_curves(
             table, sweep.metric, sweep.direction, out_dir
