@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from lora_sweep.ranking import best_of
 from lora_sweep.record import read_record
 from lora_sweep.report import figures as fig
 from lora_sweep.report.collect import Sweep, trials_table
+from lora_sweep.report.literature import literature_sections, with_target_sets
 from lora_sweep.report.render import to_html, to_json, to_markdown
 from lora_sweep.report.replicates import summarize_replicates
 from lora_sweep.report.select import DEFAULT_TOLERANCE, pick_best, with_comparisons
@@ -125,8 +127,10 @@ def checkpoint_sections(
     reference: list[str] | None,
     register_as: str | None,
     tracking_uri: str | None,
+    replicates: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Test scores of the chosen checkpoint and the full-FT baseline, drift of every model, the export."""
+    """Test scores of the chosen checkpoint and the full-FT baseline, drift of every model (and of the
+    replicates of those two, with intervals), the export. ``replicates``: as :func:`build_report`'s."""
     from lora_sweep.errors import LoraSweepError
     from lora_sweep.report import checkpoints as ck
     from lora_sweep.tasks import get_task, reference_texts
@@ -182,6 +186,14 @@ def checkpoint_sections(
 
         found = checkpoint_intruders(records[picks["chosen LoRA"]], records[picks["full fine-tuning"]])
         extra["intruders" if isinstance(found, dict) else "intruders_note"] = found
+    if measure and choice.row is not None and full is not None and "forgetting" in extra:
+        from lora_sweep.report.literature import replicate_forgetting
+
+        # the same measure on each replicate's checkpoint: seed noise, so LoRA vs full FT has an interval
+        found = replicate_forgetting(
+            sweep.replicates, int(choice.row["trial"]), int(full["trial"]), replicates, measure, reference
+        )
+        extra["forgetting_replicates" if isinstance(found, dict) else "forgetting_replicates_note"] = found
     generations = {
         label: records[key].get("generations")
         for label, key in picks.items()
@@ -218,8 +230,8 @@ def build_report(
         f"validation {sweep.metric} vs trainable parameters": fig.metric_vs_params(
             table, sweep.metric, sweep.direction, out_dir
         )[0],
-        f"validation {sweep.metric} vs rank, per target preset": fig.metric_vs_rank(
-            table, sweep.metric, out_dir
+        f"validation {sweep.metric} vs rank, per target set": fig.metric_vs_rank(
+            with_target_sets(table, sweep.search), sweep.metric, out_dir, sweep.direction
         )[0],
         "learning curves: top LoRA trials and full fine-tuning": fig.learning_curves(
             table, sweep.metric, sweep.direction, out_dir
@@ -237,6 +249,7 @@ def build_report(
             reference=reference,
             register_as=register_as,
             tracking_uri=tracking_uri,
+            replicates=replicates,
         )
         figures.update(more)
     full = best_full(table, sweep.direction)
@@ -246,6 +259,12 @@ def build_report(
             sweep.replicates, int(choice.row["trial"]), int(full["trial"]), replicates
         )
         extra["replicates" if isinstance(found, dict) else "replicates_note"] = found
+    # rank, learning rate: from the trials table alone, judged against the replicates' seed noise
+    extra.update(
+        literature_sections(
+            table, sweep.search, sweep.metric, sweep.direction, tolerance, extra.get("replicates")
+        )
+    )
     chosen = (
         None
         if choice.row is None
@@ -271,8 +290,8 @@ def build_report(
 
     # paths as seen from the report's own folder, so a committed or copied report names no machine's layout
     shown, shown_table = relative_paths(summary, out_dir), table.copy()
-    for column in ("checkpoint", "record"):
-        if column in shown_table:
+    for column in shown_table.columns:  # paths, and paths inside text (a failure reason)
+        if shown_table[column].dtype.kind not in "biufcmM":  # object or str columns (pandas 3: str)
             shown_table[column] = [relative_paths(value, out_dir) for value in shown_table[column]]
     (out_dir / "report.json").write_text(redact(to_json(shown, shown_table)))
     (out_dir / "report.md").write_text(redact(to_markdown(shown, shown_table, figures)))
@@ -280,15 +299,34 @@ def build_report(
     return summary
 
 
+# a URL whose path is a file of this machine: sqlite:////abs/mlflow.db, journal:/abs/optuna.journal, file:///abs
+_FILE_URL = re.compile(r"^([A-Za-z][\w+.-]*:(?:///|//)?)(/[^/].*)$")
+# an absolute path inside text ("FileNotFoundError: /abs/record.json is missing"), not a fraction or a URL
+_PATH_IN_TEXT = re.compile(r"(?<![\w.:/~-])/[\w.+@-]+(?:/[\w.+@-]*)*")
+
+
 def relative_paths(value: Any, folder: Path) -> Any:
-    """``value`` with every absolute path in it (strings, in dicts and lists) made relative to ``folder``."""
+    """``value`` with every absolute path in it (strings, in dicts and lists; a file URL's path, an absolute
+    path of this machine inside text) made relative to ``folder``."""
     if isinstance(value, dict):
         return {key: relative_paths(item, folder) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [relative_paths(item, folder) for item in value]
-    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
-        return os.path.relpath(value, Path(folder).resolve())
-    return value
+    if not isinstance(value, str):
+        return value
+    base = Path(folder).resolve()
+    if os.path.isabs(value) and "\n" not in value:
+        return os.path.relpath(value, base)
+    url = _FILE_URL.match(value)
+    if url and "\n" not in value:
+        return url.group(1) + os.path.relpath(url.group(2), base)
+
+    def local(match: re.Match) -> str:
+        path = match.group(0)
+        top = path.split("/")[1]
+        return os.path.relpath(path, base) if top and os.path.isdir("/" + top) else path
+
+    return _PATH_IN_TEXT.sub(local, value)
 
 
 def write_report(

@@ -9,6 +9,7 @@ its perplexity on that text before and after training (``lora_sweep.tasks``): th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +132,12 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
     A quantized base is dequantized (to :data:`MERGED_DTYPE`) before the adapter merges into it: merging into
     4-bit weights would round the update away, and the shipped model should not need bitsandbytes."""
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # absolute: the report states it relative to its own folder
     cfg, prepared, model = load_trained(record)
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     prepared.tokenizer.save_pretrained(adapter_dir)
+    name_base_portably(adapter_dir, prepared.spec.source, out_dir.parent)
     batch = prepared.tokenizer(
         sample_texts, truncation=True, max_length=cfg.train.max_length, padding=True, return_tensors="pt"
     )
@@ -183,6 +185,25 @@ def export(record: dict[str, Any], out_dir: Path, sample_texts: list[str]) -> di
         "logits_agree": difference < 1e-4,
         "samples_checked": len(sample_texts),
     }
+
+
+def name_base_portably(folder: Path, source: str, report_dir: Path) -> None:
+    """The base model as the adapter's config and model card in ``folder`` name it: a local folder relative
+    to the report's folder, so the export names no path of this machine (a hub id stays as it is). Rewritten
+    after PEFT saved them: PEFT reads the base's own config at save time (has the vocabulary changed?), so it
+    is saved with the real path."""
+    if not Path(source).is_dir():
+        return
+    name = os.path.relpath(Path(source).resolve(), Path(report_dir).resolve())
+    given = sorted({str(source), str(Path(source).resolve())}, key=len, reverse=True)
+    for path in Path(folder).iterdir():
+        if path.suffix in (".json", ".md") and path.is_file():
+            text = path.read_text()
+            portable = text
+            for old in given:
+                portable = portable.replace(old, name)
+            if portable != text:
+                path.write_text(portable)
 
 
 def champion_digest(record: dict[str, Any]) -> str:

@@ -82,12 +82,15 @@ def metric_vs_params(table: pd.DataFrame, metric: str, direction: str, folder: P
     return _save(fig, folder, "metric_vs_params")
 
 
-def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]:
+def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path, direction: str = "maximize") -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lora = table[(table["role"] == "search") & (table["state"] == "complete") & table["r"].notna()]
     several_methods = lora["method"].nunique() > 1
-    for (method, targets), group in lora.groupby(["method", "targets"]):
-        best = group.groupby("r")["val_metric"].max().sort_index()
+    # one line per target set: the name the sweep sampled (a preset or a target_sets name) when known
+    column = "target_set" if "target_set" in lora else "targets"
+    for (method, targets), group in lora.groupby(["method", column]):
+        by_rank = group.groupby("r")["val_metric"]
+        best = (by_rank.max() if sign(direction) > 0 else by_rank.min()).sort_index()
         ax.plot(
             best.index,
             best.values,
@@ -96,12 +99,13 @@ def metric_vs_rank(table: pd.DataFrame, metric: str, folder: Path) -> list[Path]
         )
     full = table[(table["role"] == "baseline") & (table["state"] == "complete")]["val_metric"]
     if not full.empty:
-        ax.axhline(full.max(), color=FULL_COLOR, linestyle="--", label="full fine-tuning (best)")
+        top = full.max() if sign(direction) > 0 else full.min()
+        ax.axhline(top, color=FULL_COLOR, linestyle="--", label="full fine-tuning (best)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("adapter rank r (log2)")
     ax.set_ylabel(f"best validation {metric}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="targets")
+    ax.legend(fontsize=8, title="target set")
     return _save(fig, folder, "metric_vs_rank")
 
 

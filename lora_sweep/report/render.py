@@ -108,7 +108,153 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines += ["No LoRA trial has completed yet.", ""]
     if summary.get("truncation"):
         lines += ["## Truncation at train.max_length", "", *[f"- {n}" for n in summary["truncation"]], ""]
-    return lines + checkpoint_lines(summary)
+    return lines + literature_lines(summary) + checkpoint_lines(summary)
+
+
+def _points(summary: dict[str, Any]) -> bool:
+    """Whether the report's metric differences read as points (a maximised metric in [0, 1])."""
+    values = [row["best"] for row in (summary.get("rank") or {}).get("table", [])]
+    return summary.get("direction", "maximize") == "maximize" and all(0 <= v <= 1 for v in values)
+
+
+def literature_lines(summary: dict[str, Any]) -> list[str]:
+    """Rank and learning rate as the literature reads them, on the sweep's numbers (Markdown lines)."""
+    lines, metric = [], summary["metric"]
+    rank = summary.get("rank") or {}
+    if rank.get("table"):
+        split = rank.get("split", 8)
+        ranks = sorted({row["r"] for row in rank["table"]})
+        cells = {(row["targets"], row["r"]): f"{row['best']:.4f} (#{row['trial']})" for row in rank["table"]}
+        targets = list(dict.fromkeys(row["targets"] for row in rank["table"]))
+        lines += [
+            f"## Rank: is r > {split} flat?",
+            "",
+            f"Best validation {metric} per target set and rank (completed LoRA trials, trial number in "
+            f"brackets). The LoRA paper (Hu et al. 2021) found little gained above r = {split}.",
+            "",
+            "| targets | " + " | ".join(f"r={r}" for r in ranks) + " |",
+            "|---|" + "---|" * len(ranks),
+        ]
+        lines += [
+            f"| {_cell_text(t)} | " + " | ".join(cells.get((t, r), "-") for r in ranks) + " |"
+            for t in targets
+        ]
+        lines += ["", *[f"- {_cell_text(v)}" for v in rank.get("verdicts", {}).values()], ""]
+    lr = summary.get("learning_rate")
+    if lr:
+        lines += [
+            "## Learning rate: LoRA vs full fine-tuning",
+            "",
+            f"- best LoRA trial #{lr['lora']['trial']}: lr {lr['lora']['lr']:.2e}; best full fine-tuning "
+            f"trial #{lr['full']['trial']}: lr {lr['full']['lr']:.2e}",
+            f"- LoRA's best learning rate is {lr['ratio']:.3g}x full fine-tuning's (the literature expects "
+            'about 10x with an alpha that does not grow with the rank: Biderman et al. 2024, "LoRA Without '
+            "Regret\" 2025; PEFT's method comparison used 1e-4 vs 1e-5)",
+        ]
+        if lr.get("full_lrs_tried") == 1:
+            lines.append(
+                "- only one full fine-tuning learning rate was tried: the ratio is against that one value"
+            )
+        span = lr.get("range") or {}
+        if span:
+            text = "- the sweep derived the LoRA learning-rate range from the baseline:"
+            if span.get("baseline_lr"):
+                trial = span.get("baseline_trial")
+                text += " full fine-tuning" + (f" trial #{trial}'s" if trial is not None else "'s")
+                text += f" lr {span['baseline_lr']:.2e}"
+                if span.get("centre"):
+                    text += f" x {span['centre'] / span['baseline_lr']:.3g} = centre {span['centre']:.2e},"
+            if span.get("low") and span.get("high"):
+                text += f" searched {span['low']:.2e} to {span['high']:.2e} (log scale)"
+            lines.append(text.rstrip(","))
+            if lr.get("at_edge"):
+                lines.append(
+                    f"- the best LoRA learning rate sits at the {lr['at_edge']} end of that range: the best "
+                    "may lie outside it (widen the span)"
+                )
+        lines.append("")
+    return lines
+
+
+def replicate_forgetting_lines(summary: dict[str, Any]) -> list[str]:
+    """The forgetting measure over the replicate seeds: mean ± 95% CI per side and the paired difference."""
+    if summary.get("forgetting_replicates_note"):
+        return [summary["forgetting_replicates_note"], ""]
+    f = summary.get("forgetting_replicates")
+    if not f:
+        return []
+    perplexity = f["measure"] == "perplexity"
+    what = "Perplexity after / before" if perplexity else "Cosine similarity to the base model"
+    d = f["paired"]["difference"]
+    p = f["paired"].get("p_value", float("nan"))
+    if d["mean"] - d["ci95"] <= 0 <= d["mean"] + d["ci95"]:
+        verdict = (
+            "the interval of the difference includes 0: no evidence that LoRA and full FT forget differently"
+        )
+    else:  # similarity: higher is less drift; perplexity ratio: lower is less forgetting
+        lora_less = (d["mean"] < 0) if perplexity else (d["mean"] > 0)
+        verdict = f"LoRA forgets {'less' if lora_less else 'more'} than full FT on out-of-task text"
+    return [
+        f"{what} over the replicate seeds {f['seeds']} (paired by seed): LoRA "
+        f"{f['lora']['mean']:.4f} ± {f['lora']['ci95']:.4f}, full FT {f['full']['mean']:.4f} ± "
+        f"{f['full']['ci95']:.4f}; LoRA - full FT {d['mean']:+.4f} ± {d['ci95']:.4f} (paired t-test p "
+        f"{p:.3g}): {verdict}.",
+        "",
+    ]
+
+
+def intruder_lines(summary: dict[str, Any]) -> list[str]:
+    """Intruder dimensions (Shuttleworth et al. 2024) of the chosen LoRA and of full fine-tuning, per
+    matrix type, when the report counted them (``summary["intruders"]``), or why not
+    (``summary["intruders_note"]``); [] when it did not try."""
+    if summary.get("intruders_note"):
+        return ["## Intruder dimensions", "", summary["intruders_note"], ""]
+    found = summary.get("intruders")
+    if not found:
+        return []
+    k, eps = found.get("k", found.get("top_k")), found.get("eps", found.get("epsilon"))
+    sides = [(label, found.get(key)) for label, key in (("chosen LoRA", "lora"), ("full FT", "full"))]
+    lines = [
+        "## Intruder dimensions",
+        "",
+        f"An intruder dimension is one of the top {k} singular vectors of a fine-tuned weight matrix whose "
+        f"cosine similarity to every singular vector of the pre-trained matrix is below {eps} (Shuttleworth "
+        "et al. 2024: LoRA tends to grow them, full fine-tuning rarely does); counted on the same matrices "
+        "for both.",
+        "",
+    ]
+
+    def count(value: Any) -> str:
+        if isinstance(value, dict):  # {"intruders": k, "of": n} or {"total": k, "matrices": m}
+            got = value.get("intruders", value.get("total"))
+            of = value.get("of") or (k * value["matrices"] if k and value.get("matrices") else None)
+            return f"{got} of {of}" if of else str(got)
+        return "-" if value is None else str(value)
+
+    counted = [side if isinstance(side, dict) else {} for _, side in sides]
+    types = list(dict.fromkeys(t for side in counted for t in side.get("by_module") or {}))
+    heads = [
+        f"{label} ({side['trial']})" if side.get("trial") else label
+        for (label, _), side in zip(sides, counted)
+    ]
+    lines += [f"| matrix type | {heads[0]} | {heads[1]} |", "|---|---|---|"]
+    for t in types:
+        cells = [count((side.get("by_module") or {}).get(t)) for side in counted]
+        lines.append(f"| {_cell_text(t)} | {cells[0]} | {cells[1]} |")
+    matrices = next((side["matrices"] for side in counted if side.get("matrices")), None)
+    if matrices:
+        total = [str(side.get("total", "-")) for side in counted]
+        of = f" (top {k} of each: {k * matrices})" if k else ""
+        lines.append(f"| all {matrices} matrices{of} | {total[0]} | {total[1]} |")
+    lines.append("")
+    for label, side in sides:
+        if isinstance(side, dict) and side.get("note"):
+            lines.append(f"- {label}: {side['note']}")
+        elif isinstance(side, str):
+            lines.append(f"- {label}: {side}")
+    if found.get("note"):
+        lines.append(found["note"])
+    return lines + [""]
 
 
 def describe_method(row: dict[str, Any]) -> str:
@@ -233,7 +379,7 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
         lines.append("")
     elif summary.get("forgetting_note"):
         lines += ["## Forgetting", "", summary["forgetting_note"], ""]
-    lines += intruder_lines(summary)
+    lines += replicate_forgetting_lines(summary) + intruder_lines(summary)
     if summary.get("generations"):
         lines += [
             "## What the models say",
@@ -275,30 +421,6 @@ def checkpoint_lines(summary: dict[str, Any]) -> list[str]:
             )
         lines.append("")
     return lines
-
-
-def intruder_lines(summary: dict[str, Any]) -> list[str]:
-    """The intruder-dimension counts of the chosen adapter and of full fine-tuning (none: no lines)."""
-    if summary.get("intruders_note"):
-        return ["## Intruder dimensions", "", summary["intruders_note"], ""]
-    found = summary.get("intruders")
-    if not found:
-        return []
-    kinds = list(dict.fromkeys([*found["lora"]["by_module"], *found["full"]["by_module"]]))  # model order
-    lines = [
-        "## Intruder dimensions",
-        "",
-        found["note"],
-        "",
-        f"| model | intruders of top-{found['k']} slots | " + " | ".join(kinds) + " |",
-        "|---|---|" + "---|" * len(kinds),
-    ]
-    for label, key in (("chosen LoRA", "lora"), ("full fine-tuning", "full")):
-        side = found[key]
-        slots = side["matrices"] * found["k"]
-        counts = " | ".join(str(side["by_module"].get(kind, 0)) for kind in kinds)
-        lines.append(f"| {label} | {side['total']} of {slots} | {counts} |")
-    return [*lines, ""]
 
 
 def _inline(text: str) -> str:
