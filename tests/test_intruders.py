@@ -151,7 +151,8 @@ def test_intruder_lines_render_the_counts_and_nothing_without_them():
         }
     }
     text = "\n".join(intruder_lines(summary))
-    assert "| model | intruders of top-10 slots | q | v |" in text
-    assert "| chosen LoRA | 7 of 120 | 4 | 3 |" in text and "| full fine-tuning | 0 of 120 | 0 | 0 |" in text
+    assert "| matrix type | chosen LoRA | full FT |" in text
+    assert "| q | 4 | 0 |" in text and "| v | 3 | 0 |" in text
+    assert "| all 12 matrices (top 10 of each: 120) | 7 | 0 |" in text
     assert "what it is." in text
     assert "not measured: x" in "\n".join(intruder_lines({"intruders_note": "not measured: x"}))
