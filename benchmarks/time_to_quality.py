@@ -67,6 +67,7 @@ import datetime as dt
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ REPO = Path(__file__).resolve().parents[1]
 TIMINGS = "timings.json"
 SIDES = ("grid", "sweep")
 MAIN_SUFFIXES = {"baseline": "-baseline", "replicate": "-replicates"}
+RUNG = re.compile(r"-(rung(\d+))$")  # the budget ladder's studies: <study>-rung0, <study>-rung1, ...
 POINT = 0.01  # one point of a metric in [0, 1]
 STEPS_GOAL = 0.25  # the sweep reaches the grid's best LoRA with at most this share of the grid's steps
 TINY_SWEEP = "tiny_ttq"
@@ -453,7 +455,7 @@ def open_sweep_storage(sweep_cwd: Path, key: str = "--reuse"):
     else:
         storage = spec
     names = optuna.get_all_study_names(storage)
-    mains = [n for n in names if not n.endswith(tuple(MAIN_SUFFIXES.values()))]
+    mains = [n for n in names if not n.endswith(tuple(MAIN_SUFFIXES.values())) and not RUNG.search(n)]
     if len(mains) != 1:
         raise BadInput(key, sweep_cwd.parent, f"its sweep storage holds studies {names}: expected one main")
     return storage, mains[0], names
@@ -472,6 +474,14 @@ def sweep_side(
         for role in ("baseline", "search", "replicate")
         if main + MAIN_SUFFIXES.get(role, "") in names
     ]
+    # the budget ladder's rungs (<study>-rung0, ...): finished short runs with their own checkpoints, LoRA
+    # results like any other; they come between the baseline and the search
+    rungs = sorted(
+        (n for n in names if n.startswith(f"{main}-") and RUNG.search(n)),
+        key=lambda n: int(RUNG.search(n).group(2)),
+    )
+    at = sum(role == "baseline" for role, _ in studies)
+    studies[at:at] = [(RUNG.search(name).group(1), name) for name in rungs]
     trials = []
     for role, name in studies:
         study = optuna.load_study(study_name=name, storage=storage)

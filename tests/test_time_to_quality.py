@@ -234,6 +234,7 @@ def _fill(work: Path, t0: float) -> None:
 
     trials = {
         "s-baseline": [("baseline-000", "full", 0.85, 1.0, 50, 2, 40, TrialState.COMPLETE)],
+        "s-rung0": [("rung0-000", "lora", 0.80, 0.015, 6, 40, 55, TrialState.COMPLETE)],  # a budget ladder's
         "s": [
             ("search-000", "lora", 0.79, 0.01, 20, 40, 60, TrialState.PRUNED),
             ("search-001", "lora", 0.806, 0.015, 25, 60, 90, TrialState.COMPLETE),  # (a): >= 0.805
@@ -291,21 +292,23 @@ def test_reuse_reads_the_records_and_the_studies(ttq, tmp_path, capsys):
     sweep = figures["sweep"]
     assert [r["name"] for r in sweep["results"]] == [
         "baseline #0",
+        "rung0 #0",
         "search #0",
         "search #1",
         "search #2",
         "replicate #0",
     ]
-    assert sweep["steps"] == 120 and sweep["replicate_steps"] == 25  # the pruned trial's 20 count
-    assert sweep["reached"]["a"] == {"seconds": 90.0, "steps": 95, "by": "search #1", "metric": 0.806}
-    assert sweep["reached"]["b"] == {"seconds": 130.0, "steps": 120, "by": "search #2", "metric": 0.835}
+    # the pruned trial's 20 steps count, and so do the rung's 6
+    assert sweep["steps"] == 126 and sweep["replicate_steps"] == 25
+    assert sweep["reached"]["a"] == {"seconds": 90.0, "steps": 101, "by": "search #1", "metric": 0.806}
+    assert sweep["reached"]["b"] == {"seconds": 130.0, "steps": 126, "by": "search #2", "metric": 0.835}
     assert sweep["search_seconds"] == 130.0 and sweep["replicates_seconds"] == 30.0
     assert figures["ratios"]["a_seconds"] == pytest.approx(90 / 500)
-    assert figures["goals"]["a_steps_share_of_grid"] == pytest.approx(95 / 180)
+    assert figures["goals"]["a_steps_share_of_grid"] == pytest.approx(101 / 180)
     assert figures["goals"]["beats_grid_best_lora"] is True
     printed = capsys.readouterr().out
     assert "goal: the sweep beats the grid's best LoRA: yes" in printed
-    assert "sweep: 90 s, 95 steps (search #1, 0.8060)" in printed
+    assert "sweep: 90 s, 101 steps (search #1, 0.8060)" in printed
     # one side only
     assert ttq.main(["--reuse", str(work), "--only", "grid", "--json", str(out)]) == 0
     assert "sweep" not in json.loads(out.read_text())
