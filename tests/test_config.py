@@ -106,7 +106,13 @@ def test_preset_matching_no_module_of_the_model(compose, tmp_path, tiny_csv):
             max_position_embeddings=32,
         )
     ).save_pretrained(folder)
-    cfg = compose("model=local", f"model.name_or_path={folder}", "data=local", f"data.path={tiny_csv}")
+    cfg = compose(  # the preset named: the default (all_linear) matches FNet's dense layers
+        "model=local",
+        f"model.name_or_path={folder}",
+        "data=local",
+        f"data.path={tiny_csv}",
+        "method.targets=attention_qv",
+    )
     with pytest.raises(ConfigError, match=r"^method.targets='attention_qv': the preset matches no module"):
         prepare(cfg)
 
