@@ -31,49 +31,22 @@ REPO = Path(__file__).resolve().parent.parent
 TEMP_FOLDER = re.compile(r"^\..*\.tmp\d+$")
 TINY_STUDY = "tiny_kills"
 REPLICATE_KEYS = ("replicate_of", "source_study", "source_trial")
-WORDS = {
-    "positive": ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart", "warm", "best"],
-    "negative": ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat", "cold", "worst"],
-    "neutral": ["the", "a", "movie", "film", "plot", "cast", "was", "is", "very", "quite", "and", "story"],
-}
 
 
 def build_tiny(root: Path) -> list[str]:
     """A tiny random BERT (hidden size 32), a learnable sentiment csv and a small sweep file, as the test
     suite builds them; returns the overrides that point a sweep at them."""
-    import csv
+    import importlib.util
 
-    import torch
     import yaml
-    from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    model = root / "tiny_bert"
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(w for words in WORDS.values() for w in words)]
-    if not (model / "config.json").exists():
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        )
-        BertModel(config).save_pretrained(model)
-        BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(
-            model
-        )
-    data = root / "reviews.csv"
-    rng = random.Random(0)
-    with data.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(480):
-            label = "positive" if i % 2 == 0 else "negative"
-            words = rng.sample(WORDS["neutral"], 4) + rng.sample(WORDS[label], 2)
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), label])
+    spec = importlib.util.spec_from_file_location(
+        "lora_sweep_bench_tiny", Path(__file__).with_name("tiny.py")
+    )
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)  # the benchmarks' shared tiny model and data (benchmarks/tiny.py)
+    model = tiny.build_tiny_model(root / "tiny_bert")
+    data = tiny.build_tiny_data(root / "reviews.csv")
     sweeps = root / "extra_conf" / "sweeps"
     sweeps.mkdir(parents=True, exist_ok=True)
     sweeper = {

@@ -66,7 +66,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -599,51 +598,16 @@ def run_sweep(workdir: Path, sweep: str, common: list[str], extra: list[str], ti
     return failure(command, cwd / "log.txt", code) if code != 0 else 0
 
 
-WORDS = {
-    "positive": ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart", "warm", "best"],
-    "negative": ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat", "cold", "worst"],
-    "neutral": ["the", "a", "movie", "film", "plot", "cast", "was", "is", "very", "quite", "and", "story"],
-}
+def tiny_builders():
+    """benchmarks/tiny.py, loaded by its path (this script runs as a file, and tests load it as one)."""
+    import importlib.util
 
-
-def build_tiny_model(folder: Path) -> Path:
-    """A random BERT with hidden size 32 and a word-level vocabulary, as tests/conftest.py builds it."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    if (folder / "config.json").exists():
-        return folder
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(w for words in WORDS.values() for w in words)]
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
+    spec = importlib.util.spec_from_file_location(
+        "lora_sweep_bench_tiny", Path(__file__).with_name("tiny.py")
     )
-    BertModel(config).save_pretrained(folder)
-    BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
-    return folder
-
-
-def build_tiny_data(path: Path) -> Path:
-    """480 sentences whose label their sentiment words decide (tests/helpers.py's sentiment_rows)."""
-    import csv
-
-    rng = random.Random(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(480):
-            label = "positive" if i % 2 == 0 else "negative"
-            words = rng.sample(WORDS["neutral"], 4) + rng.sample(WORDS[label], 2)
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), label])
-    return path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_tiny_sweep(conf: Path) -> Path:
@@ -896,8 +860,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = list(args.extra)
         model_path, data = args.model_path, args.data
         if args.tiny:
-            model_path = model_path or build_tiny_model(workdir / "tiny" / "model")
-            data = data or build_tiny_data(workdir / "tiny" / "reviews.csv")
+            tiny = tiny_builders()
+            model_path = model_path or tiny.build_tiny_model(workdir / "tiny" / "model")
+            data = data or tiny.build_tiny_data(workdir / "tiny" / "reviews.csv")
             common += list(TINY_TRAIN)
             if args.sweep is None:
                 build_tiny_sweep(workdir / "tiny" / "conf")
