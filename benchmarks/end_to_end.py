@@ -7,7 +7,8 @@
 Cases, each the command a user types, in a fresh working folder (so MLflow's default ./mlflow.db and the
 outputs start empty), with tracking on:
 
-- ``default``: ``python -m lora_sweep`` (README line 1), ``train.max_steps`` cut with ``--max-steps``;
+- ``default``: ``python -m lora_sweep`` (README line 1) with the targets it had before issue 14
+  (``method.targets=attention_qv``), ``train.max_steps`` cut with ``--max-steps``;
 - ``quick``: ``python -m lora_sweep --multirun sweeps=quick`` reduced to its first trial (the enqueued
   r=8 attention_qv lr 2e-3 LoRA trial): ``hydra.sweeper.n_trials=1``, no baseline, no report.
 
@@ -41,6 +42,9 @@ QUICK_ONE_TRIAL = [
     "hydra.sweeper.baseline.n_trials=0",
     "hydra.sweeper.report.enabled=false",
 ]
+# the default run as the baseline's defaults had it: since issue 14 method=lora targets all_linear by default,
+# and a like-for-like comparison of the code needs one config on both sides
+DEFAULT_AS_BEFORE = ["method.targets=attention_qv"]
 METRICS = ("objective", "best_val_accuracy", "best_val_loss", "test_accuracy", "test_loss", "steps")
 
 
@@ -63,7 +67,7 @@ def baseline_tree(ref: str, root: Path) -> Path:
 
 def command_for(case: str, max_steps: int | None, extra: list[str]) -> list[str]:
     command = [sys.executable, "-m", "lora_sweep"]
-    command += QUICK_ONE_TRIAL if case == "quick" else []
+    command += QUICK_ONE_TRIAL if case == "quick" else DEFAULT_AS_BEFORE
     if max_steps is not None:
         command.append(f"train.max_steps={max_steps}")
     return command + extra
