@@ -44,7 +44,8 @@ def test_default_fine_tune_end_to_end(tmp_path, method):
     assert record["status"] == "completed" and record["data"]["sizes"]["train"] == 7397
     assert record["metrics"]["steps"] == 16 and 0.0 <= record["metrics"]["test_accuracy"] <= 1.0
     ratio = record["params"]["trainable_ratio"]
-    assert (ratio < 0.01) if method == "lora" else ratio == 1.0
+    # the default LoRA (r=8 on all linear layers since issue 14) trains 1.47% of MiniLM: under 2%
+    assert (0.01 < ratio < 0.02) if method == "lora" else ratio == 1.0
 
     # MLflow's own default store in the working directory: what a plain `mlflow ui` there shows
     assert (tmp_path / "mlflow.db").is_file()
